@@ -1,0 +1,290 @@
+"""The one function a notebook or the CLI calls: zoo -> data -> extract -> store -> evaluators -> results."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .aggregate import Aggregation
+from .data import ImageSplit, open_split
+from .devices import resolve_device
+from .errors import UserError
+from .extract import Progress, extract
+from .knn import knn_classify
+from .patches import PatchSpec
+from .paths import home
+from .probe import linear_probe
+from .results import append_record, environment
+from .store import FeatureStore, StoredFeatures, store_key
+from .zoo import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+EVALUATORS = ("knn", "linear")
+ProgressFactory = Callable[[str, int, int], Progress]  # (description, images, patches) -> per-batch callback
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything one ``patchbench eval`` needs; defaults follow DESIGN §1."""
+
+    model: str
+    dataset: str
+    checkpoint: str | None = None
+    data_dir: str | None = None
+    patches: tuple[str, ...] = ("central", "1", "16")
+    mode: str = "random"
+    scale: tuple[float, float] | None = None  # None: the zoo entry's pretraining scale
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    size: int | None = None
+    stride: int | None = None
+    aggregations: tuple[str, ...] = ("mean",)
+    space: str = "embedding"
+    evals: tuple[str, ...] = EVALUATORS
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    knn_ks: tuple[int, ...] = (20, 200)
+    temperature: float = 0.07
+    max_patches: int | None = None
+    store_dtype: str = "float16"
+    chunk_rows: int = 4096
+    home: Path | None = None
+    results_path: Path | None = None
+    trust_checkpoint: bool = False
+    download: bool = False
+
+
+@dataclass(frozen=True)
+class RepresentationResult:
+    """One row of the results table: one representation of both splits and its metrics."""
+
+    spec: PatchSpec
+    aggregation: Aggregation
+    knn: dict[int, dict] = field(default_factory=dict)
+    linear: dict | None = None
+    n_train: int = 0
+    n_test: int = 0
+    dim: int = 0
+    images_per_s: float = 0.0
+    patches_per_s: float = 0.0
+    record: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        """The flat JSON row of ``patchbench eval --json``."""
+        patches: str | int = self.spec.label if self.spec.mode == "central" else self.spec.num_patches
+        row = {"patches": patches, "mode": self.spec.mode, "aggregation": self.aggregation.label}
+        for k, metrics in sorted(self.knn.items()):
+            row[f"knn@{k}"] = metrics["top1"]
+        row.setdefault("knn@20", None)
+        row.setdefault("knn@200", None)
+        row["linear"] = None if self.linear is None else self.linear["top1"]
+        row.update(n_train=self.n_train, n_test=self.n_test, dim=self.dim,
+                   images_per_s=round(self.images_per_s, 1), patches_per_s=round(self.patches_per_s, 1))
+        return row
+
+
+def representations(cfg: EvalConfig, model: LoadedModel) -> list[PatchSpec]:
+    """The patch specs named by ``cfg.patches`` ("central", counts, or "all" sliding windows)."""
+    pre = model.entry.preprocessing
+    common = {"out_size": pre.input_size, "resize": pre.resize, "seed": cfg.seed}
+    specs = []
+    for token in cfg.patches:
+        if token == "central":
+            specs.append(PatchSpec(mode="central", **common))
+            continue
+        specs.append(_patch_spec(cfg, model, token, common))
+    if not specs:
+        raise UserError("--patches is empty: give e.g. central,1,16")
+    return specs
+
+
+def _patch_spec(cfg: EvalConfig, model: LoadedModel, token: str, common: dict) -> PatchSpec:
+    if cfg.mode == "sliding":
+        spec = PatchSpec(mode="sliding", size=cfg.size, stride=cfg.stride, **common)
+        if token not in ("all", str(spec.num_patches)):
+            raise UserError(
+                f"sliding {cfg.size} px windows at stride {cfg.stride} give {spec.num_patches} patches, "
+                f"not {token}: use --patches {spec.num_patches} (or all)"
+            )
+        return spec
+    n = _count(token)
+    if cfg.mode == "grid":
+        side = math.isqrt(n)
+        if side * side != n:
+            raise UserError(f"grid mode needs a square number of patches (g*g), got {n}")
+        return PatchSpec(mode="grid", grid=side, **common)
+    if cfg.mode != "random":
+        raise UserError(f"unknown patch mode {cfg.mode!r}: choose random, grid or sliding")
+    scale = cfg.scale or model.entry.pretrain_scale
+    return PatchSpec(mode="random", n=n, scale=tuple(scale), ratio=cfg.ratio, size=cfg.size, **common)
+
+
+def _count(token: str) -> int:
+    try:
+        n = int(token)
+    except ValueError:
+        raise UserError(f"--patches takes central, all or positive counts, got {token!r}") from None
+    if n <= 0:
+        raise UserError(f"the number of patches must be positive, got {n}")
+    return n
+
+
+def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> list[RepresentationResult]:
+    """Evaluate every representation of ``cfg``; each result is also appended to the results store."""
+    for name in cfg.evals:
+        if name not in EVALUATORS:
+            raise UserError(f"unknown evaluator {name!r}: choose from {', '.join(EVALUATORS)}")
+    device = resolve_device(cfg.device)
+    root = cfg.home or home()
+    model = load_model(cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint,
+                       cache_dir=root / "checkpoints")
+    splits = {
+        split: open_split(cfg.dataset, split, data_dir=cfg.data_dir, per_class=per_class,
+                          cache_dir=root / "images", download=cfg.download)
+        for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class))
+    }
+    aggregations = [Aggregation.parse(a) for a in cfg.aggregations]
+    results = []
+    for spec in representations(cfg, model):
+        aggs = [Aggregation()] if spec.mode == "central" else aggregations
+        for agg in aggs:
+            agg.check(spec)
+        stored = {split: _features(cfg, model, data, spec, aggs, device, root, progress)
+                  for split, data in splits.items()}
+        for agg in aggs:
+            result = _evaluate_one(cfg, model, splits, spec, agg, stored["train"][agg], stored["test"][agg], device)
+            append_record(cfg.results_path or root / "results.jsonl", result.record)
+            results.append(result)
+    return results
+
+
+def _store_material(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec,
+                    agg: Aggregation, device: torch.device) -> dict:
+    return {
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "zoo_entry": model.entry.to_dict(),
+        "data": split.identity,
+        "patches": spec.to_dict(),
+        "aggregation": agg.label,
+        "space": cfg.space,
+        "dtype": cfg.store_dtype,
+        "precision": _precision(cfg, device),
+    }
+
+
+def _precision(cfg: EvalConfig, device: torch.device) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def _features(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec, aggs: Sequence[Aggregation],
+              device: torch.device, root: Path, progress: ProgressFactory | None) -> dict[Aggregation, StoredFeatures]:
+    """Stored features of one split for each aggregation, extracting (or resuming) what is missing."""
+    materials = {agg: _store_material(cfg, model, split, spec, agg, device) for agg in aggs}
+    stores = {agg: FeatureStore(root / "features", store_key(m)) for agg, m in materials.items()}
+    missing = [agg for agg, store in stores.items() if not store.is_complete()]
+    if missing:
+        with ExitStack() as stack:
+            for agg in missing:
+                stack.enter_context(stores[agg].lock())
+            todo = [agg for agg in missing if not stores[agg].is_complete()]
+            if todo:
+                _extract_into(cfg, model, split, spec, {agg: stores[agg] for agg in todo},
+                              {agg: materials[agg] for agg in todo}, device, progress)
+    return {agg: store.load() for agg, store in stores.items()}
+
+
+def _extract_into(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec,
+                  stores: dict[Aggregation, FeatureStore], materials: dict[Aggregation, dict],
+                  device: torch.device, progress: ProgressFactory | None) -> None:
+    dim = model.projection_dim if cfg.space == "projection" and model.projection_dim else model.embed_dim
+    writers = {
+        agg: store.writer(labels=split.labels, dim=agg.output_dim(dim, spec), dtype=cfg.store_dtype,
+                          chunk_rows=cfg.chunk_rows, meta={**materials[agg], "key": store.key})
+        for agg, store in stores.items()
+    }
+    first = next(iter(writers.values()))
+    remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in first.pending_chunks())
+    label = f"{split.identity['split']} {spec.label}{'' if spec.mode == 'central' else ' ' + spec.mode}"
+    callback = progress(label, remaining, remaining * spec.num_patches) if progress else None
+    stats = extract(model, split, spec, writers, space=cfg.space, device=device, precision=_precision(cfg, device),
+                    max_patches=cfg.max_patches, progress=callback)
+    extra = {"extraction": {"images": stats.images, "patches": stats.patches, "seconds": round(stats.seconds, 3),
+                            "images_per_s": stats.images_per_s, "patches_per_s": stats.patches_per_s,
+                            "device": environment(device)["device"]}}
+    for writer in writers.values():
+        writer.seal(extra)
+
+
+def _evaluate_one(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], spec: PatchSpec,
+                  agg: Aggregation, train: StoredFeatures, test: StoredFeatures, device: torch.device
+                  ) -> RepresentationResult:
+    x_train = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
+    x_test = torch.from_numpy(np.asarray(test.features, dtype=np.float32))
+    y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    num_classes = len(splits["train"].classes)
+    timings: dict[str, float] = {}
+    knn: dict[int, dict] = {}
+    if "knn" in cfg.evals:
+        start = time.perf_counter()
+        found = knn_classify(x_train, y_train, x_test, y_test, ks=cfg.knn_ks, temperature=cfg.temperature,
+                             num_classes=num_classes, device=device)
+        knn = {k: {"top1": r.top1, "top5": r.top5} for k, r in found.items()}
+        timings["knn_seconds"] = time.perf_counter() - start
+    linear = None
+    if "linear" in cfg.evals:
+        probe = linear_probe(x_train, y_train, x_test, y_test, seed=cfg.seed, device=device)
+        linear = {"top1": probe.top1, "top5": probe.top5, "weight_decay": probe.weight_decay,
+                  "val_top1": {str(k): v for k, v in probe.val_top1.items()}, "n_iter": probe.n_iter}
+        timings["probe_seconds"] = probe.seconds
+    speed = train.meta.get("extraction", {})
+    result = RepresentationResult(
+        spec=spec, aggregation=agg, knn=knn, linear=linear, n_train=len(y_train), n_test=len(y_test),
+        dim=x_train.shape[1], images_per_s=speed.get("images_per_s", 0.0),
+        patches_per_s=speed.get("patches_per_s", 0.0),
+    )
+    record = _record(cfg, model, splits, result, timings, train, test, device)
+    return RepresentationResult(**{**result.__dict__, "record": record})
+
+
+def _record(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], result: RepresentationResult,
+            timings: dict[str, float], train: StoredFeatures, test: StoredFeatures, device: torch.device) -> dict:
+    return {
+        "model": model.entry.name,
+        "checkpoint": model.checkpoint,
+        "checkpoint_sha256": model.checkpoint_sha256,
+        "zoo_entry": model.entry.to_dict(),
+        "dataset": cfg.dataset,
+        "data": {split: data.identity for split, data in splits.items()},
+        "n_train": result.n_train,
+        "n_test": result.n_test,
+        "patches": result.spec.to_dict(),
+        "representation": result.spec.label,
+        "aggregation": result.aggregation.label,
+        "space": cfg.space,
+        "precision": _precision(cfg, device),
+        "store_dtype": cfg.store_dtype,
+        "seed": cfg.seed,
+        "protocol": {
+            "knn": {"ks": list(cfg.knn_ks), "temperature": cfg.temperature, "weighted": True},
+            "linear": {"kind": "cached-feature multinomial logistic regression (L-BFGS), wd chosen on 10% of train"},
+        },
+        "metrics": {**{f"knn@{k}": m for k, m in result.knn.items()}, "linear": result.linear},
+        "dim": result.dim,
+        "timings": {**timings, "extraction_train": train.meta.get("extraction"),
+                    "extraction_test": test.meta.get("extraction")},
+        "feature_stores": {"train": train.meta.get("key"), "test": test.meta.get("key")},
+        "environment": environment(device),
+    }

@@ -1,0 +1,234 @@
+"""Batches images through the patch sampler and the model, aggregates per image, streams rows into stores.
+
+The work per batch: uint8 images on the device, every box of the batch cut and resized in one op,
+normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of at most
+``max_patches``, then aggregated. Memory is O(batch x patches x d) whatever the dataset size, and the
+forward slice halves itself on CUDA out-of-memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .aggregate import Aggregation
+from .data import ImageSplit
+from .errors import UserError
+from .patches import PatchSpec, crop_and_resize
+from .store import StoreWriter
+from .zoo import LoadedModel
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+_GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are moved to the GPU once
+
+
+@dataclass(frozen=True)
+class ExtractStats:
+    images: int
+    patches: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.patches / self.seconds if self.seconds > 0 else 0.0
+
+
+class Encoder(nn.Module):
+    """Pixels in [0, 255] -> normalised -> backbone (-> projector in the projection space)."""
+
+    def __init__(self, model: LoadedModel, space: str) -> None:
+        super().__init__()
+        if space not in ("embedding", "projection"):
+            raise UserError(f"unknown space {space!r}: choose embedding or projection")
+        if space == "projection" and model.projector is None:
+            raise UserError(
+                f"{model.entry.name}: the checkpoint has no projector weights; use --space embedding"
+            )
+        pre = model.entry.preprocessing
+        self.backbone = model.backbone
+        self.projector = model.projector if space == "projection" else None
+        self.register_buffer("shift", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("scale", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
+        self.dim = model.projection_dim if self.projector is not None else model.embed_dim
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.backbone((pixels - self.shift) * self.scale)
+        return self.projector(h) if self.projector is not None else h
+
+
+def default_max_patches(device: torch.device, input_size: int) -> int:
+    """Patches per forward: about 100 M input pixels on a GPU, 8 M on a CPU, capped at 16k."""
+    budget = 100_000_000 if device.type == "cuda" else 8_000_000
+    return int(max(1, min(16384, budget // (input_size * input_size))))
+
+
+def extract(
+    model: LoadedModel,
+    split: ImageSplit,
+    spec: PatchSpec,
+    writers: dict[Aggregation, StoreWriter],
+    *,
+    space: str = "embedding",
+    device: torch.device,
+    precision: str = "auto",
+    max_patches: int | None = None,
+    progress: Progress | None = None,
+) -> ExtractStats:
+    """Fill every writer's pending chunks with the aggregated representation of ``split`` under ``spec``."""
+    encoder = Encoder(model, space).to(device).eval()
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    runner = _Runner(encoder, spec, device, _autocast_dtype(device, precision), max_patches)
+    first = next(iter(writers.values()))
+    chunks = sorted(set().union(*(w.pending_chunks() for w in writers.values())))
+    images = _ImageSource(split, device)
+    start = time.perf_counter()
+    done_images = 0
+    for chunk in chunks:
+        lo, hi = first.chunk_range(chunk)
+        rows: dict[Aggregation, list[np.ndarray]] = {agg: [] for agg in writers}
+        for batch, pixels, sizes in images.iterate(list(_batches(lo, hi, runner.images_per_batch))):
+            patch_features = runner(pixels, sizes, batch)
+            for agg in writers:
+                rows[agg].append(agg(patch_features, spec).float().cpu().numpy())
+            done_images += len(batch)
+            if progress is not None:
+                progress(len(batch), len(batch) * spec.num_patches)
+        for agg, writer in writers.items():
+            if chunk in writer.pending_chunks():
+                writer.write_chunk(chunk, np.concatenate(rows[agg]).astype(writer.features.dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return ExtractStats(images=done_images, patches=done_images * spec.num_patches, seconds=seconds)
+
+
+def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    choices = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in choices:
+        raise UserError(f"unknown precision {precision!r}: choose auto, bf16, fp16 or fp32")
+    if choices[precision] is None and device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return choices[precision]
+
+
+def _batches(lo: int, hi: int, size: int) -> Iterator[np.ndarray]:
+    for start in range(lo, hi, size):
+        yield np.arange(start, min(start + size, hi))
+
+
+class _Runner:
+    """Sampler + model for one batch of images, with out-of-memory back-off on the forward slice."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        spec: PatchSpec,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        max_patches: int | None,
+    ) -> None:
+        self.encoder, self.spec, self.device, self.dtype = encoder, spec, device, dtype
+        self.max_patches = max_patches or default_max_patches(device, spec.out_size)
+        self.images_per_batch = max(1, self.max_patches // spec.num_patches)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        """``pixels``: float ``[B, 3, H, W]`` on the device -> patch embeddings ``[B, n, d]`` (float32)."""
+        n = self.spec.num_patches
+        boxes = self.spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
+        boxes_t = torch.from_numpy(boxes).to(self.device, torch.float32)
+        owner = torch.arange(len(indices), device=self.device).repeat_interleave(n)
+        out = torch.empty(len(boxes), self.encoder.dim, device=self.device)
+        start = 0
+        while start < len(boxes):
+            end = min(start + self.max_patches, len(boxes))
+            try:
+                out[start:end] = self._forward(pixels, boxes_t[start:end], owner[start:end])
+            except torch.cuda.OutOfMemoryError:
+                self._back_off()
+                continue
+            start = end
+        return out.view(len(indices), n, -1)
+
+    def _forward(self, pixels: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size)
+        if self.device.type == "cuda":
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, self.dtype) if self.dtype is not None else nullcontext()
+        with autocast:
+            return self.encoder(crops).float()
+
+    def _back_off(self) -> None:
+        torch.cuda.empty_cache()
+        if self.max_patches == 1:
+            raise UserError("out of GPU memory even for one patch per forward; use --device cpu")
+        self.max_patches //= 2
+        log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
+
+
+class _ImageSource:
+    """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
+
+    In-memory splits are moved to the device once (uint8). File-backed splits are decoded by a thread
+    pool one batch ahead of the model, and padded by edge replication to the batch's largest image
+    (boxes never leave an image's own area, so padding is never sampled).
+    """
+
+    def __init__(self, split: ImageSplit, device: torch.device) -> None:
+        self.split, self.device = split, device
+        self.resident: torch.Tensor | None = None
+        if split.array is not None:
+            array = torch.from_numpy(np.ascontiguousarray(split.array))
+            fits = device.type != "cuda" or array.numel() <= _GPU_RESIDENT_MAX_BYTES
+            self.resident = array.to(device) if fits else array
+
+    def iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
+        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batch while this one runs."""
+        if self.resident is not None:
+            for indices in batches:
+                yield (indices, *self._slice(indices))
+            return
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            pending = pool.submit(self._decode, pool, batches[0]) if batches else None
+            for i, indices in enumerate(batches):
+                uint8, sizes = pending.result()  # type: ignore[union-attr]
+                if i + 1 < len(batches):
+                    pending = pool.submit(self._decode, pool, batches[i + 1])
+                yield indices, uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float(), sizes
+
+    def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        batch = self.resident[torch.from_numpy(indices).to(self.resident.device)].to(self.device)  # type: ignore[index]
+        sizes = np.tile(batch.shape[1:3], (len(indices), 1))
+        return batch.permute(0, 3, 1, 2).float(), sizes
+
+    def _decode(self, pool: ThreadPoolExecutor, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        images = list(pool.map(self.split.image, indices.tolist()))
+        sizes = np.array([im.shape[:2] for im in images])
+        height, width = sizes.max(axis=0)
+        padded = np.stack(
+            [
+                np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge")
+                for im in images
+            ]
+        )
+        tensor = torch.from_numpy(padded)
+        return (tensor.pin_memory() if self.device.type == "cuda" else tensor), sizes

@@ -1,0 +1,124 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ssl_patchbench.cli import main
+from ssl_patchbench.results import read_records
+
+from .conftest import CHECKPOINT
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):
+    results = tmp_path / "results.jsonl"
+    code, out, err = run_cli(
+        capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
+        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "central,1,4",
+        "--train-per-class", "10", "--test-per-class", "5", "--results", str(results), "--json",
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["patches"] for r in rows] == ["central", 1, 4]
+    for r in rows:
+        assert {"mode", "knn@20", "knn@200", "linear", "n_train", "n_test"} <= r.keys()
+        assert r["n_train"] == 100 and r["n_test"] == 50
+        assert 0 <= r["knn@20"] <= 100 and 0 <= r["linear"] <= 100
+    records = read_records(results)
+    assert len(records) == 3 and records[0]["schema_version"] == 1
+    assert records[2]["patches"]["n"] == 4 and records[2]["checkpoint_sha256"]
+    assert records[0]["metrics"]["knn@20"]["top1"] == rows[0]["knn@20"]
+
+
+def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
+    args = ("eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint), "--dataset", "cifar10",
+            "--data-dir", str(cifar_dir), "--patches", "2", "--eval", "knn", "--test-per-class", "4", "--json")
+    first = run_cli(capsys, monkeypatch, *args)
+    again = run_cli(capsys, monkeypatch, *args)
+    assert first[0] == again[0] == 0
+    assert json.loads(first[1])["knn@20"] == json.loads(again[1])["knn@20"]
+    assert json.loads(first[1])["linear"] is None
+
+
+def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
+    code, out, err = run_cli(
+        capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
+        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "25", "--mode", "sliding",
+        "--patch-size", "16", "--stride", "4", "--aggregate", "mean,gridpool", "--eval", "knn",
+        "--train-per-class", "5", "--test-per-class", "2", "--json",
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    dim = rows[0]["dim"]
+    assert [(r["aggregation"], r["dim"]) for r in rows] == [("mean", dim), ("gridpool(3,2)", dim * 2 * 2)]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("eval", "--model", "vicreg_rn5", "--dataset", "cifar10"), "did you mean: vicreg_rn50"),
+        (("eval", "--model", "resnet18_cifar", "--dataset", "cifar10"), "--checkpoint"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "/nonexistent.ckpt", "--dataset", "digits"), "nonexistent"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patches", "0"),
+         "positive"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patch-scale", "1.5"),
+         "scale"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--mode", "sliding",
+          "--patches", "25", "--patch-size", "48", "--stride", "4"), "larger than"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "imagenet"), "--data-dir"),
+        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--eval", "svm"),
+         "unknown evaluator"),
+        (("zoo", "show", "dinov2"), "unknown"),
+        (("eval", "--model", "tiny_cifar"), "Missing option"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(capsys, monkeypatch, tiny_checkpoint, args, message):
+    args = tuple(a.replace("{ckpt}", str(tiny_checkpoint)) for a in args)
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert message in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_a_user_error(capsys, monkeypatch, tiny_checkpoint):
+    code, _, err = run_cli(capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
+                           "--dataset", "digits", "--device", "cuda")
+    assert code == 2 and "no CUDA GPU" in err
+
+
+def test_zoo_list_and_show(capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, monkeypatch, "zoo", "list")
+    assert code == 0 and "vicreg_rn50" in out and "resnet18_cifar" in out
+    code, out, _ = run_cli(capsys, monkeypatch, "zoo", "show", "swav_rn50")
+    assert code == 0 and "module." in out and "swav_800ep_pretrain" in out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from ssl_patchbench.cli import cli; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
+@pytest.mark.skipif(not CHECKPOINT.exists(), reason="../shared/checkpoints is not beside the repository")
+def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar_dir):
+    """A mis-loaded stem, wrong normalisation or broken vote would sit near 10% here."""
+    code, out, err = run_cli(
+        capsys, monkeypatch, "eval", "--model", "resnet18_cifar", "--checkpoint", str(CHECKPOINT),
+        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "central", "--test-per-class", "10",
+        "--json",
+    )
+    assert code == 0, err
+    row = json.loads(out)
+    assert row["knn@20"] > 45 and row["linear"] > 45

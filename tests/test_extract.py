@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from ssl_patchbench.aggregate import Aggregation
+from ssl_patchbench.data import open_split
+from ssl_patchbench.extract import extract
+from ssl_patchbench.patches import PatchSpec
+from ssl_patchbench.store import FeatureStore
+from ssl_patchbench.zoo import load_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_model("tiny_cifar", checkpoint=tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def split(cifar_dir):
+    return open_split("cifar10", "test", data_dir=cifar_dir, per_class=3)
+
+
+def _run(model, split, spec, tmp_path, *, aggs=("mean",), space="embedding", chunk_rows=8, max_patches=None,
+         progress=None, key="k"):
+    writers = {
+        Aggregation.parse(a): FeatureStore(tmp_path, f"{key}-{a}").writer(
+            labels=split.labels, dim=Aggregation.parse(a).output_dim(
+                model.projection_dim if space == "projection" else model.embed_dim, spec),
+            dtype="float32", chunk_rows=chunk_rows, meta={})
+        for a in aggs
+    }
+    extract(model, split, spec, writers, space=space, device=CPU, max_patches=max_patches, progress=progress)
+    return {agg.label: np.array(w.features) for agg, w in writers.items()}
+
+
+def test_central_features_equal_a_direct_forward_with_torchvision_normalisation(model, split, tmp_path):
+    spec = PatchSpec(mode="central", out_size=32)
+    ours = _run(model, split, spec, tmp_path)["mean"]
+    pre = model.entry.preprocessing
+    pixels = torch.from_numpy(np.stack([split.image(i) for i in range(len(split))])).permute(0, 3, 1, 2)
+    normalised = TF.normalize(TF.to_dtype(pixels, torch.float32, scale=True), list(pre.mean), list(pre.std))
+    with torch.no_grad():
+        direct = model.backbone(normalised)
+    np.testing.assert_allclose(ours, direct.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_projection_space_applies_the_projector(model, split, tmp_path):
+    spec = PatchSpec(mode="central", out_size=32)
+    h = _run(model, split, spec, tmp_path, key="h")["mean"]
+    z = _run(model, split, spec, tmp_path, space="projection", key="z")["mean"]
+    with torch.no_grad():
+        expected = model.projector(torch.from_numpy(h))
+    np.testing.assert_allclose(z, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_mean_of_patches_is_the_mean_of_each_patch_forward(model, split, tmp_path):
+    spec = PatchSpec(mode="sliding", size=16, stride=8, out_size=32)
+    got = _run(model, split, spec, tmp_path, aggs=("mean", "concat"))
+    per_patch = got["concat"].reshape(len(split), spec.num_patches, -1)
+    np.testing.assert_allclose(got["mean"], per_patch.mean(axis=1), atol=1e-5, rtol=1e-5)
+    image = torch.from_numpy(split.image(4).copy()).permute(2, 0, 1).float()
+    crop = TF.resized_crop(image, 8, 16, 16, 16, [32, 32], antialias=False)  # window (row 1, col 2)
+    pre = model.entry.preprocessing
+    normalised = TF.normalize(crop / 255.0, list(pre.mean), list(pre.std))
+    with torch.no_grad():
+        direct = model.backbone(normalised[None])[0].numpy()
+    # the sampler reads real neighbouring pixels at the window's edge, resized_crop clamps: close, not equal
+    assert np.corrcoef(per_patch[4, 5], direct)[0, 1] > 0.99
+
+
+def test_features_do_not_depend_on_the_forward_slice_size(model, split, tmp_path):
+    spec = PatchSpec(mode="random", n=5, scale=(0.2, 0.5), seed=3)
+    big = _run(model, split, spec, tmp_path, max_patches=1000, key="big")["mean"]
+    odd = _run(model, split, spec, tmp_path, max_patches=7, key="odd")["mean"]
+    np.testing.assert_allclose(big, odd, atol=1e-5, rtol=1e-5)
+
+
+def test_interrupted_extraction_resumes_to_identical_features(model, split, tmp_path):
+    spec = PatchSpec(mode="random", n=4, seed=1)
+    expected = _run(model, split, spec, tmp_path, key="whole")["mean"]
+    calls = []
+
+    def die_in_the_second_chunk(images: int, patches: int) -> None:
+        calls.append(images)
+        if len(calls) == 3:  # two batches make a chunk: the first chunk is stored, the second is cut
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, split, spec, tmp_path, key="cut", max_patches=16, progress=die_in_the_second_chunk)
+    store = FeatureStore(tmp_path, "cut-mean")
+    writer = store.writer(labels=split.labels, dim=model.embed_dim, dtype="float32", chunk_rows=8, meta={})
+    assert 0 < len(writer.pending_chunks()) < writer.num_chunks
+    resumed = _run(model, split, spec, tmp_path, key="cut", max_patches=16)["mean"]
+    np.testing.assert_array_equal(resumed, expected)

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+
+from ssl_patchbench.errors import UserError
+from ssl_patchbench.patches import PatchSpec, central_boxes, crop_and_resize
+
+
+def _crop(image: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:
+    boxes = torch.tensor([box], dtype=torch.float64).float()
+    return crop_and_resize(image[None].float(), boxes, torch.zeros(1, dtype=torch.long), out)[0]
+
+
+@pytest.mark.parametrize("top,left,h,w,out", [(5, 7, 20, 16, 32), (0, 0, 9, 9, 32), (10, 3, 14, 14, 28)])
+def test_crop_matches_torchvision_resized_crop_away_from_borders(top, left, h, w, out):
+    image = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = _crop(image, (left, top, left + w, top + h), out)
+    ref = TF.resized_crop(image.float(), top, left, h, w, [out, out], InterpolationMode.BILINEAR, antialias=False)
+    m = int(np.ceil(0.5 * out / min(h, w)))  # output pixels whose samples fall outside the crop
+    torch.testing.assert_close(ours[:, m:-m, m:-m], ref[:, m:-m, m:-m], atol=1e-3, rtol=0)
+
+
+def test_whole_image_at_its_own_size_is_the_identity():
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(_crop(image, (0, 0, 32, 32), 32), image.float())
+
+
+def test_whole_image_upsampled_matches_interpolate_everywhere():
+    image = torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8).float()
+    ours = _crop(image, (0, 0, 24, 20), 32)
+    ref = torch.nn.functional.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+
+
+def test_sliding_16_at_stride_4_on_32px_gives_the_25_windows():
+    spec = PatchSpec(mode="sliding", size=16, stride=4, out_size=32)
+    boxes = spec.boxes(np.array([3]), np.array([32]), np.array([32]))[0]
+    expected = [(x, y, x + 16, y + 16) for y in range(0, 17, 4) for x in range(0, 17, 4)]
+    assert spec.num_patches == 25
+    assert [tuple(b) for b in boxes.tolist()] == expected
+
+
+def test_grid_tiles_the_image_exactly():
+    spec = PatchSpec(mode="grid", grid=4, out_size=32)
+    boxes = spec.boxes(np.array([0]), np.array([32]), np.array([32]))[0]
+    assert boxes.shape == (16, 4)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert areas.sum() == pytest.approx(32 * 32)
+    assert {tuple(b[:2]) for b in boxes.tolist()} == {(x, y) for x in range(0, 32, 8) for y in range(0, 32, 8)}
+
+
+def test_random_boxes_do_not_depend_on_batching_or_order():
+    spec = PatchSpec(mode="random", n=16, scale=(0.08, 1.0), seed=7)
+    idx = np.arange(50)
+    sizes = np.full(50, 32)
+    whole = spec.boxes(idx, sizes, sizes)
+    one_by_one = np.concatenate([spec.boxes(idx[i : i + 1], sizes[:1], sizes[:1]) for i in range(50)])
+    reversed_ = spec.boxes(idx[::-1], sizes, sizes)[::-1]
+    np.testing.assert_array_equal(whole, one_by_one)
+    np.testing.assert_array_equal(whole, reversed_)
+    assert not np.array_equal(whole, PatchSpec(mode="random", n=16, seed=8).boxes(idx, sizes, sizes))
+
+
+def test_first_patches_are_shared_between_counts():
+    idx, sizes = np.arange(5), np.full(5, 32)
+    few = PatchSpec(mode="random", n=4, seed=1).boxes(idx, sizes, sizes)
+    many = PatchSpec(mode="random", n=64, seed=1).boxes(idx, sizes, sizes)
+    np.testing.assert_array_equal(few, many[:, :4])
+
+
+def test_random_boxes_follow_random_resized_crop():
+    """Integer boxes inside the image, area in range (up to rounding), and torchvision's size distribution."""
+    spec = PatchSpec(mode="random", n=4000, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=3)
+    boxes = spec.boxes(np.array([0]), np.array([32]), np.array([32]))[0]
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert np.all(boxes == np.round(boxes))
+    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 32 and boxes[:, 3].max() <= 32
+    area = w * h / 1024
+    assert area.min() >= 0.08 * 0.7 and area.max() <= 1.0
+    torch.manual_seed(0)
+    ref = np.array([RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(4000)])
+    assert abs(w.mean() - ref[:, 3].mean()) < 0.5
+    assert abs(h.mean() - ref[:, 2].mean()) < 0.5
+    assert abs(boxes[:, 0].mean() - ref[:, 1].mean()) < 0.5
+
+
+def test_fixed_scale_on_cifar_is_about_14px():
+    spec = PatchSpec(mode="random", n=1000, scale=(0.2, 0.2), seed=0)
+    boxes = spec.boxes(np.array([0]), np.array([32]), np.array([32]))[0]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert np.sqrt(area).mean() == pytest.approx(14.3, abs=0.5)
+
+
+def test_central_view_of_a_large_image_matches_resize_then_centre_crop():
+    """Resize(256) + CenterCrop(224) and our single box crop see the same region (smooth image)."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, 300), torch.linspace(0, 1, 400), indexing="ij")
+    image = torch.stack([255 * xx, 255 * yy, 127 + 100 * torch.sin(6 * xx + 3 * yy)]).round()
+    ref = TF.center_crop(TF.resize(image, 256, InterpolationMode.BILINEAR, antialias=True), [224, 224])
+    box = central_boxes(np.array([300]), np.array([400]), 256, 224)[0]
+    ours = _crop(image, tuple(box), 224)
+    assert (ours - ref).abs().mean() < 1.0
+
+
+def test_small_images_central_view_is_the_whole_image():
+    np.testing.assert_array_equal(central_boxes(np.array([32]), np.array([32]), 256, 224), [[0, 0, 32, 32]])
+    np.testing.assert_array_equal(central_boxes(np.array([96]), np.array([96]), None, 32), [[0, 0, 96, 96]])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mode": "random", "n": 0},
+        {"mode": "random", "n": -3},
+        {"mode": "random", "scale": (0.5, 1.2)},
+        {"mode": "random", "scale": (0.0, 0.5)},
+        {"mode": "sliding", "size": 40, "stride": 4, "out_size": 32},
+        {"mode": "sliding", "size": 16, "stride": 0},
+        {"mode": "grid", "grid": 0},
+        {"mode": "spiral"},
+    ],
+)
+def test_bad_specs_are_user_errors(kwargs):
+    with pytest.raises(UserError):
+        PatchSpec(**kwargs)
+
+
+def test_fixed_size_patch_larger_than_the_image_is_a_user_error():
+    spec = PatchSpec(mode="random", n=2, size=40)
+    with pytest.raises(UserError, match="larger than"):
+        spec.boxes(np.array([0]), np.array([32]), np.array([32]))
