@@ -231,8 +231,8 @@ def _extract_into(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: 
 def _evaluate_one(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], spec: PatchSpec,
                   agg: Aggregation, train: StoredFeatures, test: StoredFeatures, device: torch.device
                   ) -> RepresentationResult:
-    x_train = torch.from_numpy(np.asarray(train.features, dtype=np.float32))
-    x_test = torch.from_numpy(np.asarray(test.features, dtype=np.float32))
+    x_train = torch.from_numpy(np.ascontiguousarray(train.features))  # stored dtype; evaluators cast per tile
+    x_test = torch.from_numpy(np.ascontiguousarray(test.features))
     y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     num_classes = len(splits["train"].classes)
     timings: dict[str, float] = {}
@@ -245,7 +245,7 @@ def _evaluate_one(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSp
         timings["knn_seconds"] = time.perf_counter() - start
     linear = None
     if "linear" in cfg.evals:
-        probe = linear_probe(x_train, y_train, x_test, y_test, seed=cfg.seed, device=device)
+        probe = linear_probe(x_train, y_train, x_test, y_test, seed=cfg.seed, device=device, num_classes=num_classes)
         linear = {"top1": probe.top1, "top5": probe.top5, "weight_decay": probe.weight_decay,
                   "val_top1": {str(k): v for k, v in probe.val_top1.items()}, "n_iter": probe.n_iter}
         timings["probe_seconds"] = probe.seconds

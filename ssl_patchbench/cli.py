@@ -192,7 +192,7 @@ def zoo_show(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
     """Offline end-to-end run: pretrain a tiny VICReg model on scikit-learn digits, then evaluate it."""
-    from .demo import pretrain_demo_model
+    from .pretrain import pretrain_demo_model
     from .paths import home as default_home
 
     root = Path(home) if home else default_home()
