@@ -89,8 +89,13 @@ class RepresentationResult:
         row.setdefault("knn@20", None)
         row.setdefault("knn@200", None)
         row["linear"] = None if self.linear is None else self.linear["top1"]
-        row.update(n_train=self.n_train, n_test=self.n_test, dim=self.dim,
-                   images_per_s=round(self.images_per_s, 1), patches_per_s=round(self.patches_per_s, 1))
+        row.update(
+            n_train=self.n_train,
+            n_test=self.n_test,
+            dim=self.dim,
+            images_per_s=round(self.images_per_s, 1),
+            patches_per_s=round(self.patches_per_s, 1),
+        )
         return row
 
 
@@ -147,11 +152,18 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
             raise UserError(f"unknown evaluator {name!r}: choose from {', '.join(EVALUATORS)}")
     device = resolve_device(cfg.device)
     root = cfg.home or home()
-    model = load_model(cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint,
-                       cache_dir=root / "checkpoints")
+    model = load_model(
+        cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint, cache_dir=root / "checkpoints"
+    )
     splits = {
-        split: open_split(cfg.dataset, split, data_dir=cfg.data_dir, per_class=per_class,
-                          cache_dir=root / "images", download=cfg.download)
+        split: open_split(
+            cfg.dataset,
+            split,
+            data_dir=cfg.data_dir,
+            per_class=per_class,
+            cache_dir=root / "images",
+            download=cfg.download,
+        )
         for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class))
     }
     aggregations = [Aggregation.parse(a) for a in cfg.aggregations]
@@ -160,8 +172,9 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
         aggs = [Aggregation()] if spec.mode == "central" else aggregations
         for agg in aggs:
             agg.check(spec)
-        stored = {split: _features(cfg, model, data, spec, aggs, device, root, progress)
-                  for split, data in splits.items()}
+        stored = {
+            split: _features(cfg, model, data, spec, aggs, device, root, progress) for split, data in splits.items()
+        }
         for agg in aggs:
             result = _evaluate_one(cfg, model, splits, spec, agg, stored["train"][agg], stored["test"][agg], device)
             append_record(cfg.results_path or root / "results.jsonl", result.record)
@@ -169,8 +182,9 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
     return results
 
 
-def _store_material(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec,
-                    agg: Aggregation, device: torch.device) -> dict:
+def _store_material(
+    cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec, agg: Aggregation, device: torch.device
+) -> dict:
     return {
         "checkpoint_sha256": model.checkpoint_sha256,
         "zoo_entry": model.entry.to_dict(),
@@ -189,8 +203,16 @@ def _precision(cfg: EvalConfig, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def _features(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec, aggs: Sequence[Aggregation],
-              device: torch.device, root: Path, progress: ProgressFactory | None) -> dict[Aggregation, StoredFeatures]:
+def _features(
+    cfg: EvalConfig,
+    model: LoadedModel,
+    split: ImageSplit,
+    spec: PatchSpec,
+    aggs: Sequence[Aggregation],
+    device: torch.device,
+    root: Path,
+    progress: ProgressFactory | None,
+) -> dict[Aggregation, StoredFeatures]:
     """Stored features of one split for each aggregation, extracting (or resuming) what is missing."""
     materials = {agg: _store_material(cfg, model, split, spec, agg, device) for agg in aggs}
     stores = {agg: FeatureStore(root / "features", store_key(m)) for agg, m in materials.items()}
@@ -201,66 +223,136 @@ def _features(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: Patc
                 stack.enter_context(stores[agg].lock())
             todo = [agg for agg in missing if not stores[agg].is_complete()]
             if todo:
-                _extract_into(cfg, model, split, spec, {agg: stores[agg] for agg in todo},
-                              {agg: materials[agg] for agg in todo}, device, progress)
+                _extract_into(
+                    cfg,
+                    model,
+                    split,
+                    spec,
+                    {agg: stores[agg] for agg in todo},
+                    {agg: materials[agg] for agg in todo},
+                    device,
+                    progress,
+                )
     return {agg: store.load() for agg, store in stores.items()}
 
 
-def _extract_into(cfg: EvalConfig, model: LoadedModel, split: ImageSplit, spec: PatchSpec,
-                  stores: dict[Aggregation, FeatureStore], materials: dict[Aggregation, dict],
-                  device: torch.device, progress: ProgressFactory | None) -> None:
+def _extract_into(
+    cfg: EvalConfig,
+    model: LoadedModel,
+    split: ImageSplit,
+    spec: PatchSpec,
+    stores: dict[Aggregation, FeatureStore],
+    materials: dict[Aggregation, dict],
+    device: torch.device,
+    progress: ProgressFactory | None,
+) -> None:
     dim = model.projection_dim if cfg.space == "projection" and model.projection_dim else model.embed_dim
     writers = {
-        agg: store.writer(labels=split.labels, dim=agg.output_dim(dim, spec), dtype=cfg.store_dtype,
-                          chunk_rows=cfg.chunk_rows, meta={**materials[agg], "key": store.key})
+        agg: store.writer(
+            labels=split.labels,
+            dim=agg.output_dim(dim, spec),
+            dtype=cfg.store_dtype,
+            chunk_rows=cfg.chunk_rows,
+            meta={**materials[agg], "key": store.key},
+        )
         for agg, store in stores.items()
     }
     first = next(iter(writers.values()))
     remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in first.pending_chunks())
     label = f"{split.identity['split']} {spec.label}{'' if spec.mode == 'central' else ' ' + spec.mode}"
     callback = progress(label, remaining, remaining * spec.num_patches) if progress else None
-    stats = extract(model, split, spec, writers, space=cfg.space, device=device, precision=_precision(cfg, device),
-                    max_patches=cfg.max_patches, progress=callback)
-    extra = {"extraction": {"images": stats.images, "patches": stats.patches, "seconds": round(stats.seconds, 3),
-                            "images_per_s": stats.images_per_s, "patches_per_s": stats.patches_per_s,
-                            "device": environment(device)["device"]}}
+    stats = extract(
+        model,
+        split,
+        spec,
+        writers,
+        space=cfg.space,
+        device=device,
+        precision=_precision(cfg, device),
+        max_patches=cfg.max_patches,
+        progress=callback,
+    )
+    extra = {
+        "extraction": {
+            "images": stats.images,
+            "patches": stats.patches,
+            "seconds": round(stats.seconds, 3),
+            "images_per_s": stats.images_per_s,
+            "patches_per_s": stats.patches_per_s,
+            "device": environment(device)["device"],
+        }
+    }
     for writer in writers.values():
         writer.seal(extra)
 
 
-def _evaluate_one(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], spec: PatchSpec,
-                  agg: Aggregation, train: StoredFeatures, test: StoredFeatures, device: torch.device
-                  ) -> RepresentationResult:
-    x_train = torch.from_numpy(np.ascontiguousarray(train.features))  # stored dtype; evaluators cast per tile
-    x_test = torch.from_numpy(np.ascontiguousarray(test.features))
+def _evaluate_one(
+    cfg: EvalConfig,
+    model: LoadedModel,
+    splits: dict[str, ImageSplit],
+    spec: PatchSpec,
+    agg: Aggregation,
+    train: StoredFeatures,
+    test: StoredFeatures,
+    device: torch.device,
+) -> RepresentationResult:
+    x_train = torch.from_numpy(np.array(train.features))  # stored dtype (float16); evaluators cast per tile
+    x_test = torch.from_numpy(np.array(test.features))
     y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     num_classes = len(splits["train"].classes)
     timings: dict[str, float] = {}
     knn: dict[int, dict] = {}
     if "knn" in cfg.evals:
         start = time.perf_counter()
-        found = knn_classify(x_train, y_train, x_test, y_test, ks=cfg.knn_ks, temperature=cfg.temperature,
-                             num_classes=num_classes, device=device)
+        found = knn_classify(
+            x_train,
+            y_train,
+            x_test,
+            y_test,
+            ks=cfg.knn_ks,
+            temperature=cfg.temperature,
+            num_classes=num_classes,
+            device=device,
+        )
         knn = {k: {"top1": r.top1, "top5": r.top5} for k, r in found.items()}
         timings["knn_seconds"] = time.perf_counter() - start
     linear = None
     if "linear" in cfg.evals:
         probe = linear_probe(x_train, y_train, x_test, y_test, seed=cfg.seed, device=device, num_classes=num_classes)
-        linear = {"top1": probe.top1, "top5": probe.top5, "weight_decay": probe.weight_decay,
-                  "val_top1": {str(k): v for k, v in probe.val_top1.items()}, "n_iter": probe.n_iter}
+        linear = {
+            "top1": probe.top1,
+            "top5": probe.top5,
+            "weight_decay": probe.weight_decay,
+            "val_top1": {str(k): v for k, v in probe.val_top1.items()},
+            "n_iter": probe.n_iter,
+        }
         timings["probe_seconds"] = probe.seconds
     speed = train.meta.get("extraction", {})
     result = RepresentationResult(
-        spec=spec, aggregation=agg, knn=knn, linear=linear, n_train=len(y_train), n_test=len(y_test),
-        dim=x_train.shape[1], images_per_s=speed.get("images_per_s", 0.0),
+        spec=spec,
+        aggregation=agg,
+        knn=knn,
+        linear=linear,
+        n_train=len(y_train),
+        n_test=len(y_test),
+        dim=x_train.shape[1],
+        images_per_s=speed.get("images_per_s", 0.0),
         patches_per_s=speed.get("patches_per_s", 0.0),
     )
     record = _record(cfg, model, splits, result, timings, train, test, device)
     return RepresentationResult(**{**result.__dict__, "record": record})
 
 
-def _record(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], result: RepresentationResult,
-            timings: dict[str, float], train: StoredFeatures, test: StoredFeatures, device: torch.device) -> dict:
+def _record(
+    cfg: EvalConfig,
+    model: LoadedModel,
+    splits: dict[str, ImageSplit],
+    result: RepresentationResult,
+    timings: dict[str, float],
+    train: StoredFeatures,
+    test: StoredFeatures,
+    device: torch.device,
+) -> dict:
     return {
         "model": model.entry.name,
         "checkpoint": model.checkpoint,
@@ -283,8 +375,11 @@ def _record(cfg: EvalConfig, model: LoadedModel, splits: dict[str, ImageSplit], 
         },
         "metrics": {**{f"knn@{k}": m for k, m in result.knn.items()}, "linear": result.linear},
         "dim": result.dim,
-        "timings": {**timings, "extraction_train": train.meta.get("extraction"),
-                    "extraction_test": test.meta.get("extraction")},
+        "timings": {
+            **timings,
+            "extraction_train": train.meta.get("extraction"),
+            "extraction_test": test.meta.get("extraction"),
+        },
         "feature_stores": {"train": train.meta.get("key"), "test": test.meta.get("key")},
         "environment": environment(device),
     }

@@ -34,8 +34,10 @@ def check_arch(arch: str, stem: str = "imagenet") -> None:
             raise UserError(f"unknown timm model '{name}'{hint}: use a name from timm.list_models()")
     elif arch not in (*TORCHVISION_ARCHS, TINY_ARCH):
         hint = did_you_mean(arch, (*TORCHVISION_ARCHS, TINY_ARCH))
-        raise UserError(f"unknown architecture '{arch}'{hint}: use one of {', '.join(TORCHVISION_ARCHS)}, "
-                        f"{TINY_ARCH} or timm:<name>")
+        raise UserError(
+            f"unknown architecture '{arch}'{hint}: use one of {', '.join(TORCHVISION_ARCHS)}, "
+            f"{TINY_ARCH} or timm:<name>"
+        )
     if stem not in STEMS:
         raise UserError(f"unknown stem '{stem}'{did_you_mean(stem, STEMS)}: use one of {', '.join(STEMS)}")
     if stem != "imagenet" and arch not in TORCHVISION_ARCHS:
@@ -63,8 +65,10 @@ def _timm_backbone(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
     try:
         model = timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:  # offline, hub error, missing file: all fixed the same way
-        raise UserError(f"could not get timm's pretrained weights for '{name}' ({err}): "
-                        "run once with network access or pass --checkpoint PATH") from err
+        raise UserError(
+            f"could not get timm's pretrained weights for '{name}' ({err}): "
+            "run once with network access or pass --checkpoint PATH"
+        ) from err
     return model, model.num_features
 
 
@@ -85,9 +89,15 @@ def _use_tf_same_padding(model: nn.Module) -> None:
     """Swap strided convs and the max-pool for TF 'SAME' versions (converted JAX/TF weights need them)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Conv2d) and max(module.stride) > 1:
-            same = Conv2dSame(module.in_channels, module.out_channels, module.kernel_size,
-                              stride=module.stride, dilation=module.dilation, groups=module.groups,
-                              bias=module.bias is not None)
+            same = Conv2dSame(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                dilation=module.dilation,
+                groups=module.groups,
+                bias=module.bias is not None,
+            )
             model.set_submodule(name, same)
         elif isinstance(module, nn.MaxPool2d):
             model.set_submodule(name, MaxPool2dSame(module.kernel_size, module.stride))
@@ -115,13 +125,13 @@ class TinyResNet(nn.Module):
 
 def _downsampling_block(inplanes: int, planes: int) -> BasicBlock:
     """A stride-2 residual block with a 1x1 projection shortcut, as in a ResNet stage entry."""
-    shortcut = nn.Sequential(nn.Conv2d(inplanes, planes, kernel_size=1, stride=2, bias=False),
-                             nn.BatchNorm2d(planes))
+    shortcut = nn.Sequential(nn.Conv2d(inplanes, planes, kernel_size=1, stride=2, bias=False), nn.BatchNorm2d(planes))
     return BasicBlock(inplanes, planes, stride=2, downsample=shortcut)
 
 
-def build_projector(in_dim: int, layers: Sequence[int], *, batchnorm: bool = True,
-                    last_batchnorm: bool = False) -> nn.Sequential:
+def build_projector(
+    in_dim: int, layers: Sequence[int], *, batchnorm: bool = True, last_batchnorm: bool = False
+) -> nn.Sequential:
     """solo-learn's MLP projector: [Linear (BN) ReLU]* Linear (BN), with its exact module indices."""
     if not layers:
         raise ValueError("a projector needs at least one layer")

@@ -85,8 +85,7 @@ def _stream_to(url: str, out: BinaryIO, dest: Path) -> str:
                 digest.update(chunk)
                 out.write(chunk)
     except (OSError, http.client.HTTPException) as err:
-        raise UserError(f"could not download {url} ({err}): copy the file to {dest} "
-                        "or pass --checkpoint PATH") from err
+        raise UserError(f"could not download {url} ({err}): copy the file to {dest} or pass --checkpoint PATH") from err
     return digest.hexdigest()
 
 
@@ -114,8 +113,10 @@ def load_file(path: Path, *, trust_pickle: bool = False) -> object:
         if not any(marker in str(err) for marker in _NEEDS_PICKLE):
             raise _corrupt(path, err) from err
         if not trust_pickle:
-            raise UserError(f"{path} needs pickle to load, which can run arbitrary code: "
-                            "pass --trust-checkpoint only if you trust its source") from err
+            raise UserError(
+                f"{path} needs pickle to load, which can run arbitrary code: "
+                "pass --trust-checkpoint only if you trust its source"
+            ) from err
         return _load_pickle(path)
     except Exception as err:  # torch raises RuntimeError, EOFError, KeyError... for damaged files
         raise _corrupt(path, err) from err

@@ -50,31 +50,54 @@ def cli(verbose: int) -> None:
 def eval_options(func):
     """The options of ``eval`` (and ``demo``, which fills some in)."""
     options = [
-        click.option("--checkpoint", type=click.Path(dir_okay=False), help="Local checkpoint; overrides the zoo source."),
+        click.option(
+            "--checkpoint", type=click.Path(dir_okay=False), help="Local checkpoint; overrides the zoo source."
+        ),
         click.option("--data-dir", type=click.Path(file_okay=False), help="ImageFolder tree or torchvision root."),
-        click.option("--patches", default="central,1,16", show_default=True,
-                     help="Representations: central, patch counts, or all (sliding)."),
+        click.option(
+            "--patches",
+            default="central,1,16",
+            show_default=True,
+            help="Representations: central, patch counts, or all (sliding).",
+        ),
         click.option("--mode", type=click.Choice(["random", "grid", "sliding"]), default="random", show_default=True),
         click.option("--patch-scale", help="Area fraction (0.2) or range (0.08,1.0); default: pretraining scale."),
         click.option("--patch-size", type=int, help="Patch side in px (sliding windows, or fixed-size random)."),
         click.option("--stride", type=int, help="Sliding-window stride in px."),
-        click.option("--aggregate", default="mean", show_default=True,
-                     help="mean, concat, gridpool[:K:S]; comma-separate several."),
+        click.option(
+            "--aggregate",
+            default="mean",
+            show_default=True,
+            help="mean, concat, gridpool[:K:S]; comma-separate several.",
+        ),
         click.option("--space", type=click.Choice(["embedding", "projection"]), default="embedding", show_default=True),
         click.option("--eval", "evals", default="knn,linear", show_default=True, help="knn, linear or both."),
         click.option("--train-per-class", type=int, help="Keep the first N train images of each class."),
         click.option("--test-per-class", type=int, help="Keep the first N test images of each class."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
-                     show_default=True, help="Forward precision (auto: bf16 on CUDA, fp32 on CPU)."),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+            default="auto",
+            show_default=True,
+            help="Forward precision (auto: bf16 on CUDA, fp32 on CPU).",
+        ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patch boxes."),
         click.option("--max-patches", type=int, help="Patches per forward pass (default: from the GPU budget)."),
         click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME)."),
         click.option("--results", type=click.Path(dir_okay=False), help="Results JSONL (default HOME/results.jsonl)."),
-        click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True,
-                     help="Allow checkpoints that need pickle (can run code: only for files you trust)."),
-        click.option("--download/--no-download", default=False, show_default=True,
-                     help="Let torchvision download CIFAR/STL (needs internet)."),
+        click.option(
+            "--trust-checkpoint/--no-trust-checkpoint",
+            default=False,
+            show_default=True,
+            help="Allow checkpoints that need pickle (can run code: only for files you trust).",
+        ),
+        click.option(
+            "--download/--no-download",
+            default=False,
+            show_default=True,
+            help="Let torchvision download CIFAR/STL (needs internet).",
+        ),
         click.option("--json", "as_json", is_flag=True, help="One JSON object per line per representation."),
     ]
     for option in reversed(options):
@@ -95,13 +118,28 @@ def _run_eval(*, model: str, dataset: str, as_json: bool, **o) -> None:
     from .api import EvalConfig, evaluate
 
     cfg = EvalConfig(
-        model=model, dataset=dataset, checkpoint=o["checkpoint"], data_dir=o["data_dir"], patches=_csv(o["patches"]),
-        mode=o["mode"], scale=_floats(o["patch_scale"], "--patch-scale"), size=o["patch_size"], stride=o["stride"],
-        aggregations=_csv(o["aggregate"]), space=o["space"], evals=_csv(o["evals"]),
-        train_per_class=o["train_per_class"], test_per_class=o["test_per_class"], device=o["device"],
-        precision=o["precision"], seed=o["seed"], max_patches=o["max_patches"],
-        home=Path(o["home"]) if o["home"] else None, results_path=Path(o["results"]) if o["results"] else None,
-        trust_checkpoint=o["trust_checkpoint"], download=o["download"],
+        model=model,
+        dataset=dataset,
+        checkpoint=o["checkpoint"],
+        data_dir=o["data_dir"],
+        patches=_csv(o["patches"]),
+        mode=o["mode"],
+        scale=_floats(o["patch_scale"], "--patch-scale"),
+        size=o["patch_size"],
+        stride=o["stride"],
+        aggregations=_csv(o["aggregate"]),
+        space=o["space"],
+        evals=_csv(o["evals"]),
+        train_per_class=o["train_per_class"],
+        test_per_class=o["test_per_class"],
+        device=o["device"],
+        precision=o["precision"],
+        seed=o["seed"],
+        max_patches=o["max_patches"],
+        home=Path(o["home"]) if o["home"] else None,
+        results_path=Path(o["results"]) if o["results"] else None,
+        trust_checkpoint=o["trust_checkpoint"],
+        download=o["download"],
     )
     with _progress() as factory:
         results = evaluate(cfg, progress=factory)
@@ -118,9 +156,15 @@ class _progress:
 
     def __enter__(self):
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} img"),
-            TextColumn("{task.fields[speed]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=stderr, transient=False, disable=not stderr.is_terminal,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} img"),
+            TextColumn("{task.fields[speed]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            transient=False,
+            disable=not stderr.is_terminal,
         )
         self.bar.__enter__()
         return self.factory
@@ -145,8 +189,17 @@ def _table(title: str, rows: list[dict]) -> Table:
     for column in ("patches", "mode", "aggregation", "knn@20", "knn@200", "linear", "dim", "images/s", "patches/s"):
         table.add_column(column, justify="left" if column in ("mode", "aggregation") else "right")
     for r in rows:
-        table.add_row(str(r["patches"]), r["mode"], r["aggregation"], _pct(r["knn@20"]), _pct(r["knn@200"]),
-                      _pct(r["linear"]), str(r["dim"]), f"{r['images_per_s']:,.0f}", f"{r['patches_per_s']:,.0f}")
+        table.add_row(
+            str(r["patches"]),
+            r["mode"],
+            r["aggregation"],
+            _pct(r["knn@20"]),
+            _pct(r["knn@200"]),
+            _pct(r["linear"]),
+            str(r["dim"]),
+            f"{r['images_per_s']:,.0f}",
+            f"{r['patches_per_s']:,.0f}",
+        )
     return table
 
 
@@ -169,8 +222,14 @@ def zoo_list() -> None:
         table.add_column(column)
     for e in list_entries():
         source = "--checkpoint" if e.needs_checkpoint else (e.source.url or e.source.hub_repo or "timm")
-        table.add_row(e.name, f"{e.arch} ({e.stem})", source, str(e.preprocessing.input_size),
-                      f"{e.pretrain_scale[0]:g}-{e.pretrain_scale[1]:g}", e.description)
+        table.add_row(
+            e.name,
+            f"{e.arch} ({e.stem})",
+            source,
+            str(e.preprocessing.input_size),
+            f"{e.pretrain_scale[0]:g}-{e.pretrain_scale[1]:g}",
+            e.description,
+        )
     stdout.print(table)
 
 
@@ -192,18 +251,36 @@ def zoo_show(name: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
     """Offline end-to-end run: pretrain a tiny VICReg model on scikit-learn digits, then evaluate it."""
-    from .pretrain import pretrain_demo_model
     from .paths import home as default_home
+    from .pretrain import pretrain_demo_model
 
     root = Path(home) if home else default_home()
     stderr.print(f"pretraining a tiny VICReg model on scikit-learn digits ({epochs} epochs, offline)...")
     checkpoint = pretrain_demo_model(root / "demo", epochs=epochs, device=device)
     stderr.print(f"checkpoint: {checkpoint}")
     _run_eval(
-        model="tiny_cifar", dataset="digits", as_json=as_json, checkpoint=str(checkpoint), data_dir=None,
-        patches="central,1,16", mode="random", patch_scale="0.2", patch_size=None, stride=None, aggregate="mean",
-        space="embedding", evals="knn,linear", train_per_class=None, test_per_class=None, device=device,
-        precision="auto", seed=0, max_patches=None, home=str(root), results=None, trust_checkpoint=False,
+        model="tiny_cifar",
+        dataset="digits",
+        as_json=as_json,
+        checkpoint=str(checkpoint),
+        data_dir=None,
+        patches="central,1,16",
+        mode="random",
+        patch_scale="0.2",
+        patch_size=None,
+        stride=None,
+        aggregate="mean",
+        space="embedding",
+        evals="knn,linear",
+        train_per_class=None,
+        test_per_class=None,
+        device=device,
+        precision="auto",
+        seed=0,
+        max_patches=None,
+        home=str(root),
+        results=None,
+        trust_checkpoint=False,
         download=False,
     )
 

@@ -105,9 +105,7 @@ def open_split(
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose train or test")
     if name not in DATASETS:
-        raise UserError(
-            f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}"
-        )
+        raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     root = _folder_root(name, data_dir)
     if root is not None:
         opened = open_image_folder(root, split, name=name, cache_dir=cache_dir)
@@ -162,9 +160,7 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
         "n": len(paths),
         "files_sha256": listing,
     }
-    opened = ImageSplit(
-        labels=np.asarray(labels, dtype=np.int64), classes=classes, identity=identity, paths=paths
-    )
+    opened = ImageSplit(labels=np.asarray(labels, dtype=np.int64), classes=classes, identity=identity, paths=paths)
     return _decoded(opened, cache_dir) if cache_dir is not None else opened
 
 
@@ -172,9 +168,7 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[str], list[int]
     paths: list[str] = []
     labels: list[int] = []
     for label, cls in enumerate(classes):
-        files = sorted(
-            str(p) for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
+        files = sorted(str(p) for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         paths.extend(files)
         labels.extend([label] * len(files))
     return paths, labels
@@ -189,9 +183,9 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     key = hashlib.sha256(json.dumps(split.identity, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"{key}.npy"
     if path.exists():
-        array = np.load(path, mmap_mode="r")
+        array = np.load(path)
         if array.shape == (len(split), h, w, 3):
-            return ImageSplit(split.labels, split.classes, split.identity, array=np.asarray(array))
+            return ImageSplit(split.labels, split.classes, split.identity, array=array)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(decode, split.paths))  # type: ignore[arg-type]
     if any(im.shape != first.shape for im in images):

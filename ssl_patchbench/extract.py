@@ -56,9 +56,7 @@ class Encoder(nn.Module):
         if space not in ("embedding", "projection"):
             raise UserError(f"unknown space {space!r}: choose embedding or projection")
         if space == "projection" and model.projector is None:
-            raise UserError(
-                f"{model.entry.name}: the checkpoint has no projector weights; use --space embedding"
-            )
+            raise UserError(f"{model.entry.name}: the checkpoint has no projector weights; use --space embedding")
         pre = model.entry.preprocessing
         self.backbone = model.backbone
         self.projector = model.projector if space == "projection" else None
@@ -225,10 +223,7 @@ class _ImageSource:
         sizes = np.array([im.shape[:2] for im in images])
         height, width = sizes.max(axis=0)
         padded = np.stack(
-            [
-                np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge")
-                for im in images
-            ]
+            [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
         )
         tensor = torch.from_numpy(padded)
         return (tensor.pin_memory() if self.device.type == "cuda" else tensor), sizes

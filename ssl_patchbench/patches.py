@@ -133,9 +133,7 @@ def _take(values: np.ndarray, first: np.ndarray) -> np.ndarray:
 def _fixed_size_boxes(uy: np.ndarray, ux: np.ndarray, h: np.ndarray, w: np.ndarray, size: int) -> np.ndarray:
     """Squares of ``size`` px at uniformly random integer positions."""
     if size > np.min(h) or size > np.min(w):
-        raise UserError(
-            f"patch size {size} px is larger than an image of {int(np.min(h))}x{int(np.min(w))} px"
-        )
+        raise UserError(f"patch size {size} px is larger than an image of {int(np.min(h))}x{int(np.min(w))} px")
     top = np.floor(uy * (h - size + 1))
     left = np.floor(ux * (w - size + 1))
     return np.stack([left, top, left + size, top + size], axis=-1)
@@ -192,9 +190,7 @@ def uniforms(seed: int, indices: np.ndarray, n: int, per_patch: int) -> np.ndarr
     """Uniform [0, 1) floats ``[B, n, per_patch]`` that depend only on (seed, index, patch, slot)."""
     base = _splitmix64(np.array([seed], dtype=np.uint64))
     img = _splitmix64(base ^ np.asarray(indices, dtype=np.uint64))[:, None, None]
-    counter = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(1 << 16) + np.arange(
-        per_patch, dtype=np.uint64
-    )
+    counter = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(1 << 16) + np.arange(per_patch, dtype=np.uint64)
     bits = _splitmix64(img ^ _splitmix64(counter[None]))
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
@@ -231,9 +227,7 @@ def _validate_random(spec: PatchSpec) -> None:
         raise UserError(f"the number of patches must be positive, got {spec.n}")
     lo, hi = spec.scale
     if not (0 < lo <= hi <= 1):
-        raise UserError(
-            f"patch scale must satisfy 0 < min <= max <= 1 (fraction of image area), got {spec.scale}"
-        )
+        raise UserError(f"patch scale must satisfy 0 < min <= max <= 1 (fraction of image area), got {spec.scale}")
     if not (0 < spec.ratio[0] <= spec.ratio[1]):
         raise UserError(f"aspect ratio range must satisfy 0 < min <= max, got {spec.ratio}")
     if spec.size is not None and spec.size <= 0:

@@ -25,8 +25,9 @@ from .zoo import ZooEntry, get_entry
 log = logging.getLogger(__name__)
 
 
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, *, sim: float = 25.0, var: float = 25.0,
-                cov: float = 1.0) -> torch.Tensor:
+def vicreg_loss(
+    z1: torch.Tensor, z2: torch.Tensor, *, sim: float = 25.0, var: float = 25.0, cov: float = 1.0
+) -> torch.Tensor:
     """VICReg: invariance (MSE) + variance (hinge on the std of each dimension) + covariance (off-diagonal)."""
     invariance = F.mse_loss(z1, z2)
     variance = covariance = z1.new_zeros(())
@@ -40,8 +41,9 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, *, sim: float = 25.0, var: f
     return sim * invariance + var * variance + cov * covariance
 
 
-def _views(images: torch.Tensor, indices: np.ndarray, spec: PatchSpec, mean: torch.Tensor,
-           std: torch.Tensor) -> torch.Tensor:
+def _views(
+    images: torch.Tensor, indices: np.ndarray, spec: PatchSpec, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
     """One random-resized, randomly flipped and brightness-jittered view per image, normalised."""
     h, w = images.shape[2:]
     boxes = spec.boxes(indices, np.full(len(indices), h), np.full(len(indices), w)).reshape(-1, 4)
@@ -53,9 +55,17 @@ def _views(images: torch.Tensor, indices: np.ndarray, spec: PatchSpec, mean: tor
     return (crops.clamp(0, 255) / 255.0 - mean) / std
 
 
-def pretrain_vicreg(entry: ZooEntry, split: ImageSplit, *, epochs: int, batch_size: int = 256, lr: float = 2e-3,
-                    scale: tuple[float, float] = (0.2, 1.0), device: torch.device, seed: int = 0
-                    ) -> tuple[nn.Module, nn.Module]:
+def pretrain_vicreg(
+    entry: ZooEntry,
+    split: ImageSplit,
+    *,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    scale: tuple[float, float] = (0.2, 1.0),
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[nn.Module, nn.Module]:
     """Train ``entry``'s backbone and projector with VICReg on two random views of each image."""
     torch.manual_seed(seed)
     backbone, dim = build_backbone(entry.arch, stem=entry.stem)
@@ -73,8 +83,15 @@ def pretrain_vicreg(entry: ZooEntry, split: ImageSplit, *, epochs: int, batch_si
         for step in range(0, len(order) - batch_size + 1, batch_size):
             idx = order[step : step + batch_size]
             v1, v2 = (
-                _views(images[idx], idx, PatchSpec(mode="random", scale=scale, out_size=pre.input_size,
-                                                  seed=seed * 100_003 + epoch * 2 + view), mean, std)
+                _views(
+                    images[idx],
+                    idx,
+                    PatchSpec(
+                        mode="random", scale=scale, out_size=pre.input_size, seed=seed * 100_003 + epoch * 2 + view
+                    ),
+                    mean,
+                    std,
+                )
                 for view in (0, 1)
             )
             loss = vicreg_loss(model(v1), model(v2))

@@ -94,8 +94,7 @@ class FeatureStore:
         try:
             meta = json.loads(manifest.read_text())
             ok = not verify or all(
-                file_sha256(self.path / name) == meta["sha256"][name]
-                for name in ("features.npy", "labels.npy")
+                file_sha256(self.path / name) == meta["sha256"][name] for name in ("features.npy", "labels.npy")
             )
         except (OSError, ValueError, KeyError):
             ok = False
@@ -121,9 +120,7 @@ class FeatureStore:
 class StoreWriter:
     """Rows are written chunk by chunk; a chunk counts once its rows are flushed and logged."""
 
-    def __init__(
-        self, path: Path, *, labels: np.ndarray, dim: int, dtype: str, chunk_rows: int, meta: dict
-    ) -> None:
+    def __init__(self, path: Path, *, labels: np.ndarray, dim: int, dtype: str, chunk_rows: int, meta: dict) -> None:
         self.path = path
         self.rows = len(labels)
         self.chunk_rows = chunk_rows
@@ -145,9 +142,7 @@ class StoreWriter:
             for stale in self.path.iterdir():
                 stale.unlink() if stale.is_file() else shutil.rmtree(stale)
             shape = (layout["rows"], layout["dim"])
-            self.features = np.lib.format.open_memmap(
-                features_file, mode="w+", dtype=layout["dtype"], shape=shape
-            )
+            self.features = np.lib.format.open_memmap(features_file, mode="w+", dtype=layout["dtype"], shape=shape)
             _reserve_disk(features_file)
             write_json_atomic(layout_file, layout)
         tmp = self.path / f".labels.tmp{os.getpid()}.npy"
@@ -177,9 +172,7 @@ class StoreWriter:
         """Store a whole chunk's rows, flush them, then log the chunk as done."""
         start, end = self.chunk_range(chunk)
         if rows.shape != (end - start, self.features.shape[1]):
-            raise ValueError(
-                f"chunk {chunk} expects {(end - start, self.features.shape[1])}, got {rows.shape}"
-            )
+            raise ValueError(f"chunk {chunk} expects {(end - start, self.features.shape[1])}, got {rows.shape}")
         try:
             self.features[start:end] = rows
             self.features.flush()

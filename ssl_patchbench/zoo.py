@@ -126,8 +126,10 @@ def get_entry(name: str) -> ZooEntry:
     """The entry called `name`; an unknown name suggests the closest ones."""
     entries = _registry(os.environ.get(ZOO_ENV) or None)
     if name not in entries:
-        raise UserError(f"unknown model '{name}'{did_you_mean(name, entries)}: use a name from "
-                        f"{ZOO_FILE.name} or add an entry in a file named by ${ZOO_ENV}")
+        raise UserError(
+            f"unknown model '{name}'{did_you_mean(name, entries)}: use a name from "
+            f"{ZOO_FILE.name} or add an entry in a file named by ${ZOO_ENV}"
+        )
     return entries[name]
 
 
@@ -215,18 +217,30 @@ def _validate(e: ZooEntry, where: str) -> None:
             raise UserError(f"{where}, field '{fld}': {err}") from err
     src, pre = e.source, e.preprocessing
     checks = [
-        (src.url or src.path or src.timm_pretrained or e.needs_checkpoint, "source",
-         "give url, path or timm_pretrained: true, or set needs_checkpoint: true"),
-        (src.sha256 is None or re.fullmatch("[0-9a-f]{64}", src.sha256), "source.sha256",
-         "expected 64 lowercase hex digits or null"),
+        (
+            src.url or src.path or src.timm_pretrained or e.needs_checkpoint,
+            "source",
+            "give url, path or timm_pretrained: true, or set needs_checkpoint: true",
+        ),
+        (
+            src.sha256 is None or re.fullmatch("[0-9a-f]{64}", src.sha256),
+            "source.sha256",
+            "expected 64 lowercase hex digits or null",
+        ),
         (not src.timm_pretrained or e.arch.startswith("timm:"), "source.timm_pretrained", "needs a timm:<name> arch"),
         (pre.interpolation in INTERPOLATIONS, "preprocessing.interpolation", f"use one of {INTERPOLATIONS}"),
-        (pre.input_size > 0 and (pre.resize is None or pre.resize >= pre.input_size), "preprocessing.resize",
-         "expected input_size > 0 and resize >= input_size (or null)"),
+        (
+            pre.input_size > 0 and (pre.resize is None or pre.resize >= pre.input_size),
+            "preprocessing.resize",
+            "expected input_size > 0 and resize >= input_size (or null)",
+        ),
         (0 < e.pretrain_scale[0] <= e.pretrain_scale[1] <= 1, "pretrain_scale", "expected 0 < min <= max <= 1"),
         (0 < e.pretrain_ratio[0] <= e.pretrain_ratio[1], "pretrain_ratio", "expected 0 < min <= max"),
-        (e.projector is None or (e.projector and min(e.projector) > 0), "projector",
-         "expected a non-empty list of positive widths, or null"),
+        (
+            e.projector is None or (e.projector and min(e.projector) > 0),
+            "projector",
+            "expected a non-empty list of positive widths, or null",
+        ),
     ]
     for ok, fld, fix in checks:
         if not ok:
@@ -236,8 +250,9 @@ def _validate(e: ZooEntry, where: str) -> None:
 # ---------------------------------------------------------------- loading
 
 
-def load_model(name: str, *, checkpoint: str | Path | None = None, trust_pickle: bool = False,
-               cache_dir: Path | None = None) -> LoadedModel:
+def load_model(
+    name: str, *, checkpoint: str | Path | None = None, trust_pickle: bool = False, cache_dir: Path | None = None
+) -> LoadedModel:
     """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source."""
     entry = get_entry(name)
     if entry.source.timm_pretrained and checkpoint is None:
@@ -248,16 +263,29 @@ def load_model(name: str, *, checkpoint: str | Path | None = None, trust_pickle:
     backbone, dim = build_backbone(entry.arch, stem=entry.stem)
     _load_strict(backbone, backbone_sd, entry.weights.allow_missing, what=f"`{name}` backbone")
     projector = _load_projector(entry, projector_sd, dim) if projector_sd else None
-    return LoadedModel(entry=entry, backbone=backbone.float().eval(), projector=projector, embed_dim=dim,
-                       projection_dim=_out_features(projector), checkpoint_sha256=digest, checkpoint=origin)
+    return LoadedModel(
+        entry=entry,
+        backbone=backbone.float().eval(),
+        projector=projector,
+        embed_dim=dim,
+        projection_dim=_out_features(projector),
+        checkpoint_sha256=digest,
+        checkpoint=origin,
+    )
 
 
 def _load_timm_pretrained(entry: ZooEntry) -> LoadedModel:
     """timm's own weights; their provenance hash is taken over the tensors (timm hides the file)."""
     backbone, dim = build_backbone(entry.arch, stem=entry.stem, pretrained=True)
-    return LoadedModel(entry=entry, backbone=backbone.float().eval(), projector=None, embed_dim=dim,
-                       projection_dim=None, checkpoint_sha256=state_dict_sha256(backbone.state_dict()),
-                       checkpoint=entry.arch)
+    return LoadedModel(
+        entry=entry,
+        backbone=backbone.float().eval(),
+        projector=None,
+        embed_dim=dim,
+        projection_dim=None,
+        checkpoint_sha256=state_dict_sha256(backbone.state_dict()),
+        checkpoint=entry.arch,
+    )
 
 
 def _resolve(entry: ZooEntry, checkpoint: str | Path | None, cache_dir: Path) -> tuple[Path, str, str]:
@@ -282,12 +310,15 @@ def _find_state_dict(obj: object, containers: tuple[str, ...], path: Path) -> di
     """The state dict inside a loaded file (first container key present), floats cast to float32."""
     found = next((obj[key] for key in containers if isinstance(obj, dict) and key in obj), None)
     if containers and found is None:
-        raise UserError(f"{path} has none of the keys {list(containers)} ({_describe(obj)}): "
-                        "check that it is the right checkpoint for this model")
+        raise UserError(
+            f"{path} has none of the keys {list(containers)} ({_describe(obj)}): "
+            "check that it is the right checkpoint for this model"
+        )
     state = obj if not containers else found
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} is not a state dict ({_describe(state)}): "
-                        "check that it is the right checkpoint for this model")
+        raise UserError(
+            f"{path} is not a state dict ({_describe(state)}): check that it is the right checkpoint for this model"
+        )
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
@@ -317,8 +348,10 @@ def _split(state: dict[str, torch.Tensor], layout: WeightsLayout) -> tuple[dict,
             raise UserError(f"two checkpoint keys map to '{name}' (one is '{raw_key}'): fix the weights layout")
         target[name] = value
     if stray:
-        raise UserError(f"{len(stray)} unexpected checkpoint keys ({_few(stray)}): this checkpoint does not "
-                        "match the entry's weights layout; add their prefixes to ignore_prefixes if harmless")
+        raise UserError(
+            f"{len(stray)} unexpected checkpoint keys ({_few(stray)}): this checkpoint does not "
+            "match the entry's weights layout; add their prefixes to ignore_prefixes if harmless"
+        )
     return parts
 
 
@@ -339,21 +372,26 @@ def _few(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
-def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...],
-                 *, what: str) -> None:
+def _load_strict(
+    module: nn.Module, state: dict[str, torch.Tensor], allow_missing: tuple[str, ...], *, what: str
+) -> None:
     """load_state_dict(strict=True) with errors that name the keys and shapes and state the fix."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in state and not any(fnmatch.fnmatch(k, p) for p in allow_missing)]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise UserError(f"{what} weights do not fit the architecture: {len(missing)} missing ({_few(missing)}), "
-                        f"{len(unexpected)} unexpected ({_few(unexpected)}); "
-                        "use the zoo entry whose arch matches the checkpoint")
+        raise UserError(
+            f"{what} weights do not fit the architecture: {len(missing)} missing ({_few(missing)}), "
+            f"{len(unexpected)} unexpected ({_few(unexpected)}); "
+            "use the zoo entry whose arch matches the checkpoint"
+        )
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise UserError(f"{what} key '{key}' has shape {tuple(value.shape)} in the checkpoint but "
-                            f"{tuple(expected[key].shape)} in the model: the checkpoint is for another "
-                            "architecture; use the zoo entry that matches it")
+            raise UserError(
+                f"{what} key '{key}' has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(expected[key].shape)} in the model: the checkpoint is for another "
+                "architecture; use the zoo entry that matches it"
+            )
     module.load_state_dict({**expected, **state}, strict=True)
 
 
@@ -371,15 +409,20 @@ def _infer_projector(state: dict[str, torch.Tensor], in_dim: int, name: str) -> 
     """A solo-learn style MLP matching `state` (Linear weights are 2-D, BatchNorm has running stats)."""
     heads = {key.split(".", 1)[0] for key in state}
     if not all(h.isdigit() for h in heads):
-        raise UserError(f"`{name}`: cannot infer the projector from keys like '{next(iter(state))}': "
-                        "set the entry's projector field")
+        raise UserError(
+            f"`{name}`: cannot infer the projector from keys like '{next(iter(state))}': "
+            "set the entry's projector field"
+        )
     linears = sorted(int(h) for h in heads if state.get(f"{h}.weight", torch.empty(0)).ndim == 2)
     norms = [int(h) for h in heads if f"{h}.running_mean" in state]
     if not linears:
         raise UserError(f"`{name}`: the checkpoint's projector has no Linear layer: set the entry's projector field")
-    return build_projector(in_dim, [state[f"{i}.weight"].shape[0] for i in linears],
-                           batchnorm=any(i < linears[-1] for i in norms),
-                           last_batchnorm=any(i > linears[-1] for i in norms))
+    return build_projector(
+        in_dim,
+        [state[f"{i}.weight"].shape[0] for i in linears],
+        batchnorm=any(i < linears[-1] for i in norms),
+        last_batchnorm=any(i > linears[-1] for i in norms),
+    )
 
 
 def _out_features(projector: nn.Module | None) -> int | None:

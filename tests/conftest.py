@@ -20,8 +20,11 @@ def cifar_dir(tmp_path_factory) -> Path:
     if not (SHARED / "data" / "materialize.py").exists():
         pytest.skip("../shared/data is not beside the repository")
     out = tmp_path_factory.mktemp("data")
-    subprocess.run([sys.executable, str(SHARED / "data" / "materialize.py"), "cifar10", str(out), "--per-class", "20"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SHARED / "data" / "materialize.py"), "cifar10", str(out), "--per-class", "20"],
+        check=True,
+        capture_output=True,
+    )
     return out / "cifar10"
 
 

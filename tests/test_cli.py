@@ -25,9 +25,26 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
 def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):
     results = tmp_path / "results.jsonl"
     code, out, err = run_cli(
-        capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
-        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "central,1,4",
-        "--train-per-class", "10", "--test-per-class", "5", "--results", str(results), "--json",
+        capsys,
+        monkeypatch,
+        "eval",
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--patches",
+        "central,1,4",
+        "--train-per-class",
+        "10",
+        "--test-per-class",
+        "5",
+        "--results",
+        str(results),
+        "--json",
     )
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
@@ -43,8 +60,24 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
 
 
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
-    args = ("eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint), "--dataset", "cifar10",
-            "--data-dir", str(cifar_dir), "--patches", "2", "--eval", "knn", "--test-per-class", "4", "--json")
+    args = (
+        "eval",
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--patches",
+        "2",
+        "--eval",
+        "knn",
+        "--test-per-class",
+        "4",
+        "--json",
+    )
     first = run_cli(capsys, monkeypatch, *args)
     again = run_cli(capsys, monkeypatch, *args)
     assert first[0] == again[0] == 0
@@ -54,10 +87,34 @@ def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeyp
 
 def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
     code, out, err = run_cli(
-        capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
-        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "25", "--mode", "sliding",
-        "--patch-size", "16", "--stride", "4", "--aggregate", "mean,gridpool", "--eval", "knn",
-        "--train-per-class", "5", "--test-per-class", "2", "--json",
+        capsys,
+        monkeypatch,
+        "eval",
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--patches",
+        "25",
+        "--mode",
+        "sliding",
+        "--patch-size",
+        "16",
+        "--stride",
+        "4",
+        "--aggregate",
+        "mean,gridpool",
+        "--eval",
+        "knn",
+        "--train-per-class",
+        "5",
+        "--test-per-class",
+        "2",
+        "--json",
     )
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
@@ -71,15 +128,39 @@ def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, c
         (("eval", "--model", "vicreg_rn5", "--dataset", "cifar10"), "did you mean: vicreg_rn50"),
         (("eval", "--model", "resnet18_cifar", "--dataset", "cifar10"), "--checkpoint"),
         (("eval", "--model", "tiny_cifar", "--checkpoint", "/nonexistent.ckpt", "--dataset", "digits"), "nonexistent"),
-        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patches", "0"),
-         "positive"),
-        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patch-scale", "1.5"),
-         "scale"),
-        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--mode", "sliding",
-          "--patches", "25", "--patch-size", "48", "--stride", "4"), "larger than"),
+        (
+            ("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patches", "0"),
+            "positive",
+        ),
+        (
+            ("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--patch-scale", "1.5"),
+            "scale",
+        ),
+        (
+            (
+                "eval",
+                "--model",
+                "tiny_cifar",
+                "--checkpoint",
+                "{ckpt}",
+                "--dataset",
+                "digits",
+                "--mode",
+                "sliding",
+                "--patches",
+                "25",
+                "--patch-size",
+                "48",
+                "--stride",
+                "4",
+            ),
+            "larger than",
+        ),
         (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "imagenet"), "--data-dir"),
-        (("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--eval", "svm"),
-         "unknown evaluator"),
+        (
+            ("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--eval", "svm"),
+            "unknown evaluator",
+        ),
         (("zoo", "show", "dinov2"), "unknown"),
         (("eval", "--model", "tiny_cifar"), "Missing option"),
     ],
@@ -94,8 +175,19 @@ def test_user_errors_are_one_line_and_exit_2(capsys, monkeypatch, tiny_checkpoin
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_a_user_error(capsys, monkeypatch, tiny_checkpoint):
-    code, _, err = run_cli(capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint),
-                           "--dataset", "digits", "--device", "cuda")
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "eval",
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--dataset",
+        "digits",
+        "--device",
+        "cuda",
+    )
     assert code == 2 and "no CUDA GPU" in err
 
 
@@ -115,8 +207,21 @@ def test_help_does_not_import_torch():
 def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar_dir):
     """A mis-loaded stem, wrong normalisation or broken vote would sit near 10% here."""
     code, out, err = run_cli(
-        capsys, monkeypatch, "eval", "--model", "resnet18_cifar", "--checkpoint", str(CHECKPOINT),
-        "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--patches", "central", "--test-per-class", "10",
+        capsys,
+        monkeypatch,
+        "eval",
+        "--model",
+        "resnet18_cifar",
+        "--checkpoint",
+        str(CHECKPOINT),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(cifar_dir),
+        "--patches",
+        "central",
+        "--test-per-class",
+        "10",
         "--json",
     )
     assert code == 0, err

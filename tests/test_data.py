@@ -46,7 +46,11 @@ def test_digits_are_offline_32px_and_disjoint():
 
 @pytest.mark.parametrize(
     "name,data_dir,match",
-    [("cifra10", None, "did you mean: cifar10"), ("imagenet", None, "--data-dir"), ("cifar10", "/nonexistent", "--data-dir")],
+    [
+        ("cifra10", None, "did you mean: cifar10"),
+        ("imagenet", None, "--data-dir"),
+        ("cifar10", "/nonexistent", "--data-dir"),
+    ],
 )
 def test_missing_or_unknown_data_is_a_user_error(name, data_dir, match):
     with pytest.raises(UserError, match=match):

@@ -23,13 +23,29 @@ def split(cifar_dir):
     return open_split("cifar10", "test", data_dir=cifar_dir, per_class=3)
 
 
-def _run(model, split, spec, tmp_path, *, aggs=("mean",), space="embedding", chunk_rows=8, max_patches=None,
-         progress=None, key="k"):
+def _run(
+    model,
+    split,
+    spec,
+    tmp_path,
+    *,
+    aggs=("mean",),
+    space="embedding",
+    chunk_rows=8,
+    max_patches=None,
+    progress=None,
+    key="k",
+):
     writers = {
         Aggregation.parse(a): FeatureStore(tmp_path, f"{key}-{a}").writer(
-            labels=split.labels, dim=Aggregation.parse(a).output_dim(
-                model.projection_dim if space == "projection" else model.embed_dim, spec),
-            dtype="float32", chunk_rows=chunk_rows, meta={})
+            labels=split.labels,
+            dim=Aggregation.parse(a).output_dim(
+                model.projection_dim if space == "projection" else model.embed_dim, spec
+            ),
+            dtype="float32",
+            chunk_rows=chunk_rows,
+            meta={},
+        )
         for a in aggs
     }
     extract(model, split, spec, writers, space=space, device=CPU, max_patches=max_patches, progress=progress)

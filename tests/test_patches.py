@@ -80,8 +80,9 @@ def test_random_boxes_follow_random_resized_crop():
     area = w * h / 1024
     assert area.min() >= 0.08 * 0.7 and area.max() <= 1.0
     torch.manual_seed(0)
-    ref = np.array([RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3])
-                    for _ in range(4000)])
+    ref = np.array(
+        [RandomResizedCrop.get_params(torch.zeros(3, 32, 32), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+    )
     assert abs(w.mean() - ref[:, 3].mean()) < 0.5
     assert abs(h.mean() - ref[:, 2].mean()) < 0.5
     assert abs(boxes[:, 0].mean() - ref[:, 1].mean()) < 0.5

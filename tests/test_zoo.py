@@ -22,8 +22,13 @@ D = TinyResNet.embed_dim
 
 REAL_CKPT = Path(__file__).parents[1].parent / "shared" / "checkpoints" / "vicreg_resnet18_cifar10.ckpt"
 REAL_SHA256 = "3be869a54f609bd8bb695996d911482a3340c67aa36f33fb2df956d640abf3ea"  # its README
-IMAGENET = {"input_size": 224, "resize": 256, "interpolation": "bilinear",
-            "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+IMAGENET = {
+    "input_size": 224,
+    "resize": 256,
+    "interpolation": "bilinear",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
 
 
 class _Hparams:
@@ -69,9 +74,14 @@ def _assert_same_outputs(loaded: nn.Module, reference: nn.Module, x: torch.Tenso
 
 
 def _entry(name: str, *, arch: str = "tiny_cnn", **fields: object) -> dict:
-    entry = {"name": name, "arch": arch, "description": "test entry", "needs_checkpoint": True,
-             "preprocessing": {"input_size": 32, "resize": None, "mean": [0.5] * 3, "std": [0.25] * 3},
-             "pretrain_scale": [0.08, 1.0]}
+    entry = {
+        "name": name,
+        "arch": arch,
+        "description": "test entry",
+        "needs_checkpoint": True,
+        "preprocessing": {"input_size": 32, "resize": None, "mean": [0.5] * 3, "std": [0.25] * 3},
+        "pretrain_scale": [0.08, 1.0],
+    }
     return {**entry, **fields}
 
 
@@ -99,8 +109,16 @@ def _solo_checkpoint(seed: int = 0, prefix: str = "backbone.") -> tuple[dict, nn
 
 def test_every_entry_parses_with_its_documented_facts() -> None:
     entries = {e.name: e for e in zoo.list_entries()}
-    assert set(entries) >= {"vicreg_rn50", "swav_rn50", "dino_rn50", "byol_rn50", "resnet50.a1_in1k",
-                            "resnet18_cifar", "resnet34_cifar", "tiny_cifar"}
+    assert set(entries) >= {
+        "vicreg_rn50",
+        "swav_rn50",
+        "dino_rn50",
+        "byol_rn50",
+        "resnet50.a1_in1k",
+        "resnet18_cifar",
+        "resnet34_cifar",
+        "tiny_cifar",
+    }
     for name in ("vicreg_rn50", "swav_rn50", "dino_rn50", "byol_rn50"):
         assert dataclasses.asdict(entries[name].preprocessing) == IMAGENET
         assert entries[name].pretrain_scale == (0.08, 1.0)
@@ -142,12 +160,15 @@ def test_entry_needing_a_checkpoint_says_so() -> None:
         ({"stem": "cifar"}, r"entry 'bad', field 'stem'"),
         ({"pretrain_scale": [0.5, 0.2]}, r"entry 'bad', field 'pretrain_scale'"),
         ({"needs_checkpoint": False}, r"entry 'bad', field 'source'"),
-        ({"source": {"url": "https://x/y.pth", "sha256": "abc"}, "needs_checkpoint": False},
-         r"entry 'bad', field 'source.sha256'"),
+        (
+            {"source": {"url": "https://x/y.pth", "sha256": "abc"}, "needs_checkpoint": False},
+            r"entry 'bad', field 'source.sha256'",
+        ),
     ],
 )
-def test_malformed_entry_names_entry_and_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               change: dict, message: str) -> None:
+def test_malformed_entry_names_entry_and_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict, message: str
+) -> None:
     _use_zoo(tmp_path, monkeypatch, _entry("bad", **change))
     with pytest.raises(UserError, match=message):
         zoo.list_entries()
@@ -198,8 +219,9 @@ def _byol(state: dict) -> dict:
     return {f"module.{k}": v for k, v in kept.items()} | {"module.fc.weight": torch.randn(5, D)}
 
 
-@pytest.mark.parametrize(("real", "make"), [("vicreg_rn50", _plain), ("swav_rn50", _swav), ("dino_rn50", _dino),
-                                            ("byol_rn50", _byol)])
+@pytest.mark.parametrize(
+    ("real", "make"), [("vicreg_rn50", _plain), ("swav_rn50", _swav), ("dino_rn50", _dino), ("byol_rn50", _byol)]
+)
 def test_published_layouts_load_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real: str, make) -> None:
     _use_zoo(tmp_path, monkeypatch, _like(real))
     state = _random_state(TinyResNet(), seed=1)
@@ -234,8 +256,9 @@ def test_solo_learn_lightning_takes_online_not_momentum_weights(tmp_path: Path, 
 
 def test_bf16_checkpoint_is_cast_to_float32(tmp_path: Path) -> None:
     checkpoint, _, _ = _solo_checkpoint()
-    checkpoint["state_dict"] = {k: v.bfloat16() if v.is_floating_point() else v
-                                for k, v in checkpoint["state_dict"].items()}
+    checkpoint["state_dict"] = {
+        k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()
+    }
     torch.save(checkpoint, tmp_path / "bf16.ckpt")
     loaded = zoo.load_model("tiny_cifar", checkpoint=tmp_path / "bf16.ckpt")
     online = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
@@ -243,8 +266,7 @@ def test_bf16_checkpoint_is_cast_to_float32(tmp_path: Path) -> None:
     _assert_same_outputs(loaded.backbone, _reference(TinyResNet(), online), torch.randn(2, 3, 32, 32))
 
 
-def test_projector_layout_is_inferred_when_the_entry_has_none(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_projector_layout_is_inferred_when_the_entry_has_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     weights = dataclasses.asdict(zoo.get_entry("tiny_cifar").weights)
     _use_zoo(tmp_path, monkeypatch, _entry("free", weights=weights))
     mlp = nn.Sequential(nn.Linear(D, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.BatchNorm1d(32))
@@ -288,8 +310,10 @@ def _save_solo(tmp_path: Path, edit) -> Path:
         (lambda s: s.update({"backbone.extra.weight": torch.ones(1)}), r"1 unexpected \(extra.weight\)"),
         (lambda s: s.update({"teacher.conv1.weight": torch.ones(1)}), r"unexpected checkpoint keys \(teacher"),
         (lambda s: s.pop("backbone.bn1.running_mean"), r"1 missing \(bn1.running_mean\)"),
-        (lambda s: s.update({"backbone.conv1.weight": torch.ones(16, 3, 5, 5)}),
-         r"'conv1.weight' has shape \(16, 3, 5, 5\) in the checkpoint but \(16, 3, 3, 3\)"),
+        (
+            lambda s: s.update({"backbone.conv1.weight": torch.ones(16, 3, 5, 5)}),
+            r"'conv1.weight' has shape \(16, 3, 5, 5\) in the checkpoint but \(16, 3, 3, 3\)",
+        ),
         (lambda s: s.update({"projector.3.weight": torch.ones(512, 256)}), r"projector key '3.weight'"),
     ],
 )
