@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 
 from ssl_patchbench.errors import UserError
+from ssl_patchbench.files import file_sha256
 from ssl_patchbench.paths import home
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,9 @@ def default_cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, streamed so large checkpoints never sit in memory twice."""
+    """SHA-256 of a checkpoint file; a missing file is a user error."""
     _require_file(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def cache_path(url: str, cache_dir: Path) -> Path:

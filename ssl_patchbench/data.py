@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError, did_you_mean
+from .files import atomic_path
 from .paths import home
 
 log = logging.getLogger(__name__)
@@ -191,15 +192,9 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     if any(im.shape != first.shape for im in images):
         return split
     array = np.stack(images)
-    _save_atomic(path, array)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
     return ImageSplit(split.labels, split.classes, split.identity, array=array)
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def digits_split(split: str) -> ImageSplit:

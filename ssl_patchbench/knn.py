@@ -7,16 +7,16 @@ backend, useful as a cross-check; both feed the same voting.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ssl_patchbench.devices import resolve_device
+from ssl_patchbench.devices import ieee_fp32_matmul, resolve_device
 from ssl_patchbench.errors import UserError
+from ssl_patchbench.evalinputs import check_labelled_features
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +32,6 @@ class KnnResult:
     k: int
     top1: float
     top5: float | None
-
-
-@contextlib.contextmanager
-def _ieee_fp32_matmul() -> Iterator[None]:
-    """Turn TF32 off while inside: its 10-bit mantissa would reorder near-tied neighbours across GPUs."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 def _unit_rows(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -89,7 +78,7 @@ def knn_search(
     queries = _unit_rows(test, device)
     best_sims = torch.full((test.shape[0], k), -torch.inf, device=device)
     best_idx = torch.zeros((test.shape[0], k), dtype=torch.long, device=device)
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         for start in range(0, train.shape[0], train_chunk):
             block = _unit_rows(train[start : start + train_chunk], device)
             for q in range(0, test.shape[0], test_chunk):
@@ -135,28 +124,6 @@ def knn_vote(
 def _ranked_classes(scores: torch.Tensor, top: int) -> torch.Tensor:
     """The ``top`` best classes per row; equal scores go to the lower class index (as scikit-learn)."""
     return scores.sort(dim=1, descending=True, stable=True).indices[:, :top]
-
-
-def _check_inputs(
-    train: torch.Tensor,
-    train_labels: torch.Tensor,
-    test: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int | None,
-) -> int:
-    """Refuse what cannot be a (features, labels) train and test pair; returns the number of classes."""
-    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
-        raise UserError(f"train and test features must be 2-D with one width, got {train.shape} and {test.shape}")
-    if train.shape[0] == 0 or test.shape[0] == 0:
-        raise UserError("train and test features must each have at least one row")
-    if train_labels.shape != (train.shape[0],) or test_labels.shape != (test.shape[0],):
-        raise UserError("labels must be 1-D with one label per feature row")
-    if min(int(train_labels.min()), int(test_labels.min())) < 0:
-        raise UserError("labels must be non-negative class indices")
-    seen = int(max(train_labels.max(), test_labels.max())) + 1
-    if num_classes is not None and num_classes < seen:
-        raise UserError(f"num_classes={num_classes} but the labels go up to {seen - 1}")
-    return seen if num_classes is None else num_classes
 
 
 def _results_for_k(
@@ -208,7 +175,7 @@ def knn_classify(
     One search for ``max(ks)`` neighbours serves every k. A k larger than the bank is clipped to the bank
     size; the result stays keyed by the requested k and its ``KnnResult.k`` says the k used.
     """
-    num_classes = _check_inputs(train, train_labels, test, test_labels, num_classes)
+    num_classes = check_labelled_features(train, train_labels, test, test_labels, num_classes)
     if not ks or min(ks) < 1 or temperature <= 0:
         raise UserError(f"need ks >= 1 and temperature > 0, got ks={list(ks)}, temperature={temperature}")
     if backend not in BACKENDS:

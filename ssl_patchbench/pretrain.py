@@ -7,7 +7,6 @@ the views are cut by the same batched sampler as evaluation (``crop_and_resize``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import nn
 from .archs import build_backbone, build_projector
 from .data import ImageSplit, open_split
 from .devices import resolve_device
+from .files import atomic_path
 from .patches import PatchSpec, crop_and_resize
 from .zoo import ZooEntry, get_entry
 
@@ -107,10 +107,8 @@ def save_solo_checkpoint(path: Path, backbone: nn.Module, projector: nn.Module, 
     """Write ``{"state_dict": {backbone.*, projector.*}, "meta": ...}`` atomically (solo-learn's layout)."""
     state = {f"backbone.{k}": v.detach().cpu() for k, v in backbone.state_dict().items()}
     state.update({f"projector.{k}": v.detach().cpu() for k, v in projector.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp)
 
 
 def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto") -> Path:

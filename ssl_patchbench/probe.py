@@ -7,17 +7,17 @@ cached-feature protocol, not the paper's 100-epoch augmented SGD probe.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ssl_patchbench.devices import resolve_device
+from ssl_patchbench.devices import ieee_fp32_matmul, resolve_device
 from ssl_patchbench.errors import UserError
+from ssl_patchbench.evalinputs import check_labelled_features
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ class _Scaler:
     def fit(cls, x: torch.Tensor) -> _Scaler:
         std, mean = torch.std_mean(x, dim=0, correction=0)
         return cls(mean, torch.where(std > 1e-6 * mean.abs().clamp_min(1.0), std, 1.0))
-
-
-@contextlib.contextmanager
-def _ieee_fp32_matmul() -> Iterator[None]:
-    """Turn TF32 off while inside: its 10-bit mantissa would make the fit differ across GPUs."""
-    previous = torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.fp32_precision = previous
 
 
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,28 +208,6 @@ def _select_weight_decay(
     return best_wd, val_top1, best_params
 
 
-def _check_inputs(
-    train: torch.Tensor,
-    train_labels: torch.Tensor,
-    test: torch.Tensor,
-    test_labels: torch.Tensor,
-    num_classes: int | None,
-) -> int:
-    """Refuse what cannot be a (features, labels) train and test pair; returns the number of classes."""
-    if train.ndim != 2 or test.ndim != 2 or train.shape[1] != test.shape[1]:
-        raise UserError(f"train and test features must be 2-D with one width, got {train.shape} and {test.shape}")
-    if train.shape[0] == 0 or test.shape[0] == 0:
-        raise UserError("train and test features must each have at least one row")
-    if train_labels.shape != (train.shape[0],) or test_labels.shape != (test.shape[0],):
-        raise UserError("labels must be 1-D with one label per feature row")
-    if min(int(train_labels.min()), int(test_labels.min())) < 0:
-        raise UserError("labels must be non-negative class indices")
-    seen = int(max(train_labels.max(), test_labels.max())) + 1
-    if num_classes is not None and num_classes < seen:
-        raise UserError(f"num_classes={num_classes} but the labels go up to {seen - 1}")
-    return seen if num_classes is None else num_classes
-
-
 def linear_probe(
     train: torch.Tensor,
     train_labels: torch.Tensor,
@@ -262,13 +229,13 @@ def linear_probe(
     Features are moved to ``device`` once, as float32; the objective runs in row chunks to bound memory.
     """
     start = time.perf_counter()
-    num_classes = _check_inputs(train, train_labels, test, test_labels, num_classes)
+    num_classes = check_labelled_features(train, train_labels, test, test_labels, num_classes)
     weight_decays = DEFAULT_WEIGHT_DECAYS if weight_decays is None else tuple(weight_decays)
     if not weight_decays or min(weight_decays) < 0 or not 0 < val_fraction < 1:
         raise UserError(f"need weight decays >= 0 and 0 < val_fraction < 1, got {weight_decays}, {val_fraction}")
     device = resolve_device("auto" if device is None else str(device))
     init = (torch.zeros(num_classes, train.shape[1], device=device), torch.zeros(num_classes, device=device))
-    with _ieee_fp32_matmul():
+    with ieee_fp32_matmul():
         if len(weight_decays) == 1:
             x, y = _on_device(train, device), train_labels.to(device).long()
             wd, val_top1 = weight_decays[0], {}

@@ -22,6 +22,7 @@ import numpy as np
 from filelock import FileLock
 
 from .errors import UserError
+from .files import atomic_path, file_sha256, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +34,6 @@ def store_key(material: dict) -> str:
     """A short hash of everything that changes the numbers (canonical JSON)."""
     blob = json.dumps({**material, "protocol_version": PROTOCOL_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON through a temporary file and an atomic rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _reserve_disk(path: Path) -> None:
@@ -145,9 +128,8 @@ class StoreWriter:
             self.features = np.lib.format.open_memmap(features_file, mode="w+", dtype=layout["dtype"], shape=shape)
             _reserve_disk(features_file)
             write_json_atomic(layout_file, layout)
-        tmp = self.path / f".labels.tmp{os.getpid()}.npy"
-        np.save(tmp, np.asarray(labels, dtype=np.int64))
-        os.replace(tmp, self.path / "labels.npy")
+        with atomic_path(self.path / "labels.npy") as tmp:
+            np.save(tmp, np.asarray(labels, dtype=np.int64))
 
     @property
     def num_chunks(self) -> int:

@@ -227,3 +227,13 @@ def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar
     assert code == 0, err
     row = json.loads(out)
     assert row["knn@20"] > 45 and row["linear"] > 45
+
+
+def test_demo_runs_offline_end_to_end(capsys, monkeypatch, tmp_path):
+    code, out, err = run_cli(capsys, monkeypatch, "demo", "--epochs", "1", "--home", str(tmp_path), "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["patches"] for r in rows] == ["central", 1, 16]
+    assert all(r["n_train"] == 1437 and r["n_test"] == 360 for r in rows)
+    assert rows[0]["knn@20"] > 50  # digits are easy: even one epoch of VICReg is far above chance (10%)
+    assert list((tmp_path / "demo").glob("*.ckpt"))
