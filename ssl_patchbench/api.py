@@ -56,6 +56,7 @@ class EvalConfig:
     seed: int = 0
     knn_ks: tuple[int, ...] = (20, 200)
     temperature: float = 0.07
+    knn_backend: str = "auto"
     max_patches: int | None = None
     store_dtype: str = "float16"
     chunk_rows: int = 4096
@@ -313,6 +314,7 @@ def _evaluate_one(
             temperature=cfg.temperature,
             num_classes=num_classes,
             device=device,
+            backend=cfg.knn_backend,
         )
         knn = {k: {"top1": r.top1, "top5": r.top5} for k, r in found.items()}
         timings["knn_seconds"] = time.perf_counter() - start
@@ -370,7 +372,12 @@ def _record(
         "store_dtype": cfg.store_dtype,
         "seed": cfg.seed,
         "protocol": {
-            "knn": {"ks": list(cfg.knn_ks), "temperature": cfg.temperature, "weighted": True},
+            "knn": {
+                "ks": list(cfg.knn_ks),
+                "temperature": cfg.temperature,
+                "weighted": True,
+                "backend": cfg.knn_backend,
+            },
             "linear": {"kind": "cached-feature multinomial logistic regression (L-BFGS), wd chosen on 10% of train"},
         },
         "metrics": {**{f"knn@{k}": m for k, m in result.knn.items()}, "linear": result.linear},

@@ -38,6 +38,16 @@ def _floats(value: str | None, name: str) -> tuple[float, float] | None:
     return (parts[0], parts[-1])
 
 
+def _ints(value: str, name: str) -> tuple[int, ...]:
+    try:
+        numbers = tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated integers, got {value!r}") from None
+    if not numbers or min(numbers) <= 0:
+        raise UserError(f"{name} takes positive integers, got {value!r}")
+    return numbers
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ssl-patchbench")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -72,6 +82,15 @@ def eval_options(func):
         ),
         click.option("--space", type=click.Choice(["embedding", "projection"]), default="embedding", show_default=True),
         click.option("--eval", "evals", default="knn,linear", show_default=True, help="knn, linear or both."),
+        click.option("--knn-k", default="20,200", show_default=True, help="Neighbour counts of the kNN."),
+        click.option("--temperature", type=float, default=0.07, show_default=True, help="kNN vote temperature."),
+        click.option(
+            "--knn-backend",
+            type=click.Choice(["auto", "torch", "faiss"]),
+            default="auto",
+            show_default=True,
+            help="auto: tiled matmul on the device; faiss: IndexFlatIP on the CPU.",
+        ),
         click.option("--train-per-class", type=int, help="Keep the first N train images of each class."),
         click.option("--test-per-class", type=int, help="Keep the first N test images of each class."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i]."),
@@ -111,13 +130,14 @@ def eval_options(func):
 @eval_options
 def eval_cmd(model: str, dataset: str, **options) -> None:
     """Evaluate a checkpoint: kNN and linear probe for each representation."""
-    _run_eval(model=model, dataset=dataset, **options)
+    as_json = options.pop("as_json")
+    _run_eval(_config(model, dataset, **options), as_json=as_json)
 
 
-def _run_eval(*, model: str, dataset: str, as_json: bool, **o) -> None:
-    from .api import EvalConfig, evaluate
+def _config(model: str, dataset: str, **o):
+    from .api import EvalConfig
 
-    cfg = EvalConfig(
+    return EvalConfig(
         model=model,
         dataset=dataset,
         checkpoint=o["checkpoint"],
@@ -130,6 +150,9 @@ def _run_eval(*, model: str, dataset: str, as_json: bool, **o) -> None:
         aggregations=_csv(o["aggregate"]),
         space=o["space"],
         evals=_csv(o["evals"]),
+        knn_ks=_ints(o["knn_k"], "--knn-k"),
+        temperature=o["temperature"],
+        knn_backend=o["knn_backend"],
         train_per_class=o["train_per_class"],
         test_per_class=o["test_per_class"],
         device=o["device"],
@@ -141,6 +164,12 @@ def _run_eval(*, model: str, dataset: str, as_json: bool, **o) -> None:
         trust_checkpoint=o["trust_checkpoint"],
         download=o["download"],
     )
+
+
+def _run_eval(cfg, *, as_json: bool) -> None:
+    """Evaluate ``cfg`` with progress bars, then print the table (or JSON rows)."""
+    from .api import evaluate
+
     with _progress() as factory:
         results = evaluate(cfg, progress=factory)
     rows = [r.row() for r in results]
@@ -148,7 +177,7 @@ def _run_eval(*, model: str, dataset: str, as_json: bool, **o) -> None:
         for row in rows:
             click.echo(json.dumps(row))
     else:
-        stdout.print(_table(f"{model} on {dataset}", rows))
+        stdout.print(_table(f"{cfg.model} on {cfg.dataset}", rows))
 
 
 class _progress:
@@ -186,15 +215,16 @@ class _progress:
 
 def _table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
-    for column in ("patches", "mode", "aggregation", "knn@20", "knn@200", "linear", "dim", "images/s", "patches/s"):
+    knn_columns = [key for key in rows[0] if key.startswith("knn@") and any(r[key] is not None for r in rows)]
+    columns = ("patches", "mode", "aggregation", *knn_columns, "linear", "dim", "images/s", "patches/s")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("mode", "aggregation") else "right")
     for r in rows:
         table.add_row(
             str(r["patches"]),
             r["mode"],
             r["aggregation"],
-            _pct(r["knn@20"]),
-            _pct(r["knn@200"]),
+            *(_pct(r[key]) for key in knn_columns),
             _pct(r["linear"]),
             str(r["dim"]),
             f"{r['images_per_s']:,.0f}",
@@ -245,12 +275,13 @@ def zoo_show(name: str) -> None:
 
 
 @cli.command()
-@click.option("--epochs", type=int, default=30, show_default=True, help="Pretraining epochs of the demo model.")
+@click.option("--epochs", type=int, default=15, show_default=True, help="Pretraining epochs of the demo model.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--json", "as_json", is_flag=True)
 def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
     """Offline end-to-end run: pretrain a tiny VICReg model on scikit-learn digits, then evaluate it."""
+    from .api import EvalConfig
     from .paths import home as default_home
     from .pretrain import pretrain_demo_model
 
@@ -258,31 +289,10 @@ def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
     stderr.print(f"pretraining a tiny VICReg model on scikit-learn digits ({epochs} epochs, offline)...")
     checkpoint = pretrain_demo_model(root / "demo", epochs=epochs, device=device)
     stderr.print(f"checkpoint: {checkpoint}")
-    _run_eval(
-        model="tiny_cifar",
-        dataset="digits",
-        as_json=as_json,
-        checkpoint=str(checkpoint),
-        data_dir=None,
-        patches="central,1,16",
-        mode="random",
-        patch_scale="0.2",
-        patch_size=None,
-        stride=None,
-        aggregate="mean",
-        space="embedding",
-        evals="knn,linear",
-        train_per_class=None,
-        test_per_class=None,
-        device=device,
-        precision="auto",
-        seed=0,
-        max_patches=None,
-        home=str(root),
-        results=None,
-        trust_checkpoint=False,
-        download=False,
+    cfg = EvalConfig(
+        model="tiny_cifar", dataset="digits", checkpoint=str(checkpoint), scale=(0.2, 0.2), device=device, home=root
     )
+    _run_eval(cfg, as_json=as_json)
 
 
 def main() -> None:
