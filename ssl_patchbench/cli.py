@@ -295,6 +295,10 @@ def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
     _run_eval(cfg, as_json=as_json)
 
 
+# Commands that live in their own modules are registered here, one line each; those modules import
+# torch only inside their commands, so `patchbench --help` stays instant.
+
+
 def main() -> None:
     """Entry point: user errors end with one line on stderr and exit code 2, never a traceback."""
     try:
