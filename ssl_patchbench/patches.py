@@ -102,32 +102,34 @@ class PatchSpec:
         return np.stack([x1, y1, x1 + side, y1 + side], axis=1)
 
     def _random_boxes(self, indices: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
-        u = uniforms(self.seed, indices, self.n, _ATTEMPTS * 4).reshape(len(indices), self.n, _ATTEMPTS, 4)
-        h3, w3 = h[:, :, None], w[:, :, None]
+        """RandomResizedCrop's ten tries, drawn only for the patches still without a box (most need one)."""
+        image = np.repeat(indices, self.n)
+        patch = np.tile(np.arange(self.n, dtype=np.uint64), len(indices))
+        hh, ww = np.repeat(h[:, 0], self.n), np.repeat(w[:, 0], self.n)
         if self.size is not None:
-            return _fixed_size_boxes(u[..., 0, 2], u[..., 0, 3], h, w, self.size)
-        area = h3 * w3 * (self.scale[0] + u[..., 0] * (self.scale[1] - self.scale[0]))
+            u = uniforms(self.seed, image[:, None], patch[:, None], np.arange(2, 4, dtype=np.uint64))
+            return _fixed_size_boxes(u[:, 0], u[:, 1], hh, ww, self.size).reshape(len(indices), self.n, 4)
+        boxes = np.empty((len(image), 4))
+        pending = np.arange(len(image))
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = np.exp(log_lo + u[..., 1] * (log_hi - log_lo))
-        cw = np.round(np.sqrt(area * aspect))
-        ch = np.round(np.sqrt(area / aspect))
-        ok = (cw > 0) & (cw <= w3) & (ch > 0) & (ch <= h3)
-        first = np.argmax(ok, axis=-1)[..., None]
-        found = np.take_along_axis(ok, first, axis=-1)[..., 0]
-        cw, ch = _take(cw, first), _take(ch, first)
-        top = np.floor(_take(u[..., 2], first) * (h - ch + 1))
-        left = np.floor(_take(u[..., 3], first) * (w - cw + 1))
-        fb_left, fb_top, fb_w, fb_h = _fallback_crop(h, w, self.ratio)
-        left = np.where(found, left, fb_left)
-        top = np.where(found, top, fb_top)
-        cw = np.where(found, cw, fb_w)
-        ch = np.where(found, ch, fb_h)
-        return np.stack([left, top, left + cw, top + ch], axis=-1)
-
-
-def _take(values: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """The value of the first successful attempt of each patch."""
-    return np.take_along_axis(values, first, axis=-1)[..., 0]
+        for attempt in range(_ATTEMPTS):
+            slots = np.arange(attempt * 4, attempt * 4 + 4, dtype=np.uint64)
+            u = uniforms(self.seed, image[pending, None], patch[pending, None], slots)
+            ph, pw = hh[pending], ww[pending]
+            area = ph * pw * (self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0]))
+            aspect = np.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+            cw, ch = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+            ok = (cw > 0) & (cw <= pw) & (ch > 0) & (ch <= ph)
+            top = np.floor(u[ok, 2] * (ph[ok] - ch[ok] + 1))
+            left = np.floor(u[ok, 3] * (pw[ok] - cw[ok] + 1))
+            boxes[pending[ok]] = np.stack([left, top, left + cw[ok], top + ch[ok]], axis=1)
+            pending = pending[~ok]
+            if not len(pending):
+                break
+        if len(pending):
+            left, top, cw, ch = _fallback_crop(hh[pending], ww[pending], self.ratio)
+            boxes[pending] = np.stack([left, top, left + cw, top + ch], axis=1)
+        return boxes.reshape(len(indices), self.n, 4)
 
 
 def _fixed_size_boxes(uy: np.ndarray, ux: np.ndarray, h: np.ndarray, w: np.ndarray, size: int) -> np.ndarray:
@@ -186,12 +188,13 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def uniforms(seed: int, indices: np.ndarray, n: int, per_patch: int) -> np.ndarray:
-    """Uniform [0, 1) floats ``[B, n, per_patch]`` that depend only on (seed, index, patch, slot)."""
+def uniforms(seed: int, indices: np.ndarray, patches: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) floats, one per broadcast (image index, patch index, slot) triple, and a pure
+    function of those and ``seed`` (counter-based: any subset can be drawn in any order)."""
     base = _splitmix64(np.array([seed], dtype=np.uint64))
-    img = _splitmix64(base ^ np.asarray(indices, dtype=np.uint64))[:, None, None]
-    counter = np.arange(n, dtype=np.uint64)[:, None] * np.uint64(1 << 16) + np.arange(per_patch, dtype=np.uint64)
-    bits = _splitmix64(img ^ _splitmix64(counter[None]))
+    image = _splitmix64(base ^ np.asarray(indices, dtype=np.uint64))
+    counter = np.asarray(patches, dtype=np.uint64) * np.uint64(1 << 16) + np.asarray(slots, dtype=np.uint64)
+    bits = _splitmix64(image ^ _splitmix64(counter))
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
