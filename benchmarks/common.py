@@ -1,0 +1,54 @@
+"""What every benchmark script shares: one JSON line per measurement, stamped with the machine and command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+H100_BF16_DENSE_FLOPS = 989.4e12  # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet)
+PEAK_BF16_FLOPS = {"H100": H100_BF16_DENSE_FLOPS, "H200": H100_BF16_DENSE_FLOPS}  # same chip, faster memory
+
+
+def machine() -> dict[str, Any]:
+    """Device, versions and the command line: every JSON line carries them."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "gpu": gpu,
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def peak_flops() -> float | None:
+    """Dense bf16 peak of the visible GPU, when known (for MFU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def emit(**fields: Any) -> None:
+    """Print one measurement as one JSON line."""
+    print(json.dumps({**fields, **machine()}, default=str), flush=True)
+
+
+def timed(fn: Callable[[], Any], *, device: torch.device) -> tuple[Any, float]:
+    """Run ``fn`` once and return its result and wall seconds, the device drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
