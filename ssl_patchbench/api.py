@@ -16,6 +16,7 @@ import torch
 from .aggregate import Aggregation
 from .data import ImageSplit, open_split
 from .devices import resolve_device
+from .distributed import Ranks, from_environment, shutdown
 from .errors import UserError
 from .extract import Progress, extract
 from .knn import knn_classify
@@ -23,7 +24,7 @@ from .patches import PatchSpec
 from .paths import home
 from .probe import linear_probe
 from .results import append_record, environment
-from .store import FeatureStore, StoredFeatures, store_key
+from .store import FeatureStore, StoredFeatures, StoreWriter, store_key
 from .zoo import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,17 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
     for name in cfg.evals:
         if name not in EVALUATORS:
             raise UserError(f"unknown evaluator {name!r}: choose from {', '.join(EVALUATORS)}")
+    ranks = from_environment()
+    try:
+        return _evaluate(cfg, ranks, progress if ranks.is_main else None)
+    finally:
+        shutdown()
+
+
+def _evaluate(cfg: EvalConfig, ranks: Ranks, progress: ProgressFactory | None) -> list[RepresentationResult]:
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.active:
+        device = torch.device("cuda", ranks.local_rank)
     root = cfg.home or home()
     model = load_model(
         cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint, cache_dir=root / "checkpoints"
@@ -174,8 +185,11 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
         for agg in aggs:
             agg.check(spec)
         stored = {
-            split: _features(cfg, model, data, spec, aggs, device, root, progress) for split, data in splits.items()
+            split: _features(cfg, model, data, spec, aggs, device, root, progress, ranks)
+            for split, data in splits.items()
         }
+        if not ranks.is_main:
+            continue
         for agg in aggs:
             result = _evaluate_one(cfg, model, splits, spec, agg, stored["train"][agg], stored["test"][agg], device)
             append_record(cfg.results_path or root / "results.jsonl", result.record)
@@ -213,28 +227,25 @@ def _features(
     device: torch.device,
     root: Path,
     progress: ProgressFactory | None,
+    ranks: Ranks,
 ) -> dict[Aggregation, StoredFeatures]:
-    """Stored features of one split for each aggregation, extracting (or resuming) what is missing."""
+    """Stored features of one split for each aggregation, extracting (or resuming) what is missing.
+
+    Rank 0 decides what is missing and holds the locks; every rank extracts its share of the chunks.
+    """
     materials = {agg: _store_material(cfg, model, split, spec, agg, device) for agg in aggs}
     stores = {agg: FeatureStore(root / "features", store_key(m)) for agg, m in materials.items()}
-    missing = [agg for agg, store in stores.items() if not store.is_complete()]
-    if missing:
-        with ExitStack() as stack:
-            for agg in missing:
-                stack.enter_context(stores[agg].lock())
-            todo = [agg for agg in missing if not stores[agg].is_complete()]
-            if todo:
-                _extract_into(
-                    cfg,
-                    model,
-                    split,
-                    spec,
-                    {agg: stores[agg] for agg in todo},
-                    {agg: materials[agg] for agg in todo},
-                    device,
-                    progress,
-                )
-    return {agg: store.load() for agg, store in stores.items()}
+    with ExitStack() as stack:
+        todo: list[Aggregation] = []
+        if ranks.is_main and not all(store.is_complete() for store in stores.values()):
+            for store in stores.values():
+                stack.enter_context(store.lock())
+            todo = [agg for agg, store in stores.items() if not store.is_complete()]
+        labels = ranks.broadcast([agg.label for agg in todo])
+        todo = [agg for agg in aggs if agg.label in labels]
+        if todo:
+            _extract_into(cfg, model, split, spec, {a: stores[a] for a in todo}, materials, device, progress, ranks)
+    return {agg: store.load() for agg, store in stores.items()} if ranks.is_main else {}
 
 
 def _extract_into(
@@ -246,22 +257,30 @@ def _extract_into(
     materials: dict[Aggregation, dict],
     device: torch.device,
     progress: ProgressFactory | None,
+    ranks: Ranks,
 ) -> None:
     dim = model.projection_dim if cfg.space == "projection" and model.projection_dim else model.embed_dim
-    writers = {
-        agg: store.writer(
-            labels=split.labels,
-            dim=agg.output_dim(dim, spec),
-            dtype=cfg.store_dtype,
-            chunk_rows=cfg.chunk_rows,
-            meta={**materials[agg], "key": store.key},
-        )
-        for agg, store in stores.items()
-    }
+
+    def open_writers() -> dict[Aggregation, StoreWriter]:
+        return {
+            agg: store.writer(
+                labels=split.labels,
+                dim=agg.output_dim(dim, spec),
+                dtype=cfg.store_dtype,
+                chunk_rows=cfg.chunk_rows,
+                meta={**materials[agg], "key": store.key},
+            )
+            for agg, store in stores.items()
+        }
+
+    writers = open_writers() if ranks.is_main else {}  # rank 0 lays the files out first
+    ranks.barrier()
+    writers = writers or open_writers()
     first = next(iter(writers.values()))
     remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in first.pending_chunks())
     label = f"{split.identity['split']} {spec.label}{'' if spec.mode == 'central' else ' ' + spec.mode}"
     callback = progress(label, remaining, remaining * spec.num_patches) if progress else None
+    start = time.perf_counter()
     stats = extract(
         model,
         split,
@@ -272,15 +291,21 @@ def _extract_into(
         precision=_precision(cfg, device),
         max_patches=cfg.max_patches,
         progress=callback,
+        shard=(ranks.rank, ranks.world),
     )
+    ranks.barrier()
+    if not ranks.is_main:
+        return
+    seconds = time.perf_counter() - start if ranks.active else stats.seconds
     extra = {
         "extraction": {
-            "images": stats.images,
-            "patches": stats.patches,
-            "seconds": round(stats.seconds, 3),
-            "images_per_s": stats.images_per_s,
-            "patches_per_s": stats.patches_per_s,
+            "images": remaining,
+            "patches": remaining * spec.num_patches,
+            "seconds": round(seconds, 3),
+            "images_per_s": remaining / seconds if seconds > 0 else 0.0,
+            "patches_per_s": remaining * spec.num_patches / seconds if seconds > 0 else 0.0,
             "device": environment(device)["device"],
+            "processes": ranks.world,
         }
     }
     for writer in writers.values():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,6 +105,20 @@ def eval_options(func):
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patch boxes."),
         click.option("--max-patches", type=int, help="Patches per forward pass (default: from the GPU budget)."),
+        click.option(
+            "--chunk-rows",
+            type=int,
+            default=4096,
+            show_default=True,
+            help="Images per resumable store chunk (and per rank's share of work).",
+        ),
+        click.option(
+            "--nproc",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Processes (one per GPU) launched through torchrun; see docs/distributed.md.",
+        ),
         click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME)."),
         click.option("--results", type=click.Path(dir_okay=False), help="Results JSONL (default HOME/results.jsonl)."),
         click.option(
@@ -131,7 +147,35 @@ def eval_options(func):
 def eval_cmd(model: str, dataset: str, **options) -> None:
     """Evaluate a checkpoint: kNN and linear probe for each representation."""
     as_json = options.pop("as_json")
+    nproc = options.pop("nproc")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _launch_torchrun(nproc)
     _run_eval(_config(model, dataset, **options), as_json=as_json)
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under torchrun with ``nproc`` processes on this node, then exit with its code."""
+    args = sys.argv[1:]
+    at = next(i for i, a in enumerate(args) if a == "--nproc" or a.startswith("--nproc="))
+    del args[at : at + (1 if "=" in args[at] else 2)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "ssl_patchbench",
+        *args,
+    ]
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        click.echo(
+            f"error: the {nproc}-process run failed (exit {code}, see above); its finished chunks are kept: "
+            "rerun the same command to resume",
+            err=True,
+        )
+    sys.exit(code)
 
 
 def _config(model: str, dataset: str, **o):
@@ -159,6 +203,7 @@ def _config(model: str, dataset: str, **o):
         precision=o["precision"],
         seed=o["seed"],
         max_patches=o["max_patches"],
+        chunk_rows=o["chunk_rows"],
         home=Path(o["home"]) if o["home"] else None,
         results_path=Path(o["results"]) if o["results"] else None,
         trust_checkpoint=o["trust_checkpoint"],
@@ -172,6 +217,8 @@ def _run_eval(cfg, *, as_json: bool) -> None:
 
     with _progress() as factory:
         results = evaluate(cfg, progress=factory)
+    if not results:  # a rank other than 0 of a distributed run: rank 0 reports
+        return
     rows = [r.row() for r in results]
     if as_json:
         for row in rows:
@@ -297,6 +344,20 @@ def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
 
 # Commands that live in their own modules are registered here, one line each; those modules import
 # torch only inside their commands, so `patchbench --help` stays instant.
+from .cli_analysis import converge, report, viz  # noqa: E402
+
+cli.add_command(converge)
+cli.add_command(viz)
+cli.add_command(report)
+from .cli_pretrain import pretrain_cmd  # noqa: E402
+
+cli.add_command(pretrain_cmd)
+
+from .cli_report import check, results, table  # noqa: E402
+
+cli.add_command(table)
+cli.add_command(results)
+cli.add_command(check)
 
 
 def main() -> None:

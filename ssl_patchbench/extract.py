@@ -86,15 +86,20 @@ def extract(
     precision: str = "auto",
     max_patches: int | None = None,
     progress: Progress | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> ExtractStats:
-    """Fill every writer's pending chunks with the aggregated representation of ``split`` under ``spec``."""
+    """Fill the writers' pending chunks with the aggregated representation of ``split`` under ``spec``.
+
+    ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
+    """
     encoder = Encoder(model, space).to(device).eval()
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     runner = _Runner(encoder, spec, device, _autocast_dtype(device, precision), max_patches)
     first = next(iter(writers.values()))
-    chunks = sorted(set().union(*(w.pending_chunks() for w in writers.values())))
+    rank, world = shard
+    chunks = sorted(c for c in set().union(*(w.pending_chunks() for w in writers.values())) if c % world == rank)
     images = _ImageSource(split, device)
     start = time.perf_counter()
     done_images = 0

@@ -1,0 +1,85 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from ssl_patchbench.results import read_records
+
+from .test_cli import run_cli
+
+
+def _args(checkpoint, data_dir, home) -> list[str]:
+    return [
+        "eval",
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data_dir),
+        "--patches",
+        "central,3",
+        "--train-per-class",
+        "12",
+        "--test-per-class",
+        "6",
+        "--chunk-rows",
+        "16",
+        "--home",
+        str(home),
+        "--json",
+    ]
+
+
+def _interrupt(store, keep: set[int]) -> None:
+    """Make a sealed store look like a run killed after finishing only the chunks in ``keep``."""
+    (store / "meta.json").unlink()
+    (store / "chunks.log").write_text("".join(f"{c}\n" for c in sorted(keep)))
+    features = np.load(store / "features.npy", mmap_mode="r+")
+    rows = np.ones(len(features), dtype=bool)
+    for chunk in keep:
+        rows[chunk * 16 : (chunk + 1) * 16] = False
+    features[rows] = 0
+    features.flush()
+
+
+def _metrics(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in rows]
+
+
+def test_two_gloo_ranks_resume_a_one_process_store_and_match_it(
+    capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path
+):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    code, out, err = run_cli(capsys, monkeypatch, *_args(tiny_checkpoint, cifar_dir, single))
+    assert code == 0, err
+    shutil.copytree(single, multi)
+    (multi / "results.jsonl").unlink()
+    stores = sorted((multi / "features").glob("*/"))
+    for store in stores:
+        _interrupt(store, keep={0, 2})  # a killed one-process run; two ranks now finish it
+
+    env = {**os.environ, "PATCHBENCH_HOME": str(multi), "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "ssl_patchbench", *_args(tiny_checkpoint, cifar_dir, multi), "--nproc", "2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    rows_multi = [json.loads(line) for line in launched.stdout.splitlines() if line.startswith("{")]
+    rows_single = [json.loads(line) for line in out.splitlines()]
+    assert _metrics(rows_multi) == _metrics(rows_single)
+    for store in stores:
+        reference = single / "features" / store.name
+        np.testing.assert_array_equal(np.load(store / "features.npy"), np.load(reference / "features.npy"))
+        assert json.loads((store / "meta.json").read_text())["extraction"]["processes"] == 2
+    records = read_records(multi / "results.jsonl")
+    assert len(records) == 2  # written once, by rank 0
