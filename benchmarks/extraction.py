@@ -95,12 +95,12 @@ class _CpuPatches(Dataset):
         return torch.stack([self.transform(image) for _ in range(self.n)])
 
 
-def baseline(model: LoadedModel, split: ImageSplit, spec: PatchSpec, device: torch.device) -> dict:
+def baseline(model: LoadedModel, split: ImageSplit, spec: PatchSpec, device: torch.device, workers: int) -> dict:
     """torchvision transforms on every CPU core in a DataLoader, then the same bf16 channels_last model."""
     pre = model.entry.preprocessing
     data = _CpuPatches(split, spec.num_patches, spec.out_size, spec.scale, pre.mean, pre.std)
     per_batch = max(1, 1024 // spec.num_patches)
-    loader = DataLoader(data, batch_size=per_batch, num_workers=os.cpu_count() or 1, pin_memory=True)
+    loader = DataLoader(data, batch_size=per_batch, num_workers=workers, pin_memory=True)
     backbone = model.backbone.to(device).to(memory_format=torch.channels_last)
 
     def run() -> int:
@@ -142,10 +142,11 @@ def main() -> None:
     parser.add_argument("--imagenette", required=True, help="folder holding imagenette/{train,test}")
     parser.add_argument("--counts", default="1,16,48,256")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke run")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="baseline DataLoader workers")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = [int(c) for c in args.counts.split(",")]
-    budget = {"rn18": 2_000 if args.quick else 1_500_000, "rn50": 64 if args.quick else 250_000}
+    budget = {"rn18": 2_000 if args.quick else 1_000_000, "rn50": 64 if args.quick else 150_000}
     cache = Path(tempfile.mkdtemp()) / "images"
     cifar = open_split("cifar10", "train", data_dir=args.cifar, cache_dir=cache)
     imagenette = open_split("imagenette", "train", data_dir=args.imagenette)
