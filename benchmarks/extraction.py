@@ -68,6 +68,7 @@ def ours(model: LoadedModel, split: ImageSplit, spec: PatchSpec, device: torch.d
             labels=split.labels, dim=model.embed_dim, dtype="float16", chunk_rows=4096, meta={}
         )
         if device.type == "cuda":
+            torch.cuda.synchronize(device)  # creates the context: peak stats need it
             torch.cuda.reset_peak_memory_stats(device)
         stats, seconds = timed(
             lambda: extract(model, split, spec, {Aggregation(): writer}, device=device), device=device
@@ -169,7 +170,12 @@ def main() -> None:
                 if (key == "rn50" and n == 48) or (key == "rn18" and n == 16):
                     small = head(split, max(8, budget[key] // (8 * n)))
                     base = report(
-                        "cpu-transforms-dataloader", entry, source, spec, baseline(model, small, spec, device), flops
+                        "cpu-transforms-dataloader",
+                        entry,
+                        source,
+                        spec,
+                        baseline(model, small, spec, device, args.workers),
+                        flops,
                     )
                     emit(
                         bench="extraction-ratio",
