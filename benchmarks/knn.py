@@ -20,7 +20,7 @@ from ssl_patchbench.knn import knn_classify
 
 def clustered(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, d, generator=g)
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(99))  # shared by train and test
     labels = torch.randint(0, classes, (n,), generator=g)
     return (centres[labels] + 1.5 * torch.randn(n, d, generator=g)).half(), labels
 
