@@ -276,6 +276,7 @@ def _extract_into(
     writers = open_writers() if ranks.is_main else {}  # rank 0 lays the files out first
     ranks.barrier()
     writers = writers or open_writers()
+    ranks.barrier()  # every rank has opened (and tidied the chunk log) before anyone appends to it
     first = next(iter(writers.values()))
     remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in first.pending_chunks())
     label = f"{split.identity['split']} {spec.label}{'' if spec.mode == 'central' else ' ' + spec.mode}"
@@ -296,6 +297,8 @@ def _extract_into(
     ranks.barrier()
     if not ranks.is_main:
         return
+    for writer in writers.values():
+        writer.refresh()  # the chunks the other ranks wrote
     seconds = time.perf_counter() - start if ranks.active else stats.seconds
     extra = {
         "extraction": {

@@ -96,11 +96,11 @@ def extract(
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    runner = _Runner(encoder, spec, device, _autocast_dtype(device, precision), max_patches)
+    runner = PatchRunner(encoder, spec, device, _autocast_dtype(device, precision), max_patches)
     first = next(iter(writers.values()))
     rank, world = shard
     chunks = sorted(c for c in set().union(*(w.pending_chunks() for w in writers.values())) if c % world == rank)
-    images = _ImageSource(split, device)
+    images = ImageSource(split, device)
     start = time.perf_counter()
     done_images = 0
     for chunk in chunks:
@@ -139,7 +139,7 @@ def _batches(lo: int, hi: int, size: int) -> Iterator[np.ndarray]:
         yield np.arange(start, min(start + size, hi))
 
 
-class _Runner:
+class PatchRunner:
     """Sampler + model for one batch of images, with out-of-memory back-off on the forward slice."""
 
     def __init__(
@@ -192,7 +192,7 @@ class _Runner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
-class _ImageSource:
+class ImageSource:
     """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
 
     In-memory splits are moved to the device once (uint8). File-backed splits are decoded by a thread

@@ -1,123 +1,406 @@
-"""Minimal VICReg pretraining on patches, writing solo-learn-layout checkpoints that the zoo loads.
+"""I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
 
-Today it serves the offline demo (a tiny model on scikit-learn digits in about a minute of CPU);
-the views are cut by the same batched sampler as evaluation (``crop_and_resize``), on the device.
+The dataset sits on the device once as uint8; every step cuts K views per image with one batched
+``crop_and_resize``, augments them on the device (``augment``), runs each view through backbone +
+projector under bf16 autocast (CUDA) and steps LARS on a warm-up + cosine schedule. The only host syncs
+are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch ``OUT/last.ckpt``
+(``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG state) is
+replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
+continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+import os
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .archs import build_backbone, build_projector
-from .data import ImageSplit, open_split
+from .augment import byol_augments, make_views
+from .data import open_split
 from .devices import resolve_device
-from .files import atomic_path
-from .patches import PatchSpec, crop_and_resize
+from .errors import UserError
+from .files import atomic_path, write_json_atomic
+from .lars import LARS, WarmupCosine, lars_param_groups
+from .losses import tcr_loss, vicreg_loss, vicreg_views
+from .paths import home
+from .pretrain_config import PretrainConfig, jsonable
+from .pretrain_state import CheckpointWriter, load_training_state, snapshot
 from .zoo import ZooEntry, get_entry
+
+__all__ = ["PretrainConfig", "pretrain", "pretrain_demo_model", "save_solo_checkpoint", "vicreg_loss"]
 
 log = logging.getLogger(__name__)
 
-
-def vicreg_loss(
-    z1: torch.Tensor, z2: torch.Tensor, *, sim: float = 25.0, var: float = 25.0, cov: float = 1.0
-) -> torch.Tensor:
-    """VICReg: invariance (MSE) + variance (hinge on the std of each dimension) + covariance (off-diagonal)."""
-    invariance = F.mse_loss(z1, z2)
-    variance = covariance = z1.new_zeros(())
-    for z in (z1, z2):
-        z = z - z.mean(dim=0)
-        std = torch.sqrt(z.var(dim=0) + 1e-4)
-        variance = variance + F.relu(1.0 - std).mean() / 2
-        c = (z.T @ z) / (len(z) - 1)
-        off_diagonal = c - torch.diag(torch.diag(c))
-        covariance = covariance + off_diagonal.pow(2).sum() / z.shape[1] / 2
-    return sim * invariance + var * variance + cov * covariance
+RESNET50_PROJECTOR = (8192, 8192, 8192)  # VICReg's ImageNet projector
+CHECKPOINT_NAME = "last.ckpt"
 
 
-def _views(
-    images: torch.Tensor, indices: np.ndarray, spec: PatchSpec, mean: torch.Tensor, std: torch.Tensor
-) -> torch.Tensor:
-    """One random-resized, randomly flipped and brightness-jittered view per image, normalised."""
-    h, w = images.shape[2:]
-    boxes = spec.boxes(indices, np.full(len(indices), h), np.full(len(indices), w)).reshape(-1, 4)
-    owner = torch.arange(len(indices), device=images.device)
-    crops = crop_and_resize(images, torch.from_numpy(boxes).float().to(images.device), owner, spec.out_size)
-    flip = torch.rand(len(crops), device=images.device) < 0.5
-    crops = torch.where(flip[:, None, None, None], crops.flip(-1), crops)
-    crops = crops * (0.6 + 0.8 * torch.rand(len(crops), 1, 1, 1, device=images.device))
-    return (crops.clamp(0, 255) / 255.0 - mean) / std
+@dataclass
+class Progress:
+    """What a reporter sees: after a logged step (``loss`` of that step) or after an epoch (its mean)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    images_per_s: float
+    seconds: float
 
 
-def pretrain_vicreg(
-    entry: ZooEntry,
-    split: ImageSplit,
-    *,
-    epochs: int,
-    batch_size: int = 256,
-    lr: float = 2e-3,
-    scale: tuple[float, float] = (0.2, 1.0),
-    device: torch.device,
-    seed: int = 0,
-) -> tuple[nn.Module, nn.Module]:
-    """Train ``entry``'s backbone and projector with VICReg on two random views of each image."""
-    torch.manual_seed(seed)
+class Reporter(Protocol):
+    def on_step(self, progress: Progress) -> None: ...
+
+    def on_epoch(self, progress: Progress) -> None: ...
+
+
+class LogReporter:
+    """Progress as log lines (the CLI swaps in a rich bar on a terminal)."""
+
+    def on_step(self, p: Progress) -> None:
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f lr %.4f %.0f img/s",
+            p.epoch + 1,
+            p.epochs,
+            p.step,
+            p.steps,
+            p.loss,
+            p.lr,
+            p.images_per_s,
+        )
+
+    def on_epoch(self, p: Progress) -> None:
+        log.info(
+            "epoch %d/%d done: loss %.4f, %.2f s, %.0f img/s", p.epoch + 1, p.epochs, p.loss, p.seconds, p.images_per_s
+        )
+
+
+@dataclass
+class PretrainResult:
+    """Where the checkpoint is and how fast the run went (epochs of this invocation only)."""
+
+    checkpoint: Path
+    epochs_done: int
+    epoch_seconds: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    images_per_s: float | None = None
+
+
+class Trainee(nn.Module):
+    """Backbone + projector; its state dict names are solo-learn's ``backbone.*`` and ``projector.*``."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def arch_entry(arch: str) -> ZooEntry:
+    """The zoo entry that defines the architecture, projector and preprocessing of ``--arch``.
+
+    ``resnet50`` is the ImageNet ResNet-50 of ``vicreg_rn50`` with VICReg's 8192-8192-8192 projector.
+    """
+    if arch == "resnet50":
+        return dataclasses.replace(get_entry("vicreg_rn50"), name="resnet50", projector=RESNET50_PROJECTOR)
+    entry = get_entry(arch)
+    if not entry.projector:
+        raise UserError(f"zoo entry {arch!r} has no projector widths to train: use one that sets `projector`")
+    return entry
+
+
+def build_trainee(entry: ZooEntry) -> Trainee:
     backbone, dim = build_backbone(entry.arch, stem=entry.stem)
-    projector = build_projector(dim, entry.projector or (256, 256), batchnorm=entry.projector_batchnorm)
-    model = nn.Sequential(backbone, projector).to(device).train()
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    projector = build_projector(dim, entry.projector, batchnorm=entry.projector_batchnorm)
+    return Trainee(backbone, projector)
+
+
+def load_images(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The train split as one uint8 ``[N, 3, H, W]`` tensor on ``device`` (CIFAR-10: 150 MB), and its identity."""
+    root = Path(cfg.home) if cfg.home else home()
+    split = open_split(
+        cfg.dataset,
+        "train",
+        data_dir=cfg.data_dir,
+        per_class=cfg.train_per_class,
+        cache_dir=root / "images",
+        download=cfg.download,
+    )
+    if split.array is None:
+        raise UserError(
+            f"{cfg.dataset} is read from files (large or mixed-size images): pretraining needs a dataset held "
+            "in memory as one array (images of at most 96 px, all the same size, e.g. CIFAR, STL-10)"
+        )
+    if len(split) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(split)} training images")
+    images = torch.from_numpy(split.array).permute(0, 3, 1, 2).contiguous().to(device)
+    return images, split.identity
+
+
+def _objective(cfg: PretrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss on ``[K, B, D]`` projections."""
+    if cfg.method == "tcr":
+        return lambda z: tcr_loss(z, eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
+    sim, var, cov = cfg.vicreg_coefficients
+    return lambda z: vicreg_views(z, sim=sim, var=var, cov=cov)
+
+
+def _autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; ``--precision bf16`` also works on the CPU (slowly), for tests."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class _Run:
+    """The live state of one run: model, optimiser, schedule, RNG and the fixed inputs of a step."""
+
+    cfg: PretrainConfig
+    entry: ZooEntry
+    device: torch.device
+    images: torch.Tensor
+    model: Trainee
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    optimiser: LARS
+    schedule: WarmupCosine
+    gen: torch.Generator
+    objective: Callable[[torch.Tensor], torch.Tensor]
+    amp: torch.dtype | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    steps_per_epoch: int
+    start_epoch: int = 0
+
+    def step(self, index: torch.Tensor, global_step: int) -> torch.Tensor:
+        """One optimisation step on the images ``index``; returns the loss (on the device, not synced)."""
+        cfg, pre = self.cfg, self.entry.preprocessing
+        views = make_views(
+            self.images[index],
+            n_views=cfg.num_patches,
+            out_size=pre.input_size,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            augments=byol_augments(pre.input_size),
+            gen=self.gen,
+        )
+        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            z = [self.forward(((v - self.mean) / self.std).contiguous(memory_format=memory)) for v in views]
+        loss = self.objective(torch.stack([zk.float() for zk in z]))
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = self.schedule(global_step)
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr
+        self.optimiser.step()
+        return loss.detach()
+
+
+def _setup(cfg: PretrainConfig) -> _Run:
+    device = resolve_device(cfg.device)
+    entry = arch_entry(cfg.arch)
+    images, _ = load_images(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_trainee(entry).to(device).train()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps = len(images) // cfg.batch_size
+    lr = cfg.lr * cfg.batch_size / 256
+    warmup = round(min(cfg.warmup_epochs, cfg.epochs / 10) * steps)
     pre = entry.preprocessing
-    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-    images = torch.from_numpy(np.ascontiguousarray(split.array)).permute(0, 3, 1, 2).float().to(device)
-    rng = np.random.default_rng(seed)
-    for epoch in range(epochs):
-        start, losses = time.perf_counter(), []
-        order = rng.permutation(len(images))
-        for step in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[step : step + batch_size]
-            v1, v2 = (
-                _views(
-                    images[idx],
-                    idx,
-                    PatchSpec(
-                        mode="random", scale=scale, out_size=pre.input_size, seed=seed * 100_003 + epoch * 2 + view
-                    ),
-                    mean,
-                    std,
-                )
-                for view in (0, 1)
+    return _Run(
+        cfg=cfg,
+        entry=entry,
+        device=device,
+        images=images,
+        model=model,
+        forward=torch.compile(model) if cfg.compile else model,
+        optimiser=LARS(
+            lars_param_groups(model), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta
+        ),
+        schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
+        gen=torch.Generator(device=device).manual_seed(cfg.seed),
+        objective=_objective(cfg),
+        amp=_autocast_dtype(cfg, device),
+        mean=torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(pre.std, device=device).view(1, 3, 1, 1),
+        steps_per_epoch=steps,
+    )
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+) -> PretrainResult:
+    """Train, writing ``out_dir/last.ckpt`` after every ``save_every`` epochs and the last one.
+
+    With ``resume`` an existing checkpoint of the same run (same ``identity()``) is continued; a different
+    run there is an error. ``stop_after`` ends after that many epochs of this call (tests: a simulated kill).
+    """
+    out_dir = Path(out_dir)
+    run = _setup(cfg)
+    path = out_dir / CHECKPOINT_NAME
+    if resume and path.exists():
+        run.start_epoch = load_training_state(path, cfg.identity(), run.model, run.optimiser, run.gen)
+    elif path.exists():
+        log.warning("--no-resume: %s will be overwritten", path)
+    if run.start_epoch == 0:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _write_config(out_dir, run)
+    result = PretrainResult(checkpoint=path, epochs_done=run.start_epoch)
+    writer = CheckpointWriter()
+    try:
+        _train_epochs(run, out_dir, writer, reporter or LogReporter(), result, stop_after)
+    finally:
+        writer.wait()
+    return result
+
+
+def _train_epochs(
+    run: _Run,
+    out_dir: Path,
+    writer: CheckpointWriter,
+    reporter: Reporter,
+    result: PretrainResult,
+    stop_after: int | None,
+) -> None:
+    cfg = run.cfg
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, run.start_epoch + stop_after)
+    for epoch in range(run.start_epoch, last):
+        start = time.perf_counter()
+        progress = _run_epoch(run, epoch, reporter)
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            writer.submit(out_dir / CHECKPOINT_NAME, _checkpoint_payload(run, epoch + 1))
+        progress.seconds = time.perf_counter() - start  # an epoch's time includes its checkpoint snapshot
+        progress.images_per_s = run.steps_per_epoch * cfg.batch_size / progress.seconds
+        result.epochs_done = epoch + 1
+        result.epoch_seconds.append(progress.seconds)
+        result.final_loss, result.images_per_s = progress.loss, progress.images_per_s
+        _append_metrics(out_dir, progress)
+        reporter.on_epoch(progress)
+
+
+def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
+    """One pass over a fresh permutation (the last partial batch dropped)."""
+    cfg, steps = run.cfg, run.steps_per_epoch
+    order = torch.randperm(len(run.images), generator=run.gen, device=run.device)
+    start = mark = time.perf_counter()
+    total = torch.zeros((), device=run.device)
+    for i in range(steps):
+        loss = run.step(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], epoch * steps + i)
+        total += loss
+        if (i + 1) % cfg.log_every == 0:
+            value, now = loss.item(), time.perf_counter()  # the one sync every log_every steps
+            rate = cfg.log_every * cfg.batch_size / (now - mark)
+            mark = now
+            reporter.on_step(
+                Progress(epoch, cfg.epochs, i + 1, steps, value, run.schedule(epoch * steps + i), rate, now - start)
             )
-            loss = vicreg_loss(model(v1), model(v2))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            losses.append(loss.item())
-        log.info("epoch %d loss %.3f (%.1fs)", epoch, float(np.mean(losses)), time.perf_counter() - start)
-    return backbone.eval(), projector.eval()
+    mean_loss = total.item() / steps
+    seconds = time.perf_counter() - start
+    if not math.isfinite(mean_loss):
+        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or use --precision fp32")
+    lr = run.schedule((epoch + 1) * steps - 1)
+    return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, steps * cfg.batch_size / seconds, seconds)
 
 
-def save_solo_checkpoint(path: Path, backbone: nn.Module, projector: nn.Module, meta: dict) -> None:
+def _checkpoint_payload(run: _Run, epochs_done: int) -> dict:
+    """A CPU snapshot of everything a resume needs, in solo-learn's layout (taken now, written later)."""
+    meta = {
+        "method": run.cfg.method,
+        "arch": run.cfg.arch,
+        "scale": list(run.cfg.scale),
+        "epochs": epochs_done,
+        "dataset": run.cfg.dataset,
+        "num_patches": run.cfg.num_patches,
+    }
+    return snapshot(
+        {
+            "state_dict": run.model.state_dict(),
+            "meta": meta,
+            "epoch": epochs_done,
+            "global_step": epochs_done * run.steps_per_epoch,
+            "optimizer": run.optimiser.state_dict(),
+            "generator": run.gen.get_state(),
+            "config": run.cfg.identity(),
+        }
+    )
+
+
+def _write_config(out_dir: Path, run: _Run) -> None:
+    """``OUT/config.json``: the run's settings, the resolved zoo entry, the data and the software."""
+    write_json_atomic(
+        out_dir / "config.json",
+        {
+            "config": jsonable(asdict(run.cfg)),
+            "zoo_entry": run.entry.to_dict(),
+            "device": str(run.device),
+            "autocast": str(run.amp),
+            "steps_per_epoch": run.steps_per_epoch,
+            "lr": run.schedule.base_lr,
+            "warmup_steps": run.schedule.warmup_steps,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
+        },
+    )
+
+
+def _append_metrics(out_dir: Path, p: Progress) -> None:
+    record = {"epoch": p.epoch + 1, "loss": p.loss, "lr": p.lr, "seconds": p.seconds, "images_per_s": p.images_per_s}
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_solo_checkpoint(
+    path: Path, backbone: nn.Module, projector: nn.Module, meta: dict, *, extra: dict | None = None
+) -> None:
     """Write ``{"state_dict": {backbone.*, projector.*}, "meta": ...}`` atomically (solo-learn's layout)."""
-    state = {f"backbone.{k}": v.detach().cpu() for k, v in backbone.state_dict().items()}
-    state.update({f"projector.{k}": v.detach().cpu() for k, v in projector.state_dict().items()})
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
+    payload = snapshot({"state_dict": Trainee(backbone, projector).state_dict(), "meta": meta, **(extra or {})})
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
 
 
 def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto") -> Path:
     """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained."""
-    path = out_dir / f"tiny_vicreg_digits_{epochs}ep.ckpt"
+    path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep.ckpt"
     if path.exists():
         return path
-    dev = resolve_device(device)
-    entry = get_entry("tiny_cifar")
-    backbone, projector = pretrain_vicreg(entry, open_split("digits", "train"), epochs=epochs, device=dev)
-    save_solo_checkpoint(path, backbone, projector, {"method": "vicreg", "data": "digits", "epochs": epochs})
+    cfg = PretrainConfig(
+        arch="tiny_cifar",
+        dataset="digits",
+        scale=(0.2, 1.0),
+        epochs=epochs,
+        batch_size=256,
+        lr=2.0,
+        warmup_epochs=0,
+        device=device,
+        log_every=10**9,
+    )
+    run_dir = Path(out_dir) / f".run_{epochs}ep"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier demo starts over
+    result = pretrain(cfg, run_dir, resume=False)
+    os.replace(result.checkpoint, path)
     return path

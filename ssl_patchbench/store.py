@@ -186,8 +186,6 @@ class StoreWriter:
         """Resume what can be verified, else start over; either way the store is unsealed until :meth:`seal`."""
         ensure_dir(self.path)
         (self.path / _MANIFEST).unlink(missing_ok=True)
-        for leftover in self.path.glob(".*.tmp*"):  # temporary files of a killed writer
-            leftover.unlink()
         features_file = self.path / "features.npy"
         shape = (layout["rows"], layout["dim"])
         if _read_json(self.path / _LAYOUT) == layout and _npy_fits(features_file, shape, layout["dtype"]):
@@ -253,6 +251,10 @@ class StoreWriter:
     def pending_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if c not in self._done]
 
+    def refresh(self) -> None:
+        """Re-read the chunks other processes logged (ranks of a distributed run share one store)."""
+        self._done = self._verified_chunks()
+
     def write_chunk(self, chunk: int, rows: np.ndarray) -> None:
         """Store a whole chunk's rows, flush them, then log the chunk and its hash as done."""
         start, end = self.chunk_range(chunk)
@@ -277,6 +279,8 @@ class StoreWriter:
         try:
             self.features.flush()
             hashes = {name: file_sha256(self.path / name) for name in ("features.npy", "labels.npy")}
+            for leftover in self.path.glob(".*.tmp*"):  # of killed writers (every writer is done by now)
+                leftover.unlink()
         except OSError as exc:
             raise write_error(self.path, exc) from exc
         shape = list(self.features.shape)

@@ -1,0 +1,176 @@
+"""Figure 2: accuracy against the pretraining crop scale and the number of patches, from stored results.
+
+Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_scale``, or a label the
+user maps to a model name, checkpoint path or sha256 prefix) and by representation (central, 1, 16, ...).
+When a group holds several records the newest wins, as in the append-only results store.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("linear", "knn@20", "knn@200")
+
+
+def scale_label(scale: list | tuple | None) -> str:
+    """``[0.2, 0.2]`` -> ``0.2``; ``[0.08, 1.0]`` -> ``0.08-1``."""
+    if not scale:
+        return "unknown"
+    lo, hi = float(scale[0]), float(scale[-1])
+    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
+
+
+def _scale_sort(label: str) -> tuple:
+    """Fixed scales first by size, then ranges (the paper's Figure 2 order); unparsable labels last."""
+    try:
+        parts = [float(p) for p in label.split("-")]
+    except ValueError:
+        return (2, 0.0, 0.0, label)
+    return (0 if len(parts) == 1 else 1, parts[0], parts[-1], label)
+
+
+def _representation_sort(rep: str) -> tuple[int, int]:
+    return (0, 0) if rep == "central" else (1, int(rep)) if rep.isdigit() else (2, 0)
+
+
+def _record_scale(record: dict, mapping: dict[str, str]) -> str:
+    """The user's label for this record's model, checkpoint or sha256 prefix, else the zoo entry's scale."""
+    checkpoint = str(record.get("checkpoint") or "")
+    sha = str(record.get("checkpoint_sha256") or "")
+    for key, label in mapping.items():
+        if key in (record.get("model"), checkpoint, Path(checkpoint).name) or (len(key) >= 6 and sha.startswith(key)):
+            return label
+    return scale_label((record.get("zoo_entry") or {}).get("pretrain_scale"))
+
+
+def _metric(record: dict, metric: str) -> float | None:
+    value = (record.get("metrics") or {}).get(metric)
+    return None if value is None else value.get("top1")
+
+
+def scale_table(
+    records: list[dict],
+    *,
+    metric: str = "linear",
+    dataset: str | None = None,
+    space: str = "embedding",
+    labels: dict[str, str] | None = None,
+    model: str | None = None,
+) -> pd.DataFrame:
+    """One row per (pretraining scale, representation): the accuracy of the newest matching record.
+
+    Records of several checkpoints with one scale are merged (newest wins) with a warning: pass ``model``.
+    """
+    if metric not in METRICS:
+        raise UserError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
+    if not records:
+        raise UserError("no results records found: run `patchbench eval ...` first, or pass --results FILE")
+    rows = [_row(r, metric, labels or {}) for r in records if _keep(r, space, dataset, model)]
+    rows = [row for row in rows if row["accuracy"] is not None]
+    if not rows:
+        raise UserError(f"no results records with {metric} for space {space}" + (f" on {dataset}" if dataset else ""))
+    frame = pd.DataFrame(rows)
+    datasets = sorted(frame.dataset.unique())
+    if len(datasets) > 1:
+        raise UserError(f"the records hold several datasets ({', '.join(datasets)}): pick one with --dataset")
+    mixed = frame.groupby("scale").checkpoint_sha256.nunique()
+    for scale in mixed[mixed > 1].index:
+        log.warning("pretraining scale %s holds records of several checkpoints; the newest wins (use --model)", scale)
+    grouped = frame.groupby(["scale", "representation"], sort=False)
+    table = grouped.tail(1).set_index(["scale", "representation"])
+    table["n_records"] = grouped.size()
+    table = table.reset_index()
+    table["_order"] = [
+        (_scale_sort(s), _representation_sort(r)) for s, r in zip(table.scale, table.representation, strict=True)
+    ]
+    return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+
+def _keep(record: dict, space: str, dataset: str | None, model: str | None) -> bool:
+    """Bag-of-patches (mean) and central records of the asked space, dataset and model."""
+    return (
+        (model is None or record.get("model") == model)
+        and record.get("space", "embedding") == space
+        and record.get("aggregation", "mean") == "mean"
+        and (dataset is None or record.get("dataset") == dataset)
+    )
+
+
+def _row(record: dict, metric: str, labels: dict[str, str]) -> dict:
+    patches = record.get("patches") or {}
+    return {
+        "scale": _record_scale(record, labels),
+        "representation": str(record.get("representation")),
+        "mode": patches.get("mode"),
+        "dataset": record.get("dataset"),
+        "model": record.get("model"),
+        "checkpoint_sha256": record.get("checkpoint_sha256"),
+        "metric": metric,
+        "accuracy": _metric(record, metric),
+        "n_train": record.get("n_train"),
+        "n_test": record.get("n_test"),
+        "date": (record.get("environment") or {}).get("date"),
+    }
+
+
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``KEY=LABEL`` pairs (KEY: model name, checkpoint path or file name, or sha256 prefix)."""
+    labels = {}
+    for pair in pairs:
+        key, sep, label = pair.partition("=")
+        if not sep or not key or not label:
+            raise UserError(f"--scale-label takes KEY=LABEL (e.g. my_ckpt.ckpt=0.2), got {pair!r}")
+        labels[key] = label
+    return labels
+
+
+def plot_scales(table: pd.DataFrame):
+    """Accuracy against the number of patches, one line per pretraining scale; with two or more scales also
+    accuracy against the scale, one line per representation (the paper's Figure 2 layout)."""
+    from .figures import COLUMN_IN, DOUBLE_IN, SERIES_COLORS, new_figure, styled
+
+    scales = list(dict.fromkeys(table.scale))
+    reps = sorted(dict.fromkeys(table.representation), key=_representation_sort)
+    metric = table.metric.iloc[0]
+    with styled():
+        fig = new_figure(COLUMN_IN if len(scales) < 2 else DOUBLE_IN, 2.3)
+        axes = fig.subplots(1, 1 if len(scales) < 2 else 2, squeeze=False)[0]
+        for i, scale in enumerate(scales):
+            rows = table[table.scale == scale].set_index("representation").reindex(reps)
+            axes[0].plot(range(len(reps)), rows.accuracy, "-o", color=SERIES_COLORS[i % 8], label=f"scale {scale}")
+        _axis(axes[0], reps, "representation (number of patches averaged)", metric)
+        axes[0].legend(title="pretraining crop scale" if len(scales) > 1 else None, loc="lower right")
+        if len(scales) >= 2:
+            for j, rep in enumerate(reps):
+                rows = table[table.representation == rep].set_index("scale").reindex(scales)
+                label = rep if rep == "central" else f"{rep} patches"
+                axes[1].plot(range(len(scales)), rows.accuracy, "-o", color=SERIES_COLORS[j % 8], label=label)
+            _axis(axes[1], scales, "pretraining crop scale", metric)
+            axes[1].legend(loc="lower right")
+        title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]} train / {table.n_test.iloc[0]} test images"
+        fig.suptitle(title, fontsize=7)
+    return fig
+
+
+def _axis(ax, ticks: list[str], xlabel: str, metric: str) -> None:
+    ax.set_xticks(range(len(ticks)), ticks)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric} top-1 accuracy (%)")
+    ax.grid(alpha=0.3, linewidth=0.4)
+
+
+def write_scales(table: pd.DataFrame, out: Path) -> list[Path]:
+    """``scales.csv`` and ``scales.png`` under ``out``."""
+    from .figures import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / "scales.csv"
+    table.to_csv(csv, index=False, float_format="%.4f")
+    return [csv, save_png(plot_scales(table), out / "scales.png")]

@@ -1,0 +1,227 @@
+"""Pretraining: LARS and its schedule by hand, the GPU augmentations against torchvision, the CPU smoke
+path end to end (train, evaluate the checkpoint, resume after a kill)."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from ssl_patchbench.augment import (
+    ViewAugment,
+    _blend_slot,
+    adjust_hue,
+    augment,
+    color_jitter,
+    gaussian_blur,
+    make_views,
+    sample_boxes,
+)
+from ssl_patchbench.cli import main
+from ssl_patchbench.errors import UserError
+from ssl_patchbench.lars import LARS, WarmupCosine, lars_param_groups
+from ssl_patchbench.pretrain import PretrainConfig, pretrain
+
+CPU = torch.device("cpu")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- LARS and schedule
+
+
+def test_lars_two_steps_match_a_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([{"params": [w], "lars": True}, {"params": [b], "lars": False}], lr=0.5, momentum=0.9,
+               weight_decay=0.1, eta=0.02)  # fmt: skip
+    grads = [torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])]
+    w_hand, mu_hand, b_hand, mub_hand = [3.0, 4.0], [0.0, 0.0], 1.0, 0.0
+    for g in grads:
+        w.grad, b.grad = g.clone(), torch.tensor([2.0])
+        g_list = g[0].tolist()
+        p_norm = math.hypot(*w_hand)
+        ratio = min(0.02 * p_norm / (math.hypot(*g_list) + 0.1 * p_norm + 1e-8) / 0.5, 1.0)
+        update = [(gi + 0.1 * wi) * ratio for gi, wi in zip(g_list, w_hand, strict=True)]
+        mu_hand = [0.9 * m + u for m, u in zip(mu_hand, update, strict=True)]
+        w_hand = [wi - 0.5 * m for wi, m in zip(w_hand, mu_hand, strict=True)]
+        mub_hand = 0.9 * mub_hand + 2.0  # biases: no decay, no adaptation
+        b_hand -= 0.5 * mub_hand
+        opt.step()
+    assert w.detach()[0].tolist() == pytest.approx(w_hand, rel=1e-6)
+    assert b.item() == pytest.approx(b_hand, rel=1e-6)
+
+
+def test_lars_leaves_zero_weights_to_plain_sgd():
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = LARS([{"params": [w], "lars": True}], lr=0.1, momentum=0.0, weight_decay=0.5)
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2, 2), -0.1))
+
+
+def test_param_groups_exclude_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    lars, plain = lars_param_groups(model)
+    assert [p.ndim for p in lars["params"]] == [4, 2] and lars["lars"]
+    assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 4 and not plain["lars"]
+
+
+def test_warmup_cosine_schedule():
+    s = WarmupCosine(base_lr=1.0, warmup_steps=4, total_steps=14)
+    assert [s(i) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert s(4) == pytest.approx(1.0) and s(9) == pytest.approx(0.5) and s(14) == pytest.approx(0.0)
+
+
+# ---------------------------------------------------------------- augmentations
+
+
+def test_boxes_are_inside_the_image_at_the_asked_scale():
+    boxes = sample_boxes(2000, 32, 32, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3), gen=_gen(), device=CPU)
+    x1, y1, x2, y2 = boxes.unbind(1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= 32).all() and (y2 <= 32).all()
+    assert (x1 == x1.round()).all() and (y1 == y1.round()).all()
+    area = (x2 - x1) * (y2 - y1) / 1024
+    assert area.mean().item() == pytest.approx(0.25, abs=0.01) and area.min() > 0.2 and area.max() < 0.3
+    aspect = (x2 - x1) / (y2 - y1)
+    assert aspect.min() >= 0.7 and aspect.max() <= 1.45
+
+
+def test_views_keep_shape_dtype_range_and_are_deterministic_for_a_seed():
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=_gen(1))
+    kwargs = {"n_views": 3, "out_size": 16, "scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3)}
+    augs = (ViewAugment(blur=1.0), ViewAugment(solarize=0.5))
+    views = make_views(images, augments=augs, gen=_gen(7), **kwargs)
+    assert views.shape == (3, 6, 3, 16, 16) and views.dtype == torch.float32
+    assert views.min() >= 0 and views.max() <= 1
+    assert torch.equal(views, make_views(images, augments=augs, gen=_gen(7), **kwargs))
+    assert not torch.equal(views, make_views(images, augments=augs, gen=_gen(8), **kwargs))
+
+
+def test_blends_match_torchvision_per_image():
+    x = torch.rand(6, 3, 8, 8, generator=_gen(2))
+    factors = torch.rand(3, 6, generator=_gen(3)) * 1.5
+    op = torch.tensor([0, 1, 2, 3, 0, 2])
+    got = _blend_slot(x, op, factors)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for i in range(6):
+        expected = x[i] if op[i] == 3 else fns[op[i]](x[i], float(factors[op[i], i]))
+        assert torch.allclose(got[i], expected, atol=1e-6)
+
+
+def test_hue_and_blur_match_torchvision_per_image():
+    x = torch.rand(4, 3, 16, 16, generator=_gen(4))
+    shift = torch.tensor([-0.4, -0.1, 0.05, 0.5])
+    sigma = torch.tensor([0.0, 0.3, 1.0, 2.0])
+    hue, blur = adjust_hue(x, shift), gaussian_blur(x, sigma, kernel_size=5)
+    for i in range(4):
+        assert torch.allclose(hue[i], TF.adjust_hue(x[i], float(shift[i])), atol=1e-5)
+        expected = x[i] if sigma[i] == 0 else TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2)
+        assert torch.allclose(blur[i], expected, atol=1e-5)
+
+
+def test_color_jitter_is_torchvision_color_jitter_in_each_images_order():
+    aug = ViewAugment()
+    x = torch.rand(8, 3, 8, 8, generator=_gen(5))
+    got = color_jitter(x, aug, _gen(9))
+    g = _gen(9)  # replay the draws: on/off, three factors, hue shift, then each image's order
+    on = torch.rand(8, generator=g) < aug.jitter
+    factors = [0.6 + 0.8 * torch.rand(8, generator=g), 0.6 + 0.8 * torch.rand(8, generator=g)]
+    factors.append(0.8 + 0.4 * torch.rand(8, generator=g))
+    shift = -0.1 + 0.2 * torch.rand(8, generator=g)
+    order = torch.argsort(torch.rand((8, 4), generator=g), dim=1)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(8):
+        expected = x[i]
+        for op in order[i].tolist() if on[i] else []:
+            expected = fns[op](expected, float(shift[i] if op == 3 else factors[op][i]))
+        assert torch.allclose(got[i], expected, atol=1e-5)
+
+
+def test_grayscale_and_solarize_match_torchvision():
+    x = torch.rand(3, 3, 8, 8, generator=_gen(6))
+    always = ViewAugment(flip=0.0, jitter=0.0, grayscale=1.0, solarize=1.0)
+    expected = torch.stack([TF.solarize(TF.rgb_to_grayscale(im, 3), 0.5) for im in x])
+    assert torch.allclose(augment(x, always, _gen()), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the CPU smoke path
+
+
+def _cfg(**overrides) -> PretrainConfig:
+    base = {"arch": "tiny_cifar", "dataset": "digits", "train_per_class": 3, "epochs": 2, "batch_size": 10,
+            "device": "cpu", "log_every": 1}  # fmt: skip
+    return PretrainConfig(**{**base, **overrides})
+
+
+def _weights(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
+    pretrain(_cfg(), tmp_path / "straight")
+    pretrain(_cfg(), tmp_path / "killed", stop_after=1)
+    assert _weights(tmp_path / "killed" / "last.ckpt")["epoch"] == 1
+    pretrain(_cfg(), tmp_path / "killed")
+    straight, resumed = _weights(tmp_path / "straight" / "last.ckpt"), _weights(tmp_path / "killed" / "last.ckpt")
+    assert resumed["epoch"] == 2 and resumed["global_step"] == straight["global_step"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    momentum = [s["momentum_buffer"] for s in straight["optimizer"]["state"].values()]
+    assert all(
+        torch.equal(a, s["momentum_buffer"])
+        for a, s in zip(momentum, resumed["optimizer"]["state"].values(), strict=True)
+    )
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    pretrain(_cfg(epochs=1), tmp_path)
+    with pytest.raises(UserError, match="different run"):
+        pretrain(_cfg(epochs=1, scale=(0.5, 0.5)), tmp_path)
+
+
+def test_tcr_with_more_patches_and_bf16_autocast_on_cpu(tmp_path):
+    result = pretrain(_cfg(method="tcr", num_patches=3, precision="bf16", epochs=1), tmp_path)
+    state = _weights(result.checkpoint)
+    assert math.isfinite(result.final_loss) and result.final_loss < 0  # -rate - lambda * cosine
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state["state_dict"].values())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"]["method"] == "tcr" and config["autocast"] == "torch.bfloat16"
+
+
+def test_cli_pretrain_then_eval_loads_the_checkpoint(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    args = ["pretrain", "--arch", "tiny_cifar", "--dataset", "digits", "--train-per-class", "3", "--epochs", "1",
+            "--batch-size", "10", "--scale", "0.2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    code, stdout, err = _run(capsys, monkeypatch, *args)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["epochs_done"] == 1 and summary["seconds_per_epoch"] > 0 and "loss" in err
+    assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
+    code, stdout, err = _run(capsys, monkeypatch, "eval", "--model", "tiny_cifar", "--checkpoint",
+                             str(out / "last.ckpt"), "--dataset", "digits", "--train-per-class", "3",
+                             "--test-per-class", "2", "--patches", "central,2", "--patch-scale", "0.2",
+                             "--eval", "knn", "--device", "cpu", "--json")  # fmt: skip
+    assert code == 0, err
+    assert [json.loads(line)["patches"] for line in stdout.splitlines()] == ["central", 2]
+
+
+def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
+    code, _, err = _run(capsys, monkeypatch, "pretrain", "--dataset", "digits", "--scale", "0.5,0.2", "--out",
+                        str(tmp_path))  # fmt: skip
+    assert code == 2 and err.startswith("error: --scale")
+
+
+def _run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
