@@ -10,8 +10,9 @@ import torch
 
 from ssl_patchbench.analysis import converge, heatmap, neighbors, scales
 from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
-from ssl_patchbench.cli import main
 from ssl_patchbench.errors import UserError
+
+from .clitools import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -161,17 +162,6 @@ def test_scale_table_errors_say_what_to_do():
         scales.scale_table([_record([0.2], "1", 1.0), _record([0.2], "1", 1.0, dataset="stl10")])
     with pytest.raises(UserError, match="KEY=LABEL"):
         scales.parse_labels(("nolabel",))
-
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_writes_figures_and_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):

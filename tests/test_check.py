@@ -1,5 +1,4 @@
 import json
-import sys
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -7,23 +6,12 @@ import pytest
 
 from ssl_patchbench.api import EvalConfig, evaluate
 from ssl_patchbench.check import CheckReport, compare, junit_xml, markdown, parse_min, results_baseline, zoo_baseline
-from ssl_patchbench.cli import main
 from ssl_patchbench.errors import UserError
 from ssl_patchbench.results import append_record, read_records
 
+from .clitools import run_cli
 from .conftest import CHECKPOINT
 from .test_results import record
-
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def with_metrics(**values) -> dict:

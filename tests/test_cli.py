@@ -5,21 +5,10 @@ import sys
 
 import pytest
 
-from ssl_patchbench.cli import main
 from ssl_patchbench.results import read_records
 
+from .clitools import run_cli
 from .conftest import CHECKPOINT
-
-
-def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 
 from ssl_patchbench.results import read_records
 
-from .test_cli import run_cli
+from .clitools import run_cli
 
 
 def _args(checkpoint, data_dir, home) -> list[str]:

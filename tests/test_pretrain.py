@@ -3,7 +3,6 @@ path end to end (train, evaluate the checkpoint, resume after a kill)."""
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -19,10 +18,11 @@ from ssl_patchbench.augment import (
     make_views,
     sample_boxes,
 )
-from ssl_patchbench.cli import main
 from ssl_patchbench.errors import UserError
 from ssl_patchbench.lars import LARS, WarmupCosine, lars_param_groups
 from ssl_patchbench.pretrain import PretrainConfig, pretrain
+
+from .clitools import run_cli as _run
 
 CPU = torch.device("cpu")
 
@@ -214,14 +214,3 @@ def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
     code, _, err = _run(capsys, monkeypatch, "pretrain", "--dataset", "digits", "--scale", "0.5,0.2", "--out",
                         str(tmp_path))  # fmt: skip
     assert code == 2 and err.startswith("error: --scale")
-
-
-def _run(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err

@@ -1,11 +1,9 @@
 import importlib.util
 import json
-import sys
 
 import pandas as pd
 import pytest
 
-from ssl_patchbench.cli import main
 from ssl_patchbench.errors import UserError
 from ssl_patchbench.results import (
     append_record,
@@ -17,6 +15,8 @@ from ssl_patchbench.results import (
     representation_key,
     select_records,
 )
+
+from .clitools import run_cli
 
 
 def record(**over) -> dict:
@@ -115,17 +115,6 @@ def test_export_csv_round_trips_and_parquet_needs_pyarrow(tmp_path, monkeypatch)
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "pyarrow" else real_find_spec(n, *a))
     with pytest.raises(UserError, match="pip install pyarrow"):
         export_rows(rows, tmp_path / "r.parquet")
-
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_results_command_filters_and_exports(capsys, monkeypatch, tmp_path):

@@ -2,30 +2,19 @@ import csv
 import io
 import json
 import shlex
-import sys
 
 import pytest
 
 from ssl_patchbench import tables as T
 from ssl_patchbench import tables_render as R
-from ssl_patchbench.cli import eval_cmd, main
+from ssl_patchbench.cli import eval_cmd
 from ssl_patchbench.errors import UserError
 
+from .clitools import run_cli
 from .test_results import record
 
 SHARED_SHA = "3be869a54f609bd8bb695996d911482a3340c67aa36f33fb2df956d640abf3ea"
 SLIDING = {"mode": "sliding", "n": 1, "size": 16, "stride": 4, "grid": None, "scale": [0.08, 1.0], "seed": 0}
-
-
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def paper(table_id: str) -> dict:

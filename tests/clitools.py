@@ -1,0 +1,17 @@
+"""Run the real `patchbench` entry point in-process, as a user's shell would, and capture what it prints."""
+
+import sys
+
+from ssl_patchbench.cli import main
+
+
+def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``patchbench ARGS``."""
+    monkeypatch.setattr(sys, "argv", ["patchbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
