@@ -237,10 +237,11 @@ def _features(
     stores = {agg: FeatureStore(root / "features", store_key(m)) for agg, m in materials.items()}
     with ExitStack() as stack:
         todo: list[Aggregation] = []
-        if ranks.is_main and not all(store.is_complete() for store in stores.values()):
-            for store in stores.values():
-                stack.enter_context(store.lock())
-            todo = [agg for agg, store in stores.items() if not store.is_complete()]
+        if ranks.is_main:
+            missing = [agg for agg, store in stores.items() if not store.is_complete()]  # each store hashed once
+            for agg in sorted(missing, key=lambda a: stores[a].key):  # one lock order: no deadlock between runs
+                stack.enter_context(stores[agg].lock())
+            todo = [agg for agg in missing if not stores[agg].is_complete()]
         labels = ranks.broadcast([agg.label for agg in todo])
         todo = [agg for agg in aggs if agg.label in labels]
         if todo:

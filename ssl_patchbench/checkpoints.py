@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from ssl_patchbench.errors import UserError
-from ssl_patchbench.files import file_sha256
+from ssl_patchbench.files import ensure_dir, file_sha256, write_error
 from ssl_patchbench.paths import home
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,23 @@ def sha256_file(path: Path) -> str:
 
 
 def cache_path(url: str, cache_dir: Path) -> Path:
-    """Cache location mirroring host and path, so two files with the same basename never collide."""
+    """Cache location mirroring host and path, so two files with the same basename never collide.
+
+    The URL is untrusted (zoo files, --checkpoint): a ``..`` segment, a NUL, or a result outside
+    `cache_dir` is refused, so no URL can make a download write anywhere else.
+    """
     parts = urllib.parse.urlsplit(url)
-    return cache_dir / parts.netloc / parts.path.lstrip("/")
+    host = parts.netloc.rpartition("@")[2]  # never put credentials into a file name
+    names = [s for s in parts.path.split("/") if s not in ("", ".")]
+    if not names or parts.path.endswith("/"):
+        raise UserError(f"cannot cache {url}: the URL must name a file, like https://host/dir/file.pth")
+    segments = [host, *names] if host else names
+    if any(s == ".." or "\0" in s for s in segments):
+        raise UserError(f"refusing {url}: its path would leave the checkpoint cache {cache_dir}")
+    dest = cache_dir.joinpath(*segments)
+    if not dest.resolve().is_relative_to(cache_dir.resolve()):
+        raise UserError(f"refusing {url}: {dest} resolves outside the checkpoint cache {cache_dir}")
+    return dest
 
 
 def fetch(url: str, *, sha256: str | None, cache_dir: Path) -> tuple[Path, str]:
@@ -58,18 +72,21 @@ def fetch(url: str, *, sha256: str | None, cache_dir: Path) -> tuple[Path, str]:
 
 def _download(url: str, dest: Path, sha256: str | None) -> str:
     """Download through a temporary file that becomes `dest` only once complete and verified."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", url, dest)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=ensure_dir(dest.parent), prefix=f".{dest.name}.")
+    except OSError as err:
+        raise write_error(dest, err) from err
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
             digest = _stream_to(url, out, dest)
         _check_hash(digest, sha256, what=url, fix="the download is corrupt or changed upstream; retry")
-    except BaseException:
+        os.replace(tmp, dest)
+    except OSError as err:
+        raise write_error(dest, err) from err
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, dest)
     return digest
 
 
@@ -143,8 +160,14 @@ def _load_pickle(path: Path) -> object:
 
 def _corrupt(path: Path, err: Exception) -> UserError:
     """The error for an unreadable file: the fix is a fresh copy."""
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return UserError(f"{path} is truncated or corrupt ({reason}): download or copy it again")
+    return UserError(f"{path} is truncated or corrupt ({_reason(err)}): download or copy it again")
+
+
+def _reason(err: Exception) -> str:
+    """The gist of a loader's error: its first sentence, without torch's advice to load with weights_only=False."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
 
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

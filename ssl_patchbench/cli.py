@@ -104,7 +104,9 @@ def eval_options(func):
             help="Forward precision (auto: bf16 on CUDA, fp32 on CPU).",
         ),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the patch boxes."),
-        click.option("--max-patches", type=int, help="Patches per forward pass (default: from the GPU budget)."),
+        click.option(
+            "--max-patches", type=click.IntRange(min=1), help="Patches per forward pass (default: from the GPU budget)."
+        ),
         click.option(
             "--chunk-rows",
             type=int,

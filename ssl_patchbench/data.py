@@ -183,10 +183,9 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
         return split
     key = hashlib.sha256(json.dumps(split.identity, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"{key}.npy"
-    if path.exists():
-        array = np.load(path)
-        if array.shape == (len(split), h, w, 3):
-            return ImageSplit(split.labels, split.classes, split.identity, array=array)
+    cached = _load_cached(path, (len(split), h, w, 3))
+    if cached is not None:
+        return ImageSplit(split.labels, split.classes, split.identity, array=cached)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         images = list(pool.map(decode, split.paths))  # type: ignore[arg-type]
     if any(im.shape != first.shape for im in images):
@@ -195,6 +194,16 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     with atomic_path(path) as tmp:
         np.save(tmp, array)
     return ImageSplit(split.labels, split.classes, split.identity, array=array)
+
+
+def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The decoded-image cache, or None when it is missing, damaged or of another shape (it is then rebuilt)."""
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = isinstance(array, np.ndarray) and array.shape == shape and array.dtype == np.uint8
+    return array if ok else None
 
 
 def digits_split(split: str) -> ImageSplit:
@@ -231,7 +240,18 @@ def _torchvision_split(name: str, split: str, root: Path, download: bool) -> Ima
             f"{name} not found in {root}: rerun with --download (needs internet), or pass --data-dir DIR "
             f"holding an ImageFolder tree (e.g. `python ../shared/data/materialize.py {name} DIR`)"
         ) from exc
+    except OSError as exc:  # a failed download or an unwritable root
+        raise UserError(
+            f"could not get {name} into {root} ({exc}): check the network and that the folder is writable, "
+            f"or pass --data-dir DIR holding an ImageFolder tree"
+        ) from exc
     array = ds.data if name != "stl10" else ds.data.transpose(0, 2, 3, 1)
     labels = np.asarray(ds.targets if name != "stl10" else ds.labels, dtype=np.int64)
-    identity = {"dataset": name, "split": split, "source": "torchvision", "n": len(labels)}
+    identity = {
+        "dataset": name,
+        "split": split,
+        "source": "torchvision",
+        "n": len(labels),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),  # other files under the same name: new key
+    }
     return ImageSplit(labels, list(ds.classes), identity, array=np.ascontiguousarray(array))

@@ -151,6 +151,8 @@ class PatchRunner:
         max_patches: int | None,
     ) -> None:
         self.encoder, self.spec, self.device, self.dtype = encoder, spec, device, dtype
+        if max_patches is not None and max_patches < 1:
+            raise UserError(f"--max-patches must be positive, got {max_patches}")
         self.max_patches = max_patches or default_max_patches(device, spec.out_size)
         self.images_per_batch = max(1, self.max_patches // spec.num_patches)
 

@@ -39,6 +39,9 @@ def ensure_dir(path: Path) -> Path:
     """Create ``path`` (and parents); a path below a regular file or a read-only mount is a UserError."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise UserError(f"cannot write {path}: {blocker} is a file, not a folder") from exc
     except OSError as exc:
         raise write_error(path, exc) from exc
     return path

@@ -142,10 +142,13 @@ def _fixed_size_boxes(uy: np.ndarray, ux: np.ndarray, h: np.ndarray, w: np.ndarr
 
 
 def _fallback_crop(h: np.ndarray, w: np.ndarray, ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
-    """RandomResizedCrop's central crop after ten failed tries (only reachable for extreme images)."""
+    """RandomResizedCrop's central crop after ten failed tries (extreme images, scales or ratios).
+
+    At least 1 px a side: for ratios so extreme that torchvision would round a side to 0 (and fail).
+    """
     in_ratio = w / h
-    cw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.round(h * ratio[1]), w))
-    ch = np.where(in_ratio < ratio[0], np.round(w / ratio[0]), h)
+    cw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.maximum(np.round(h * ratio[1]), 1), w))
+    ch = np.where(in_ratio < ratio[0], np.maximum(np.round(w / ratio[0]), 1), h)
     return np.floor((w - cw) / 2), np.floor((h - ch) / 2), cw, ch
 
 
@@ -217,6 +220,8 @@ def _validate(spec: PatchSpec) -> None:
         raise UserError(f"unknown patch mode {spec.mode!r}: choose one of {', '.join(MODES)}")
     if spec.out_size <= 0:
         raise UserError(f"patch output size must be positive, got {spec.out_size}")
+    if not isinstance(spec.seed, int | np.integer) or not 0 <= spec.seed < 2**64:
+        raise UserError(f"--seed must be an integer from 0 to 2**64 - 1 (it seeds a 64-bit hash), got {spec.seed!r}")
     if spec.mode == "random":
         _validate_random(spec)
     elif spec.mode == "grid" and (spec.grid is None or spec.grid <= 0):
@@ -231,8 +236,8 @@ def _validate_random(spec: PatchSpec) -> None:
     lo, hi = spec.scale
     if not (0 < lo <= hi <= 1):
         raise UserError(f"patch scale must satisfy 0 < min <= max <= 1 (fraction of image area), got {spec.scale}")
-    if not (0 < spec.ratio[0] <= spec.ratio[1]):
-        raise UserError(f"aspect ratio range must satisfy 0 < min <= max, got {spec.ratio}")
+    if not (0 < spec.ratio[0] <= spec.ratio[1] < math.inf):
+        raise UserError(f"aspect ratio range must satisfy 0 < min <= max < inf, got {spec.ratio}")
     if spec.size is not None and spec.size <= 0:
         raise UserError(f"patch size must be positive, got {spec.size} px")
 

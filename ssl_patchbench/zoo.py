@@ -13,6 +13,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch import nn
 
 from ssl_patchbench.archs import build_backbone, build_projector, check_arch
 from ssl_patchbench.checkpoints import (
+    cache_path,
     default_cache_dir,
     fetch,
     load_file,
@@ -218,9 +220,19 @@ def _validate(e: ZooEntry, where: str) -> None:
     src, pre = e.source, e.preprocessing
     checks = [
         (
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name),
+            "name",
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit (a name is never a path)",
+        ),
+        (
             src.url or src.path or src.timm_pretrained or e.needs_checkpoint,
             "source",
             "give url, path or timm_pretrained: true, or set needs_checkpoint: true",
+        ),
+        (
+            src.url is None or _cacheable(src.url),
+            "source.url",
+            "expected an http(s):// or file:// URL naming a file, without '..' segments",
         ),
         (
             src.sha256 is None or re.fullmatch("[0-9a-f]{64}", src.sha256),
@@ -245,6 +257,17 @@ def _validate(e: ZooEntry, where: str) -> None:
     for ok, fld, fix in checks:
         if not ok:
             raise UserError(f"{where}, field '{fld}': {fix}")
+
+
+def _cacheable(url: str) -> bool:
+    """A URL the checkpoint cache accepts: a known scheme and a file name that stays inside the cache."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+        return False
+    try:
+        cache_path(url, Path("/cache"))
+    except UserError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- loading

@@ -151,6 +151,10 @@ def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, c
             "unknown evaluator",
         ),
         (("zoo", "show", "dinov2"), "unknown"),
+        (
+            ("eval", "--model", "tiny_cifar", "--checkpoint", "{ckpt}", "--dataset", "digits", "--max-patches", "-5"),
+            "--max-patches",
+        ),
         (("eval", "--model", "tiny_cifar"), "Missing option"),
     ],
 )

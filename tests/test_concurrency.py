@@ -1,0 +1,105 @@
+"""Concurrent runs: two ``patchbench eval`` on one key (one computes, the other waits and reuses), and
+several processes appending to one results file (no line interleaved or lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ssl_patchbench.results import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def _eval(ctx_args: list[str], home: Path, log: Path, *, verbose: bool = False) -> subprocess.Popen:
+    """``patchbench [-vv] eval ...`` in its own process; stdout is the JSON row, stderr goes to ``log``."""
+    command = [sys.executable, "-m", "ssl_patchbench", *(["-vv"] if verbose else []), "eval", *ctx_args]
+    return subprocess.Popen(
+        [*command, "--home", str(home), "--json"],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
+
+
+def _extracting(home: Path) -> Path | None:
+    """A store being written right now: its layout is recorded but it is not sealed."""
+    for store in (home / "features").glob("*/layout.json"):
+        if not (store.parent / "meta.json").exists():
+            return store.parent
+    return None
+
+
+def _wait_for(predicate, timeout: float = 300.0, step: float = 0.001):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := predicate():
+            return found
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def test_second_eval_on_the_same_key_waits_then_reuses(tmp_path, tiny_checkpoint, cifar_dir):
+    """A is paused (SIGSTOP) while it holds a store's lock mid-extraction; B must wait on that lock, then
+    read A's stores: every chunk is computed once, and both print the same numbers."""
+    args = ["--model", "tiny_cifar", "--checkpoint", str(tiny_checkpoint), "--dataset", "cifar10"]
+    args += ["--data-dir", str(cifar_dir), "--patches", "16", "--eval", "knn", "--test-per-class", "5"]
+    home = tmp_path / "home"
+    first = _eval(args, home, tmp_path / "a.log")
+    store = _wait_for(lambda: _extracting(home) if first.poll() is None else "exited")
+    assert store != "exited", (tmp_path / "a.log").read_text()
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _eval(args, home, tmp_path / "b.log", verbose=True)
+        waiting = f"not acquired on {store}.lock"
+        _wait_for(lambda: waiting in (tmp_path / "b.log").read_text() or second.poll() is not None, step=0.05)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    out_a, out_b = first.communicate(timeout=600)[0], second.communicate(timeout=600)[0]
+    assert first.returncode == second.returncode == 0, (tmp_path / "b.log").read_text()[-2000:]
+    assert waiting in (tmp_path / "b.log").read_text(), "B did not wait on A's lock"
+    assert json.loads(out_a) == json.loads(out_b)  # the same numbers, and the same extraction speed (A's)
+    for log in (home / "features").glob("*/chunks.log"):
+        chunks = [line.split()[0] for line in log.read_text().splitlines()]
+        assert chunks == ["0"], f"{log}: every chunk is extracted exactly once"
+    a, b = read_records(home / "results.jsonl")
+    assert a["timings"]["extraction_train"] == b["timings"]["extraction_train"]  # B read A's stores
+    assert a["timings"]["extraction_test"] == b["timings"]["extraction_test"]
+    assert a["feature_stores"] == b["feature_stores"]
+
+
+_WRITER = """
+import sys
+from pathlib import Path
+from ssl_patchbench.results import append_record
+path, writer, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+import time
+time.sleep(max(0.0, start - time.time()))
+for i in range(50):
+    append_record(path, {"writer": writer, "i": i, "payload": str(writer) * (20_000 + 997 * i)})
+"""
+
+
+def test_results_lines_are_never_interleaved_or_lost(tmp_path):
+    path = tmp_path / "results.jsonl"
+    start = time.time() + 2.0  # all four start appending at once
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(w), str(start)], cwd=REPO, env=ENV)
+        for w in range(4)
+    ]
+    assert all(w.wait(timeout=300) == 0 for w in writers)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 200
+    records = [json.loads(line) for line in lines]  # every line parses: none interleaved
+    assert sorted((r["writer"], r["i"]) for r in records) == [(w, i) for w in range(4) for i in range(50)]
+    assert all(r["payload"] == str(r["writer"]) * (20_000 + 997 * r["i"]) for r in records)
+    for w in range(4):  # each writer's lines stay in its order
+        assert [r["i"] for r in records if r["writer"] == w] == list(range(50))
