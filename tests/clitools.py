@@ -15,3 +15,17 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
         code = exc.code or 0
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def tiny_model_args(checkpoint, data_dir) -> list[str]:
+    """The options every test run of the tiny mock model on the CIFAR-10 subset shares."""
+    return [
+        "--model",
+        "tiny_cifar",
+        "--checkpoint",
+        str(checkpoint),
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        str(data_dir),
+    ]

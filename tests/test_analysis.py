@@ -12,7 +12,7 @@ from ssl_patchbench.analysis import converge, heatmap, neighbors, scales
 from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
 from ssl_patchbench.errors import UserError
 
-from .clitools import run_cli
+from .clitools import run_cli, tiny_model_args
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +166,7 @@ def test_scale_table_errors_say_what_to_do():
 
 def test_cli_writes_figures_and_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):
     common = [
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *tiny_model_args(tiny_checkpoint, cifar_dir),
         "--device",
         "cpu",
         "--out",

@@ -7,7 +7,7 @@ import pytest
 
 from ssl_patchbench.results import read_records
 
-from .clitools import run_cli
+from .clitools import run_cli, tiny_model_args
 from .conftest import CHECKPOINT
 
 
@@ -17,14 +17,7 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
         capsys,
         monkeypatch,
         "eval",
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *tiny_model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "central,1,4",
         "--train-per-class",
@@ -51,14 +44,7 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
     args = (
         "eval",
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *tiny_model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "2",
         "--eval",
@@ -79,14 +65,7 @@ def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, c
         capsys,
         monkeypatch,
         "eval",
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(tiny_checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *tiny_model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "25",
         "--mode",

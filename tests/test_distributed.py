@@ -8,20 +8,13 @@ import numpy as np
 
 from ssl_patchbench.results import read_records
 
-from .clitools import run_cli
+from .clitools import run_cli, tiny_model_args
 
 
 def _args(checkpoint, data_dir, home) -> list[str]:
     return [
         "eval",
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(data_dir),
+        *tiny_model_args(checkpoint, data_dir),
         "--patches",
         "central,3",
         "--train-per-class",
