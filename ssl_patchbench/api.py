@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -179,8 +180,11 @@ def _evaluate(cfg: EvalConfig, ranks: Ranks, progress: ProgressFactory | None) -
         for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class))
     }
     aggregations = [Aggregation.parse(a) for a in cfg.aggregations]
+    specs = representations(cfg, model)
+    for spec, data in itertools.product(specs, splits.values()):
+        _check_fits(spec, data)
     results = []
-    for spec in representations(cfg, model):
+    for spec in specs:
         aggs = [Aggregation()] if spec.mode == "central" else aggregations
         for agg in aggs:
             agg.check(spec)
@@ -195,6 +199,13 @@ def _evaluate(cfg: EvalConfig, ranks: Ranks, progress: ProgressFactory | None) -
             append_record(cfg.results_path or root / "results.jsonl", result.record)
             results.append(result)
     return results
+
+
+def _check_fits(spec: PatchSpec, split: ImageSplit) -> None:
+    """Refuse a patch larger than the images before any store is laid out (in-memory splits share one size)."""
+    if split.array is not None and len(split):
+        height, width = split.array.shape[1:3]
+        spec.boxes(np.zeros(1, dtype=np.int64), np.array([height]), np.array([width]))
 
 
 def _store_material(

@@ -209,3 +209,22 @@ def test_demo_runs_offline_end_to_end(capsys, monkeypatch, tmp_path):
     assert all(r["n_train"] == 1437 and r["n_test"] == 360 for r in rows)
     assert rows[0]["knn@20"] > 50  # digits are easy: even one epoch of VICReg is far above chance (10%)
     assert list((tmp_path / "demo").glob("*.ckpt"))
+
+
+def test_a_patch_larger_than_the_images_is_refused_before_any_store_exists(
+    capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path
+):
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "eval",
+        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        "--patches",
+        "2",
+        "--patch-size",
+        "48",
+        "--home",
+        str(tmp_path),
+    )
+    assert code == 2 and "larger than" in err
+    assert not (tmp_path / "features").exists()
