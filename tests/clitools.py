@@ -17,15 +17,6 @@ def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def tiny_model_args(checkpoint, data_dir) -> list[str]:
-    """The options every test run of the tiny mock model on the CIFAR-10 subset shares."""
-    return [
-        "--model",
-        "tiny_cifar",
-        "--checkpoint",
-        str(checkpoint),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(data_dir),
-    ]
+def model_args(checkpoint, data_dir, model: str = "tiny_cifar") -> list[str]:
+    """The options every test run of a checkpoint on the CIFAR-10 subset shares (default: the tiny mock model)."""
+    return ["--model", model, "--checkpoint", str(checkpoint), "--dataset", "cifar10", "--data-dir", str(data_dir)]

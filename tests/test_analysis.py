@@ -12,7 +12,7 @@ from ssl_patchbench.analysis import converge, heatmap, neighbors, scales
 from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
 from ssl_patchbench.errors import UserError
 
-from .clitools import run_cli, tiny_model_args
+from .clitools import model_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_scale_table_errors_say_what_to_do():
 
 def test_cli_writes_figures_and_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir, tmp_path):
     common = [
-        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        *model_args(tiny_checkpoint, cifar_dir),
         "--device",
         "cpu",
         "--out",

@@ -9,7 +9,7 @@ from ssl_patchbench.check import CheckReport, compare, junit_xml, markdown, pars
 from ssl_patchbench.errors import UserError
 from ssl_patchbench.results import append_record, read_records
 
-from .clitools import run_cli
+from .clitools import model_args, run_cli
 from .conftest import CHECKPOINT
 from .test_results import record
 
@@ -190,14 +190,7 @@ def test_same_numbers_with_other_forward_slices_and_batches(tmp_path, tiny_check
 def test_shared_checkpoint_fills_table5_and_gates_itself(capsys, monkeypatch, tmp_path, cifar_dir):
     results = tmp_path / "r.jsonl"
     args = (
-        "--model",
-        "resnet18_cifar",
-        "--checkpoint",
-        str(CHECKPOINT),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *model_args(CHECKPOINT, cifar_dir, "resnet18_cifar"),
         "--patches",
         "central",
         "--train-per-class",

@@ -7,7 +7,7 @@ import pytest
 
 from ssl_patchbench.results import read_records
 
-from .clitools import run_cli, tiny_model_args
+from .clitools import model_args, run_cli
 from .conftest import CHECKPOINT
 
 
@@ -17,7 +17,7 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
         capsys,
         monkeypatch,
         "eval",
-        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        *model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "central,1,4",
         "--train-per-class",
@@ -44,7 +44,7 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
     args = (
         "eval",
-        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        *model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "2",
         "--eval",
@@ -65,7 +65,7 @@ def test_sliding_gridpool_representation(capsys, monkeypatch, tiny_checkpoint, c
         capsys,
         monkeypatch,
         "eval",
-        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        *model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "25",
         "--mode",
@@ -182,14 +182,7 @@ def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar
         capsys,
         monkeypatch,
         "eval",
-        "--model",
-        "resnet18_cifar",
-        "--checkpoint",
-        str(CHECKPOINT),
-        "--dataset",
-        "cifar10",
-        "--data-dir",
-        str(cifar_dir),
+        *model_args(CHECKPOINT, cifar_dir, "resnet18_cifar"),
         "--patches",
         "central",
         "--test-per-class",
@@ -218,7 +211,7 @@ def test_a_patch_larger_than_the_images_is_refused_before_any_store_exists(
         capsys,
         monkeypatch,
         "eval",
-        *tiny_model_args(tiny_checkpoint, cifar_dir),
+        *model_args(tiny_checkpoint, cifar_dir),
         "--patches",
         "2",
         "--patch-size",

@@ -8,13 +8,13 @@ import numpy as np
 
 from ssl_patchbench.results import read_records
 
-from .clitools import run_cli, tiny_model_args
+from .clitools import model_args, run_cli
 
 
 def _args(checkpoint, data_dir, home) -> list[str]:
     return [
         "eval",
-        *tiny_model_args(checkpoint, data_dir),
+        *model_args(checkpoint, data_dir),
         "--patches",
         "central,3",
         "--train-per-class",
