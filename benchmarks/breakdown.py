@@ -1,5 +1,6 @@
 """Where extraction time goes: each stage of one batch timed with CUDA events (boxes on the CPU, crop op,
-model forward, aggregation), for ResNet-50 at 224 px on ImageNet-size images and ResNet-18 at 32 px.
+model forward eager and under ``torch.compile``), for ResNet-50 at 224 px on ImageNet-size images and
+ResNet-18 at 32 px.
 
     python benchmarks/breakdown.py
 """
@@ -12,7 +13,6 @@ import numpy as np
 import torch
 from common import emit
 from extraction import random_model
-from torch.fx.experimental.optimization import fuse
 
 from ssl_patchbench.extract import Encoder, default_max_patches
 from ssl_patchbench.patches import PatchSpec, crop_and_resize
@@ -29,7 +29,7 @@ def cuda_ms(fn, repeat: int = 10) -> float:
     return start.elapsed_time(end) / repeat
 
 
-def stage_times(entry: str, size: int, n: int, height: int, width: int, *, compile_too: bool = False) -> None:
+def stage_times(entry: str, size: int, n: int, height: int, width: int) -> None:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     model = random_model(entry)
@@ -46,26 +46,25 @@ def stage_times(entry: str, size: int, n: int, height: int, width: int, *, compi
     owner = torch.arange(per_batch, device=device).repeat_interleave(n)
     pixels = images.permute(0, 3, 1, 2).float()
     crops = crop_and_resize(pixels, boxes_t, owner, size).contiguous(memory_format=torch.channels_last)
-    folded = fuse(
-        model.backbone
-    )  # batch norm folded into the convolutions (measured: slower).to(device).to(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
         times = {
             "boxes_cpu_ms": boxes_ms,
             "to_float_ms": cuda_ms(lambda: images.permute(0, 3, 1, 2).float()),
             "crop_resize_ms": cuda_ms(lambda: crop_and_resize(pixels, boxes_t, owner, size)),
-            "crop_resize_fp16_ms": cuda_ms(lambda: crop_and_resize(pixels.half(), boxes_t.half(), owner, size)),
             "forward_bf16_ms": cuda_ms(lambda: encoder(crops)),
-            "forward_bf16_bn_folded_ms": cuda_ms(lambda: folded(crops)),
         }
-    if compile_too:
-        compiled = torch.compile(folded)
         start = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
-            compiled(crops)
-            torch.cuda.synchronize()
-            times["compile_seconds"] = time.perf_counter() - start
-            times["forward_bf16_bn_folded_compiled_ms"] = cuda_ms(lambda: compiled(crops))
+        compiled = encoder.compiled()
+        compiled(crops)
+        torch.cuda.synchronize()
+        times["compile_seconds"] = time.perf_counter() - start
+        times["forward_bf16_compiled_ms"] = cuda_ms(lambda: compiled(crops))
+        start = time.perf_counter()
+        frozen = torch.compile(encoder, dynamic=False, options={"freezing": True})  # weights as constants
+        frozen(crops)
+        torch.cuda.synchronize()
+        times["compile_frozen_seconds"] = time.perf_counter() - start
+        times["forward_bf16_compiled_frozen_ms"] = cuda_ms(lambda: frozen(crops))
     emit(
         bench="breakdown",
         model=entry,
@@ -77,5 +76,5 @@ def stage_times(entry: str, size: int, n: int, height: int, width: int, *, compi
 
 
 if __name__ == "__main__":
-    stage_times("vicreg_rn50", 224, 48, 375, 500, compile_too=True)
+    stage_times("vicreg_rn50", 224, 48, 375, 500)
     stage_times("resnet18_cifar", 32, 256, 32, 32)

@@ -19,7 +19,7 @@ from extraction import head, ours, random_model, synthetic
 
 from ssl_patchbench.aggregate import Aggregation
 from ssl_patchbench.distributed import from_environment, shutdown
-from ssl_patchbench.extract import extract
+from ssl_patchbench.extract import Encoder, extract
 from ssl_patchbench.patches import PatchSpec
 from ssl_patchbench.store import FeatureStore
 
@@ -38,7 +38,8 @@ def main() -> None:
     pre = model.entry.preprocessing
     spec = PatchSpec(mode="random", n=args.patches, scale=model.entry.pretrain_scale, out_size=224, resize=pre.resize)
     split = synthetic(args.images)
-    ours(model, head(split, 64), PatchSpec(mode="random", n=4, out_size=224, resize=pre.resize), device)  # warm-up
+    encoder = Encoder(model, "embedding")
+    ours(encoder, head(split, 64), PatchSpec(mode="random", n=4, out_size=224, resize=pre.resize), device)  # warm-up
     store = FeatureStore(Path(args.store), f"dist-{ranks.world}")
 
     def writer():
@@ -51,7 +52,7 @@ def main() -> None:
     opened = opened or writer()
     ranks.barrier()
     start = time.perf_counter()
-    extract(model, split, spec, {Aggregation(): opened}, device=device, shard=(ranks.rank, ranks.world))
+    extract(encoder, split, spec, {Aggregation(): opened}, device=device, shard=(ranks.rank, ranks.world))
     ranks.barrier()
     seconds = time.perf_counter() - start
     if ranks.is_main:

@@ -2,10 +2,11 @@
 baseline a user would otherwise write: the same patches cut on the CPU by torchvision transforms in a
 DataLoader with one worker per core, feeding the same model in the same precision.
 
-    python benchmarks/extraction.py --cifar DIR --imagenette DIR [--quick]
+    python benchmarks/extraction.py --cifar DIR [--imagenette DIR] [--quick] [--modes eager,compiled]
 
 DIR holds ImageFolder trees (``python ../shared/data/materialize.py cifar10 DIR``). Weights are random:
-speed does not depend on them. One JSON line per measurement.
+speed does not depend on them. One JSON line per measurement. Each timed run follows an untimed warm-up of
+the same patch count (cuDNN autotuning; for ``compiled``, the compilation, reported as ``warmup_seconds``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torchvision import transforms
 from ssl_patchbench.aggregate import Aggregation
 from ssl_patchbench.archs import build_backbone
 from ssl_patchbench.data import ImageSplit, open_split
-from ssl_patchbench.extract import extract
+from ssl_patchbench.extract import Encoder, default_max_patches, extract
 from ssl_patchbench.patches import PatchSpec
 from ssl_patchbench.store import FeatureStore
 from ssl_patchbench.zoo import LoadedModel, get_entry
@@ -61,17 +62,20 @@ def head(split: ImageSplit, n: int) -> ImageSplit:
     )
 
 
-def ours(model: LoadedModel, split: ImageSplit, spec: PatchSpec, device: torch.device) -> dict:
+def ours(
+    encoder: Encoder, split: ImageSplit, spec: PatchSpec, device: torch.device, *, compile_model: bool = False
+) -> dict:
     """Our pipeline end to end, into a float16 store on local disk."""
     with tempfile.TemporaryDirectory() as root:
         writer = FeatureStore(Path(root), "bench").writer(
-            labels=split.labels, dim=model.embed_dim, dtype="float16", chunk_rows=4096, meta={}
+            labels=split.labels, dim=encoder.dim, dtype="float16", chunk_rows=4096, meta={}
         )
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # creates the context: peak stats need it
             torch.cuda.reset_peak_memory_stats(device)
         stats, seconds = timed(
-            lambda: extract(model, split, spec, {Aggregation(): writer}, device=device), device=device
+            lambda: extract(encoder, split, spec, {Aggregation(): writer}, device=device, compile_model=compile_model),
+            device=device,
         )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"seconds": seconds, "images": stats.images, "patches": stats.patches, "peak_gpu_gib": peak}
@@ -117,12 +121,13 @@ def baseline(model: LoadedModel, split: ImageSplit, spec: PatchSpec, device: tor
     return {"seconds": seconds, "images": images, "patches": images * spec.num_patches}
 
 
-def report(kind: str, model_name: str, source: str, spec: PatchSpec, result: dict, flops: float) -> dict:
+def report(kind: str, model_name: str, source: str, spec: PatchSpec, result: dict, flops: float, **extra) -> dict:
     rate = result["patches"] / result["seconds"]
     peak = peak_flops()
     fields = {
         "bench": "extraction",
         "pipeline": kind,
+        **extra,
         "model": model_name,
         "source": source,
         "patches_per_image": spec.num_patches,
@@ -140,34 +145,56 @@ def report(kind: str, model_name: str, source: str, spec: PatchSpec, result: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cifar", required=True, help="folder holding cifar10/{train,test}")
-    parser.add_argument("--imagenette", required=True, help="folder holding imagenette/{train,test}")
+    parser.add_argument("--imagenette", help="folder holding imagenette/{train,test} (ResNet-50 rows on it)")
+    parser.add_argument("--models", default="rn50,rn18", help="rn50 (224 px) and/or rn18 (CIFAR stem, 32 px)")
+    parser.add_argument("--rn50-patches", type=int, default=150_000, help="patches per timed ResNet-50 run")
+    parser.add_argument("--synthetic-images", type=int, default=2048, help="ImageNet-size images held on the GPU")
     parser.add_argument("--counts", default="1,16,48,256")
+    parser.add_argument("--modes", default="eager,compiled", help="encoder modes to time: eager, compiled")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a CPU smoke run")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="baseline DataLoader workers")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     counts = [int(c) for c in args.counts.split(",")]
-    budget = {"rn18": 2_000 if args.quick else 1_000_000, "rn50": 64 if args.quick else 150_000}
+    modes = args.modes.split(",")
+    budget = {"rn18": 2_000 if args.quick else 1_000_000, "rn50": 64 if args.quick else args.rn50_patches}
     cache = Path(tempfile.mkdtemp()) / "images"
     cifar = open_split("cifar10", "train", data_dir=args.cifar, cache_dir=cache)
-    imagenette = open_split("imagenette", "train", data_dir=args.imagenette)
     sources = {
         "rn18": [("cifar10", cifar)],
-        "rn50": [("synthetic-500x375", synthetic(64 if args.quick else 1024)), ("imagenette-160", imagenette)],
+        "rn50": [("synthetic-500x375", synthetic(64 if args.quick else args.synthetic_images))],
     }
-    models = {"rn18": ("resnet18_cifar", 32), "rn50": ("vicreg_rn50", 224)}
-    for key, (entry, size) in models.items():
+    if args.imagenette:
+        sources["rn50"].append(("imagenette-160", open_split("imagenette", "train", data_dir=args.imagenette)))
+    models = {"rn50": ("vicreg_rn50", 224), "rn18": ("resnet18_cifar", 32)}
+    for key in args.models.split(","):
+        entry, size = models[key]
         model = random_model(entry)
         flops = flops_per_patch(model, size)
+        encoder = Encoder(model, "embedding")
         pre = model.entry.preprocessing
         for source, split in sources[key]:
-            warm = PatchSpec(mode="random", n=4, out_size=size, resize=pre.resize)
-            ours(model, head(split, 64), warm, device)  # cudnn autotuning and lazy init, not timed
             for n in counts:
                 spec = PatchSpec(mode="random", n=n, scale=model.entry.pretrain_scale, out_size=size, resize=pre.resize)
                 subset = head(split, max(16, budget[key] // n))
-                mine = report("patchbench", entry, source, spec, ours(model, subset, spec, device), flops)
-                if (key == "rn50" and n == 48) or (key == "rn18" and n == 16):
+                rates = {}
+                for mode in modes:
+                    compiled = mode == "compiled"
+                    warm_images = 2 * max(1, default_max_patches(device, size) // n)
+                    warm = ours(encoder, head(split, warm_images), spec, device, compile_model=compiled)
+                    result = ours(encoder, subset, spec, device, compile_model=compiled)
+                    line = report(
+                        "patchbench",
+                        entry,
+                        source,
+                        spec,
+                        result,
+                        flops,
+                        encoder_mode=mode,
+                        warmup_seconds=round(warm["seconds"], 2),
+                    )
+                    rates[mode] = line["patches_per_s"]
+                if n == 48 or (key == "rn18" and n == 16):
                     small = head(split, max(8, budget[key] // (8 * n)))
                     base = report(
                         "cpu-transforms-dataloader",
@@ -182,7 +209,7 @@ def main() -> None:
                         model=entry,
                         source=source,
                         patches_per_image=n,
-                        speedup=round(mine["patches_per_s"] / base["patches_per_s"], 2),
+                        **{f"speedup_{m}": round(r / base["patches_per_s"], 2) for m, r in rates.items()},
                     )
 
 

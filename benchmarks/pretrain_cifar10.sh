@@ -5,7 +5,8 @@
 #
 # Usage: benchmarks/pretrain_cifar10.sh DATA_ROOT OUT_DIR
 #   DATA_ROOT holds cifar10/{train,test}; when missing it is made with materialize.py (../shared/data or .gpu/).
-#   EPOCHS (default 40) and BATCH (default 512) can be set in the environment; PATCHBENCH_HOME defaults to
+#   EPOCHS (default 40), BATCH (default 512) and RUNS (default "standard patch": which models) can be set in
+#   the environment; PATCHBENCH_HOME defaults to
 #   OUT_DIR/home, so the JPEGs are decoded once and shared by all four commands.
 #   CPU dry run of the whole path (what the tests cannot reach): ARCH=tiny_cifar EPOCHS=1 BATCH=16 PATCHES=central,1,2
 #   PRETRAIN_ARGS="--device cpu --train-per-class 4" EVAL_ARGS="--device cpu --train-per-class 4 --test-per-class 2"
@@ -34,6 +35,7 @@ python -c "import torch; print('device:', torch.cuda.get_device_name(0) if torch
 runs=("standard 0.08,1.0" "patch 0.2")
 for run in "${runs[@]}"; do
   read -r name scale <<<"$run"
+  [[ " ${RUNS:-standard patch} " == *" $name "* ]] || continue
   t0=$(now)
   python -m ssl_patchbench pretrain --method vicreg --arch "$arch" --dataset cifar10 --data-dir "$data" \
     --scale "$scale" --epochs "$epochs" --batch-size "$batch" --out "$out/$name" --log-every 50 \

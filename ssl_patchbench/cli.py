@@ -108,6 +108,14 @@ def eval_options(func):
             "--max-patches", type=click.IntRange(min=1), help="Patches per forward pass (default: from the GPU budget)."
         ),
         click.option(
+            "--compile",
+            "compile_",
+            type=click.Choice(["auto", "on", "off"]),
+            default="auto",
+            show_default=True,
+            help="torch.compile the model (auto: on CUDA for extractions of at least 1M patches).",
+        ),
+        click.option(
             "--chunk-rows",
             type=int,
             default=4096,
@@ -205,6 +213,7 @@ def _config(model: str, dataset: str, **o):
         precision=o["precision"],
         seed=o["seed"],
         max_patches=o["max_patches"],
+        compile=o["compile_"],
         chunk_rows=o["chunk_rows"],
         home=Path(o["home"]) if o["home"] else None,
         results_path=Path(o["results"]) if o["results"] else None,

@@ -125,7 +125,9 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True)
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the model.")
+@click.option(
+    "--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the model and views."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True, help="Steps between logged losses (a sync).")
 @click.option("--save-every", type=int, default=1, show_default=True, help="Epochs between checkpoints.")

@@ -3,13 +3,16 @@
 The work per batch: uint8 images on the device, every box of the batch cut and resized in one op,
 normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of at most
 ``max_patches``, then aggregated. Memory is O(batch x patches x d) whatever the dataset size, and the
-forward slice halves itself on CUDA out-of-memory.
+forward slice halves itself on CUDA out-of-memory. With ``compile_model`` the encoder runs under
+``torch.compile`` with static shapes: every slice is padded to the run's one full slice size, so a model
+compiles once per slice size and the last batch of a chunk reuses those kernels.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +66,13 @@ class Encoder(nn.Module):
         self.register_buffer("shift", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("scale", 1.0 / (torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0))
         self.dim = model.projection_dim if self.projector is not None else model.embed_dim
+        object.__setattr__(self, "_compiled", None)  # not a registered submodule: it wraps this module
+
+    def compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This encoder under ``torch.compile`` (static shapes), built once so later extractions reuse it."""
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self, dynamic=False))
+        return self._compiled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         h = self.backbone((pixels - self.shift) * self.scale)
@@ -76,15 +86,15 @@ def default_max_patches(device: torch.device, input_size: int) -> int:
 
 
 def extract(
-    model: LoadedModel,
+    encoder: Encoder,
     split: ImageSplit,
     spec: PatchSpec,
     writers: dict[Aggregation, StoreWriter],
     *,
-    space: str = "embedding",
     device: torch.device,
     precision: str = "auto",
     max_patches: int | None = None,
+    compile_model: bool = False,
     progress: Progress | None = None,
     shard: tuple[int, int] = (0, 1),
 ) -> ExtractStats:
@@ -92,12 +102,20 @@ def extract(
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
     """
-    encoder = Encoder(model, space).to(device).eval()
+    encoder = encoder.to(device).eval()
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    runner = PatchRunner(encoder, spec, device, _autocast_dtype(device, precision), max_patches)
     first = next(iter(writers.values()))
+    runner = PatchRunner(
+        encoder,
+        spec,
+        device,
+        _autocast_dtype(device, precision),
+        max_patches,
+        max_images=first.chunk_rows,
+        compile_model=compile_model,
+    )
     rank, world = shard
     chunks = sorted(c for c in set().union(*(w.pending_chunks() for w in writers.values())) if c % world == rank)
     images = ImageSource(split, device)
@@ -149,12 +167,22 @@ class PatchRunner:
         device: torch.device,
         dtype: torch.dtype | None,
         max_patches: int | None,
+        *,
+        max_images: int | None = None,
+        compile_model: bool = False,
     ) -> None:
         self.encoder, self.spec, self.device, self.dtype = encoder, spec, device, dtype
         if max_patches is not None and max_patches < 1:
             raise UserError(f"--max-patches must be positive, got {max_patches}")
         self.max_patches = max_patches or default_max_patches(device, spec.out_size)
-        self.images_per_batch = max(1, self.max_patches // spec.num_patches)
+        self.images_per_batch = max(1, min(self.max_patches // spec.num_patches, max_images or sys.maxsize))
+        self.forward = encoder.compiled() if compile_model else encoder
+        self.pad_slices = compile_model  # static shapes: one compilation serves every slice
+
+    @property
+    def slice_patches(self) -> int:
+        """The patches of a full forward slice: what a padded slice is padded to."""
+        return min(self.max_patches, self.images_per_batch * self.spec.num_patches)
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor:
@@ -179,12 +207,16 @@ class PatchRunner:
         return out.view(len(indices), n, -1)
 
     def _forward(self, pixels: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        real = len(boxes)
+        if self.pad_slices and real < self.slice_patches:  # repeat the last box: rows are independent in eval mode
+            boxes = torch.cat([boxes, boxes[-1:].expand(self.slice_patches - real, 4)])
+            owner = torch.cat([owner, owner[-1:].expand(self.slice_patches - real)])
         crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size)
         if self.device.type == "cuda":
             crops = crops.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, self.dtype) if self.dtype is not None else nullcontext()
         with autocast:
-            return self.encoder(crops).float()
+            return self.forward(crops)[:real].float()
 
     def _back_off(self) -> None:
         torch.cuda.empty_cache()

@@ -177,6 +177,7 @@ class _Run:
     images: torch.Tensor
     model: Trainee
     forward: Callable[[torch.Tensor], torch.Tensor]
+    views: Callable[..., torch.Tensor]
     optimiser: LARS
     schedule: WarmupCosine
     gen: torch.Generator
@@ -190,7 +191,7 @@ class _Run:
     def step(self, index: torch.Tensor, global_step: int) -> torch.Tensor:
         """One optimisation step on the images ``index``; returns the loss (on the device, not synced)."""
         cfg, pre = self.cfg, self.entry.preprocessing
-        views = make_views(
+        views = self.views(
             self.images[index],
             n_views=cfg.num_patches,
             out_size=pre.input_size,
@@ -233,6 +234,7 @@ def _setup(cfg: PretrainConfig) -> _Run:
         images=images,
         model=model,
         forward=torch.compile(model) if cfg.compile else model,
+        views=torch.compile(make_views) if cfg.compile else make_views,  # fuses the colour ops between draws
         optimiser=LARS(
             lars_param_groups(model), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta
         ),

@@ -2,9 +2,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import torch
 
+from ssl_patchbench.errors import UserError
 from ssl_patchbench.results import read_records
 
 from .clitools import model_args, run_cli
@@ -39,6 +42,22 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
     assert len(records) == 3 and records[0]["schema_version"] == 1
     assert records[2]["patches"]["n"] == 4 and records[2]["checkpoint_sha256"]
     assert records[0]["metrics"]["knn@20"]["top1"] == rows[0]["knn@20"]
+    assert records[2]["timings"]["extraction_train"]["compiled"] is False  # auto: never on a CPU
+
+
+def test_compile_auto_only_for_large_cuda_extractions(monkeypatch):
+    from ssl_patchbench import api
+
+    monkeypatch.setattr(api, "_triton_available", lambda device: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    big, small = api.AUTO_COMPILE_MIN_PATCHES, api.AUTO_COMPILE_MIN_PATCHES - 1
+    cfg = api.EvalConfig(model="m", dataset="d")
+    assert api._compiles(cfg, cuda, big) and not api._compiles(cfg, cuda, small) and not api._compiles(cfg, cpu, big)
+    assert api._compiles(replace(cfg, compile="on"), cpu, 1) and not api._compiles(
+        replace(cfg, compile="off"), cuda, big
+    )
+    with pytest.raises(UserError, match="choose auto, on or off"):
+        api._compiles(replace(cfg, compile="yes"), cuda, big)
 
 
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):

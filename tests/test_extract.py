@@ -5,7 +5,7 @@ import torchvision.transforms.v2.functional as TF
 
 from ssl_patchbench.aggregate import Aggregation
 from ssl_patchbench.data import open_split
-from ssl_patchbench.extract import extract
+from ssl_patchbench.extract import Encoder, extract
 from ssl_patchbench.patches import PatchSpec
 from ssl_patchbench.store import FeatureStore
 from ssl_patchbench.zoo import load_model
@@ -35,6 +35,7 @@ def _run(
     max_patches=None,
     progress=None,
     key="k",
+    compile_model=False,
 ):
     writers = {
         Aggregation.parse(a): FeatureStore(tmp_path, f"{key}-{a}").writer(
@@ -48,7 +49,17 @@ def _run(
         )
         for a in aggs
     }
-    extract(model, split, spec, writers, space=space, device=CPU, max_patches=max_patches, progress=progress)
+    encoder = Encoder(model, space)
+    extract(
+        encoder,
+        split,
+        spec,
+        writers,
+        device=CPU,
+        max_patches=max_patches,
+        progress=progress,
+        compile_model=compile_model,
+    )
     return {agg.label: np.array(w.features) for agg, w in writers.items()}
 
 
@@ -92,6 +103,16 @@ def test_features_do_not_depend_on_the_forward_slice_size(model, split, tmp_path
     big = _run(model, split, spec, tmp_path, max_patches=1000, key="big")["mean"]
     odd = _run(model, split, spec, tmp_path, max_patches=7, key="odd")["mean"]
     np.testing.assert_allclose(big, odd, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_patches", [15, 3])
+def test_compiled_encoder_with_padded_slices_gives_the_eager_features(model, split, tmp_path, max_patches):
+    # 30 images, chunks of 8, 5 patches each. 15: batches of 3, 3, 2 images (the last padded from 10 to 15
+    # patches); 3: one image per batch in slices of 3 and 2 patches (the second padded to 3)
+    spec = PatchSpec(mode="random", n=5, scale=(0.2, 0.5), seed=3)
+    eager = _run(model, split, spec, tmp_path, max_patches=max_patches, key="eager")["mean"]
+    compiled = _run(model, split, spec, tmp_path, max_patches=max_patches, key="compiled", compile_model=True)["mean"]
+    np.testing.assert_allclose(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_interrupted_extraction_resumes_to_identical_features(model, split, tmp_path):
