@@ -52,3 +52,14 @@ def timed(fn: Callable[[], Any], *, device: torch.device) -> tuple[Any, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return result, time.perf_counter() - start
+
+
+def kernel_profile(profile: torch.profiler.profile, top: int = 10) -> tuple[float, dict[str, float]]:
+    """Seconds of GPU kernel time in a profile, and the ``top`` kernels' milliseconds (names cut to 70
+    characters; kernels whose cut names coincide are summed)."""
+    per_name: dict[str, float] = {}
+    for event in profile.key_averages():
+        name = event.key[:70]
+        per_name[name] = per_name.get(name, 0.0) + event.self_device_time_total / 1e3
+    ranked = sorted(per_name.items(), key=lambda item: item[1], reverse=True)[:top]
+    return sum(per_name.values()) / 1e3, {name: round(ms, 1) for name, ms in ranked}

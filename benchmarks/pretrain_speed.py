@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from breakdown import cuda_ms
-from common import emit
+from common import emit, kernel_profile
 
 from ssl_patchbench.augment import byol_augments, make_views
 from ssl_patchbench.lars import LARS, lars_param_groups
@@ -45,13 +45,11 @@ def gpu_busy(cfg: PretrainConfig) -> dict:
         activities = [torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as profile:
             pretrain(cfg, Path(out), resume=True, stop_after=1)
-    events = profile.key_averages()
-    kernel_s = sum(e.self_device_time_total for e in events) / 1e6
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    kernel_s, top = kernel_profile(profile)
     return {
         "gpu_kernel_s_per_epoch": round(kernel_s, 3),
         "gpu_busy": round(kernel_s / first.epoch_seconds[-1], 3),
-        "top_kernels_ms": {e.key[:70]: round(e.self_device_time_total / 1e3, 1) for e in top},
+        "top_kernels_ms": top,
     }
 
 
