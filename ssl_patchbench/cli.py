@@ -113,7 +113,7 @@ def eval_options(func):
             type=click.Choice(["auto", "on", "off"]),
             default="auto",
             show_default=True,
-            help="torch.compile the model (auto: on CUDA for extractions of at least 1M patches).",
+            help="torch.compile the model (auto: on CUDA for representations of at least 4M patches, train + test).",
         ),
         click.option(
             "--chunk-rows",

@@ -177,6 +177,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("zero temperature", lambda c: [*c.tiny(), "--temperature", "0"], "temperature > 0"),
     ("unknown evaluator", lambda c: [*c.tiny(), "--eval", "svm"], "unknown evaluator 'svm'"),
     ("unknown aggregation", lambda c: [*c.tiny(), "--aggregate", "max"], "unknown aggregation 'max'"),
+    ("unknown compile setting", lambda c: [*c.tiny(), "--compile", "yes"], "Invalid value for '--compile': 'yes'"),
     ("zoo entry: wrong type", lambda c: c.zoo(pretrain_scale="big"), "entry 'mine', field 'pretrain_scale': expected"),
     ("zoo entry: unknown field", lambda c: c.zoo(stems="cifar"), "unknown field 'stems' (did you mean: stem"),
     ("zoo entry: name is a path", lambda c: c.zoo(name="../../evil"), "entry '../../evil', field 'name'"),
