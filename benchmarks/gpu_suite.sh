@@ -7,7 +7,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 cd benchmarks
 nvidia-smi -L
-CUDA_VISIBLE_DEVICES=0 timeout 240 python extraction.py --cifar "$cifar" --imagenette "$imagenette" --workers 16 \
+CUDA_VISIBLE_DEVICES=0 timeout 420 python extraction.py --cifar "$cifar" --imagenette "$imagenette" --workers 16 \
   | tee "$out/extraction.jsonl"
 CUDA_VISIBLE_DEVICES=0 timeout 100 python knn.py | tee "$out/knn.jsonl"
 for gpus in 1 2; do
