@@ -140,6 +140,14 @@ def extract(
     return ExtractStats(images=done_images, patches=done_images * spec.num_patches, seconds=seconds)
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting: a pageable host-to-GPU copy blocks the host until the GPU
+    has drained its queue (one idle gap per batch), a pinned one is queued behind the running work."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
@@ -189,10 +197,7 @@ class PatchRunner:
         """``pixels``: float ``[B, 3, H, W]`` on the device -> patch embeddings ``[B, n, d]`` (float32)."""
         n = self.spec.num_patches
         boxes = self.spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
-        boxes_t = torch.from_numpy(boxes.astype(np.float32))
-        if self.device.type == "cuda":  # pinned + non-blocking: a pageable copy would wait for the GPU to drain
-            boxes_t = boxes_t.pin_memory()
-        boxes_t = boxes_t.to(self.device, non_blocking=True)
+        boxes_t = to_device(torch.from_numpy(boxes.astype(np.float32)), self.device)
         owner = torch.arange(len(indices), device=self.device).repeat_interleave(n)
         out = torch.empty(len(boxes), self.encoder.dim, device=self.device)
         start = 0
@@ -254,10 +259,14 @@ class ImageSource:
                 uint8, sizes = pending.result()  # type: ignore[union-attr]
                 if i + 1 < len(batches):
                     pending = pool.submit(self._decode, pool, batches[i + 1])
-                yield indices, uint8.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float(), sizes
+                yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        batch = self.resident[torch.from_numpy(indices).to(self.resident.device)].to(self.device)  # type: ignore[index]
+        index = torch.from_numpy(indices)
+        if self.resident.is_cuda:  # type: ignore[union-attr]
+            batch = self.resident[to_device(index, self.device)]  # type: ignore[index]
+        else:
+            batch = to_device(self.resident[index], self.device)  # type: ignore[index]
         sizes = np.tile(batch.shape[1:3], (len(indices), 1))
         return batch.permute(0, 3, 1, 2).float(), sizes
 
@@ -268,5 +277,5 @@ class ImageSource:
         padded = np.stack(
             [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
         )
-        tensor = torch.from_numpy(padded)
+        tensor = torch.from_numpy(padded)  # pinned here, in a worker thread: to_device then only queues the copy
         return (tensor.pin_memory() if self.device.type == "cuda" else tensor), sizes
