@@ -1,7 +1,7 @@
 """Pretraining speed: seconds per CIFAR-10 epoch through ``patchbench pretrain`` (eager and compiled), and
 where a step's time goes (views, forward + loss + backward, LARS), each stage timed with CUDA events.
 
-    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes eager,compiled]
+    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes eager,compiled,reduce-overhead] [--profile]
 
 DIR holds cifar10/{train,test} (``python ../shared/data/materialize.py cifar10 DIR``). The reference the
 issue names: an eager PyTorch VICReg ResNet-18 at batch 512 with GPU augmentations, 2.7 s per epoch on an H100.
