@@ -11,7 +11,6 @@ continues exactly as an uninterrupted one would.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -43,7 +42,6 @@ __all__ = ["PretrainConfig", "pretrain", "pretrain_demo_model", "save_solo_check
 
 log = logging.getLogger(__name__)
 
-RESNET50_PROJECTOR = (8192, 8192, 8192)  # VICReg's ImageNet projector
 CHECKPOINT_NAME = "last.ckpt"
 
 
@@ -114,11 +112,10 @@ class Trainee(nn.Module):
 def arch_entry(arch: str) -> ZooEntry:
     """The zoo entry that defines the architecture, projector and preprocessing of ``--arch``.
 
-    ``resnet50`` is the ImageNet ResNet-50 of ``vicreg_rn50`` with VICReg's 8192-8192-8192 projector.
+    ``resnet50`` is the zoo's ``resnet50_solo`` (ImageNet ResNet-50, VICReg's 8192-8192-8192 projector), which
+    ``patchbench eval --model resnet50_solo`` loads the checkpoints of.
     """
-    if arch == "resnet50":
-        return dataclasses.replace(get_entry("vicreg_rn50"), name="resnet50", projector=RESNET50_PROJECTOR)
-    entry = get_entry(arch)
+    entry = get_entry("resnet50_solo" if arch == "resnet50" else arch)
     if not entry.projector:
         raise UserError(f"zoo entry {arch!r} has no projector widths to train: use one that sets `projector`")
     return entry

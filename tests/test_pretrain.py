@@ -20,7 +20,8 @@ from ssl_patchbench.augment import (
 )
 from ssl_patchbench.errors import UserError
 from ssl_patchbench.lars import LARS, WarmupCosine, lars_param_groups
-from ssl_patchbench.pretrain import PretrainConfig, pretrain
+from ssl_patchbench.pretrain import PretrainConfig, arch_entry, build_trainee, pretrain, save_solo_checkpoint
+from ssl_patchbench.zoo import load_model
 
 from .clitools import run_cli as _run
 
@@ -214,3 +215,14 @@ def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
     code, _, err = _run(capsys, monkeypatch, "pretrain", "--dataset", "digits", "--scale", "0.5,0.2", "--out",
                         str(tmp_path))  # fmt: skip
     assert code == 2 and err.startswith("error: --scale")
+
+
+def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path):
+    trainee = build_trainee(arch_entry("resnet50"))  # what `pretrain --arch resnet50` trains and saves
+    path = tmp_path / "last.ckpt"
+    save_solo_checkpoint(path, trainee.backbone, trainee.projector, {"arch": "resnet50"})
+    loaded = load_model("resnet50_solo", checkpoint=path)
+    assert (loaded.embed_dim, loaded.projection_dim) == (2048, 8192)
+    for mine, theirs in ((trainee.backbone, loaded.backbone), (trainee.projector, loaded.projector)):
+        expected, got = mine.state_dict(), theirs.state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -117,6 +117,7 @@ def test_every_entry_parses_with_its_documented_facts() -> None:
         "resnet50.a1_in1k",
         "resnet18_cifar",
         "resnet34_cifar",
+        "resnet50_solo",
         "tiny_cifar",
     }
     for name in ("vicreg_rn50", "swav_rn50", "dino_rn50", "byol_rn50"):
