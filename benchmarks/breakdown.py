@@ -30,6 +30,14 @@ def cuda_ms(fn, repeat: int = 10) -> float:
     return start.elapsed_time(end) / repeat
 
 
+def compiled_times(forward, x: torch.Tensor) -> tuple[float, float]:
+    """Seconds of the first call of a compiled ``forward`` (the compilation), then CUDA ms per call."""
+    start = time.perf_counter()
+    forward(x)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, cuda_ms(lambda: forward(x))
+
+
 def stage_times(entry: str, size: int, n: int, height: int, width: int, *, autotune: bool = False) -> None:
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
@@ -57,25 +65,24 @@ def stage_times(entry: str, size: int, n: int, height: int, width: int, *, autot
             "to_channels_last_ms": cuda_ms(lambda: crops.contiguous(memory_format=torch.channels_last)),
             "forward_bf16_ms": cuda_ms(lambda: encoder(crops_cl)),
         }
-        start = time.perf_counter()
-        compiled = encoder.compiled()
-        compiled(crops_cl)
-        torch.cuda.synchronize()
-        times["compile_seconds"] = time.perf_counter() - start
-        times["forward_bf16_compiled_ms"] = cuda_ms(lambda: compiled(crops_cl))
-        start = time.perf_counter()
-        frozen = torch.compile(encoder, dynamic=False, options={"freezing": True})  # weights as constants
-        frozen(crops_cl)
-        torch.cuda.synchronize()
-        times["compile_frozen_seconds"] = time.perf_counter() - start
-        times["forward_bf16_compiled_frozen_ms"] = cuda_ms(lambda: frozen(crops_cl))
+        variants = [  # torch.compile is lazy: each compiles on its first call, timed by compiled_times
+            ("compile_seconds", "forward_bf16_compiled_ms", encoder.compiled()),
+            (  # weights as constants
+                "compile_frozen_seconds",
+                "forward_bf16_compiled_frozen_ms",
+                torch.compile(encoder, dynamic=False, options={"freezing": True}),
+            ),
+        ]
         if autotune:  # Triton convolution templates with fused epilogues, chosen by benchmarking: minutes
-            start = time.perf_counter()
-            tuned = torch.compile(encoder, dynamic=False, mode="max-autotune-no-cudagraphs")
-            tuned(crops_cl)
-            torch.cuda.synchronize()
-            times["compile_max_autotune_seconds"] = time.perf_counter() - start
-            times["forward_bf16_max_autotune_ms"] = cuda_ms(lambda: tuned(crops_cl))
+            variants.append(
+                (
+                    "compile_max_autotune_seconds",
+                    "forward_bf16_max_autotune_ms",
+                    torch.compile(encoder, dynamic=False, mode="max-autotune-no-cudagraphs"),
+                )
+            )
+        for seconds_key, ms_key, forward in variants:
+            times[seconds_key], times[ms_key] = compiled_times(forward, crops_cl)
     emit(
         bench="breakdown",
         model=entry,

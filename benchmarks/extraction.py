@@ -177,11 +177,11 @@ def main() -> None:
             for n in counts:
                 spec = PatchSpec(mode="random", n=n, scale=model.entry.pretrain_scale, out_size=size, resize=pre.resize)
                 subset = head(split, max(16, budget[key] // n))
+                warm_split = head(split, 2 * max(1, default_max_patches(device, size) // n))  # two full batches
                 rates = {}
                 for mode in modes:
                     compiled = mode == "compiled"
-                    warm_images = 2 * max(1, default_max_patches(device, size) // n)
-                    warm = ours(encoder, head(split, warm_images), spec, device, compile_model=compiled)
+                    warm = ours(encoder, warm_split, spec, device, compile_model=compiled)
                     result = ours(encoder, subset, spec, device, compile_model=compiled)
                     line = report(
                         "patchbench",
