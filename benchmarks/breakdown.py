@@ -15,8 +15,9 @@ import torch
 from common import emit, kernel_profile
 from extraction import head, ours, random_model, synthetic
 
-from ssl_patchbench.extract import Encoder, default_max_patches
-from ssl_patchbench.patches import PatchSpec, crop_and_resize
+from ssl_patchbench.features.extract import default_max_patches
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
 
 
 def cuda_ms(fn, repeat: int = 10) -> float:

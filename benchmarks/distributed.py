@@ -17,11 +17,12 @@ import torch
 from common import emit
 from extraction import head, ours, random_model, synthetic
 
-from ssl_patchbench.aggregate import Aggregation
-from ssl_patchbench.distributed import from_environment, shutdown
-from ssl_patchbench.extract import Encoder, extract
-from ssl_patchbench.patches import PatchSpec
-from ssl_patchbench.store import FeatureStore
+from ssl_patchbench.core.distributed import from_environment, shutdown
+from ssl_patchbench.features.extract import ExtractSettings, extract
+from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
     opened = opened or writer()
     ranks.barrier()
     start = time.perf_counter()
-    extract(encoder, split, spec, {Aggregation(): opened}, device=device, shard=(ranks.rank, ranks.world))
+    extract(encoder, split, spec, {Aggregation(): opened}, ExtractSettings(device, shard=(ranks.rank, ranks.world)))
     ranks.barrier()
     seconds = time.perf_counter() - start
     if ranks.is_main:

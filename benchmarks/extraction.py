@@ -23,13 +23,15 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
-from ssl_patchbench.aggregate import Aggregation
-from ssl_patchbench.archs import build_backbone
-from ssl_patchbench.data import ImageSplit, open_split
-from ssl_patchbench.extract import Encoder, default_max_patches, extract
-from ssl_patchbench.patches import PatchSpec
-from ssl_patchbench.store import FeatureStore
-from ssl_patchbench.zoo import LoadedModel, get_entry
+from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.features.extract import ExtractSettings, default_max_patches, extract
+from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.models.archs import build_backbone
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import LoadedModel
+from ssl_patchbench.models.registry import get_entry
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
 
 
 def random_model(entry_name: str) -> LoadedModel:
@@ -74,7 +76,9 @@ def ours(
             torch.cuda.synchronize(device)  # creates the context: peak stats need it
             torch.cuda.reset_peak_memory_stats(device)
         stats, seconds = timed(
-            lambda: extract(encoder, split, spec, {Aggregation(): writer}, device=device, compile_model=compile_model),
+            lambda: extract(
+                encoder, split, spec, {Aggregation(): writer}, ExtractSettings(device, compile_model=compile_model)
+            ),
             device=device,
         )
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

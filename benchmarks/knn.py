@@ -15,7 +15,7 @@ import importlib.util
 import torch
 from common import emit, timed
 
-from ssl_patchbench.knn import knn_classify
+from ssl_patchbench.evaluators.knn import knn_classify
 
 
 def clustered(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,10 +19,10 @@ import torch
 from breakdown import cuda_ms
 from common import emit, kernel_profile
 
-from ssl_patchbench.augment import byol_augments, make_views
-from ssl_patchbench.lars import LARS, lars_param_groups
-from ssl_patchbench.losses import vicreg_views
-from ssl_patchbench.pretrain import PretrainConfig, arch_entry, build_trainee, load_images, pretrain
+from ssl_patchbench.pretrain.augment import byol_augments, make_views
+from ssl_patchbench.pretrain.lars import LARS, lars_param_groups
+from ssl_patchbench.pretrain.losses import vicreg_views
+from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, load_images, pretrain
 
 
 def epochs_timed(cfg: PretrainConfig, epochs: int) -> dict:

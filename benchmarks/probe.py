@@ -14,7 +14,7 @@ import torch
 from common import emit, timed
 from sklearn.linear_model import LogisticRegression
 
-from ssl_patchbench.probe import linear_probe
+from ssl_patchbench.evaluators.probe import linear_probe
 
 
 def features(n: int, d: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

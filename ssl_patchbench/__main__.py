@@ -1,5 +1,5 @@
 """``python -m ssl_patchbench`` is ``patchbench`` (torchrun launches it this way)."""
 
-from .cli import main
+from ssl_patchbench.cli.main import main
 
 main()

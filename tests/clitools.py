@@ -2,7 +2,7 @@
 
 import sys
 
-from ssl_patchbench.cli import main
+from ssl_patchbench.cli.main import main
 
 
 def run_cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:

@@ -33,9 +33,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised ``tiny_cifar`` model saved in solo-learn's layout."""
     import torch
 
-    from ssl_patchbench.archs import build_backbone, build_projector
-    from ssl_patchbench.pretrain import save_solo_checkpoint
-    from ssl_patchbench.zoo import get_entry
+    from ssl_patchbench.models.archs import build_backbone, build_projector
+    from ssl_patchbench.models.registry import get_entry
+    from ssl_patchbench.pretrain.train import save_solo_checkpoint
 
     torch.manual_seed(0)
     entry = get_entry("tiny_cifar")

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ssl_patchbench.aggregate import Aggregation
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.patches import PatchSpec
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
 
 SLIDING = PatchSpec(mode="sliding", size=16, stride=4, out_size=32)  # a 5x5 grid of patches
 

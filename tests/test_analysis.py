@@ -10,7 +10,7 @@ import torch
 
 from ssl_patchbench.analysis import converge, heatmap, neighbors, scales
 from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
-from ssl_patchbench.errors import UserError
+from ssl_patchbench.core.errors import UserError
 
 from .clitools import model_args, run_cli
 
@@ -192,7 +192,7 @@ def test_cli_scales_without_records_is_a_user_error(capsys, monkeypatch, tmp_pat
 
 def test_help_imports_neither_torch_nor_matplotlib():
     code = (
-        "import sys; from ssl_patchbench.cli import cli; from click.testing import CliRunner;"
+        "import sys; from ssl_patchbench.cli.main import cli; from click.testing import CliRunner;"
         "CliRunner().invoke(cli, ['viz', '--help']);"
         "print(any(m in sys.modules for m in ('torch', 'matplotlib')))"
     )

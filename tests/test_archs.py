@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ssl_patchbench.archs import build_backbone, build_projector
-from ssl_patchbench.errors import UserError
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.models.archs import build_backbone, build_projector
 
 
 @pytest.mark.parametrize(("arch", "dim"), [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])

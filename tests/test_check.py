@@ -4,10 +4,18 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-from ssl_patchbench.api import EvalConfig, evaluate
-from ssl_patchbench.check import CheckReport, compare, junit_xml, markdown, parse_min, results_baseline, zoo_baseline
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.results import append_record, read_records
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.pipeline.evaluate import EvalConfig, evaluate
+from ssl_patchbench.reporting.check import (
+    CheckReport,
+    compare,
+    junit_xml,
+    markdown,
+    parse_min,
+    results_baseline,
+    zoo_baseline,
+)
+from ssl_patchbench.results.store import append_record, read_records
 
 from .clitools import model_args, run_cli
 from .conftest import CHECKPOINT

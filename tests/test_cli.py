@@ -2,13 +2,12 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
 
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.results import read_records
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.results.store import read_records
 
 from .clitools import model_args, run_cli
 from .conftest import CHECKPOINT
@@ -46,18 +45,16 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
 
 
 def test_compile_auto_only_for_large_cuda_extractions(monkeypatch):
-    from ssl_patchbench import api
+    from ssl_patchbench.pipeline import context
 
-    monkeypatch.setattr(api, "_triton_available", lambda device: True)
+    monkeypatch.setattr(context, "_triton_available", lambda device: True)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    big, small = api.AUTO_COMPILE_MIN_PATCHES, api.AUTO_COMPILE_MIN_PATCHES - 1
-    cfg = api.EvalConfig(model="m", dataset="d")
-    assert api._compiles(cfg, cuda, big) and not api._compiles(cfg, cuda, small) and not api._compiles(cfg, cpu, big)
-    assert api._compiles(replace(cfg, compile="on"), cpu, 1) and not api._compiles(
-        replace(cfg, compile="off"), cuda, big
-    )
+    big, small = context.AUTO_COMPILE_MIN_PATCHES, context.AUTO_COMPILE_MIN_PATCHES - 1
+    assert context.compiles("auto", cuda, big) and not context.compiles("auto", cuda, small)
+    assert not context.compiles("auto", cpu, big)
+    assert context.compiles("on", cpu, 1) and not context.compiles("off", cuda, big)
     with pytest.raises(UserError, match="choose auto, on or off"):
-        api._compiles(replace(cfg, compile="yes"), cuda, big)
+        context.compiles("yes", cuda, big)
 
 
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
@@ -190,7 +187,7 @@ def test_zoo_list_and_show(capsys, monkeypatch):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from ssl_patchbench.cli import cli; assert 'torch' not in sys.modules"
+    code = "import sys; from ssl_patchbench.cli.main import cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ssl_patchbench.results import read_records
+from ssl_patchbench.results.store import read_records
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -79,7 +79,7 @@ def test_second_eval_on_the_same_key_waits_then_reuses(tmp_path, tiny_checkpoint
 _WRITER = """
 import sys
 from pathlib import Path
-from ssl_patchbench.results import append_record
+from ssl_patchbench.results.store import append_record
 path, writer, start = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 import time
 time.sleep(max(0.0, start - time.time()))

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ssl_patchbench.data import first_per_class, open_split
-from ssl_patchbench.errors import UserError
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.datasets import first_per_class, open_split
 
 
 def test_first_per_class_keeps_dataset_order():

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from ssl_patchbench.results import read_records
+from ssl_patchbench.results.store import read_records
 
 from .clitools import model_args, run_cli
 

@@ -3,12 +3,13 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from ssl_patchbench.aggregate import Aggregation
-from ssl_patchbench.data import open_split
-from ssl_patchbench.extract import Encoder, extract
-from ssl_patchbench.patches import PatchSpec
-from ssl_patchbench.store import FeatureStore
-from ssl_patchbench.zoo import load_model
+from ssl_patchbench.data.datasets import open_split
+from ssl_patchbench.features.extract import ExtractSettings, extract
+from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import load_model
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
 
 CPU = torch.device("cpu")
 
@@ -50,16 +51,8 @@ def _run(
         for a in aggs
     }
     encoder = Encoder(model, space)
-    extract(
-        encoder,
-        split,
-        spec,
-        writers,
-        device=CPU,
-        max_patches=max_patches,
-        progress=progress,
-        compile_model=compile_model,
-    )
+    settings = ExtractSettings(device=CPU, max_patches=max_patches, compile_model=compile_model)
+    extract(encoder, split, spec, writers, settings, progress=progress)
     return {agg.label: np.array(w.features) for agg, w in writers.items()}
 
 

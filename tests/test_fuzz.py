@@ -8,14 +8,15 @@ are a pure function of (seed, image index, patch index).
 
 import math
 
+import click
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ssl_patchbench.cli import _floats
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.patches import MODES, PatchSpec, _fallback_crop, central_boxes
+from ssl_patchbench.cli.common import FloatPair
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.sampling.patches import MODES, PatchSpec, _fallback_crop, central_boxes
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -47,9 +48,9 @@ def _inside(boxes: np.ndarray, x0, y0, x1, y1, eps: float = 1e-9) -> bool:
 @given(st.text(max_size=20) | st.from_regex(r"[-+]?[0-9.e]{0,6}([,:][-+]?[0-9.e]{0,6}){0,2}", fullmatch=True))
 def test_patch_scale_text_gives_a_valid_spec_or_one_user_error(text):
     try:
-        scale = _floats(text, "--patch-scale")
+        scale = FloatPair().convert(text, None, None)
         spec = PatchSpec(mode="random", n=1, scale=scale)
-    except UserError as err:
+    except (UserError, click.BadParameter) as err:
         assert str(err) and "\n" not in str(err)
         return
     assert 0 < spec.scale[0] <= spec.scale[1] <= 1

@@ -10,8 +10,8 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.knn import knn_classify, knn_search, knn_vote
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.evaluators.knn import knn_classify, knn_search, knn_vote
 
 
 def clustered(n: int, num_classes: int, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +73,7 @@ def test_unweighted_matches_sklearn(k):
 
 def test_faiss_backend_equals_torch():
     pytest.importorskip("faiss")
-    from ssl_patchbench.knn import faiss_search
+    from ssl_patchbench.evaluators.knn import faiss_search
 
     train, train_labels = clustered(500, 10, seed=5)
     test, test_labels = clustered(80, 10, seed=6)

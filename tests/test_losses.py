@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_patchbench.losses import coding_rate, tcr_loss, tcr_terms, vicreg_loss, vicreg_terms, vicreg_views
+from ssl_patchbench.pretrain.losses import coding_rate, tcr_loss, tcr_terms, vicreg_loss, vicreg_terms, vicreg_views
 
 
 def _hand_vicreg(z1: list[list[float]], z2: list[list[float]]) -> float:

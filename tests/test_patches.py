@@ -4,8 +4,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.patches import PatchSpec, central_boxes, crop_and_resize
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.sampling.patches import PatchSpec, central_boxes, crop_and_resize
 
 
 def _crop(image: torch.Tensor, box: tuple[float, float, float, float], out: int) -> torch.Tensor:

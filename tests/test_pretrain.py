@@ -8,7 +8,9 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from ssl_patchbench.augment import (
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.models.loading import load_model
+from ssl_patchbench.pretrain.augment import (
     ViewAugment,
     _blend_slot,
     adjust_hue,
@@ -18,10 +20,8 @@ from ssl_patchbench.augment import (
     make_views,
     sample_boxes,
 )
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.lars import LARS, WarmupCosine, lars_param_groups
-from ssl_patchbench.pretrain import PretrainConfig, arch_entry, build_trainee, pretrain, save_solo_checkpoint
-from ssl_patchbench.zoo import load_model
+from ssl_patchbench.pretrain.lars import LARS, WarmupCosine, lars_param_groups
+from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, pretrain, save_solo_checkpoint
 
 from .clitools import run_cli as _run
 

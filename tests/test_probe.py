@@ -10,8 +10,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.probe import _fit, _Scaler, linear_probe, stratified_split
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.evaluators.probe import _fit, _Scaler, linear_probe, stratified_split
 
 
 def blobs(n: int, num_classes: int, dim: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from ssl_patchbench.analysis.report import Section, records_sections, render_html
-from ssl_patchbench.checkpoints import sha256_file
-from ssl_patchbench.cli import main
+from ssl_patchbench.cli.main import main
+from ssl_patchbench.models.checkpoints import sha256_file
 
 from .test_analysis import _record
 
@@ -51,7 +51,7 @@ def report_page(tiny_checkpoint, cifar_dir, tmp_path_factory):
     """One report of the tiny model and its records, shared by the tests that read or render it."""
     from click.testing import CliRunner
 
-    from ssl_patchbench.cli import cli
+    from ssl_patchbench.cli.main import cli
 
     tmp = tmp_path_factory.mktemp("report")
     out = tmp / "report.html"

@@ -4,9 +4,8 @@ import json
 import pandas as pd
 import pytest
 
-from ssl_patchbench.errors import UserError
-from ssl_patchbench.results import (
-    append_record,
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.results.records import (
     disagreements,
     export_rows,
     flatten,
@@ -15,6 +14,7 @@ from ssl_patchbench.results import (
     representation_key,
     select_records,
 )
+from ssl_patchbench.results.store import append_record
 
 from .clitools import run_cli
 

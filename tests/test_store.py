@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from ssl_patchbench.store import FeatureStore, store_key
+from ssl_patchbench.features.store import FeatureStore, store_key
 
 
 def _fill(store: FeatureStore, rows: np.ndarray, labels: np.ndarray, chunks=None, chunk_rows=4):

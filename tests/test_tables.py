@@ -5,10 +5,10 @@ import shlex
 
 import pytest
 
-from ssl_patchbench import tables as T
-from ssl_patchbench import tables_render as R
-from ssl_patchbench.cli import eval_cmd
-from ssl_patchbench.errors import UserError
+from ssl_patchbench.cli.evaluate import eval_cmd
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.reporting import render as R
+from ssl_patchbench.reporting import tables as T
 
 from .clitools import run_cli
 from .test_results import record
@@ -81,19 +81,19 @@ def test_fill_command_is_one_valid_eval_per_row():
     assert args[:2] == ["patchbench", "eval"]
     ctx = eval_cmd.make_context("eval", args[2:])  # every option exists and parses
     assert ctx.params["model"] == "resnet18_cifar" and ctx.params["checkpoint"] == "SIMCLR_CKPT"
-    assert (ctx.params["patches"], ctx.params["mode"], ctx.params["patch_size"], ctx.params["stride"]) == (
-        "central,25",
+    assert (ctx.params["patches"], ctx.params["mode"], ctx.params["size"], ctx.params["stride"]) == (
+        ("central", "25"),
         "sliding",
         16,
         4,
     )
-    assert ctx.params["aggregate"] == "gridpool:3:2"
+    assert ctx.params["aggregations"] == ("gridpool:3:2",)
     t1 = R.build(T.select_tables(T.load_tables()[0], ["table1"]), [], {})[0]
     commands = {c.slot: c.command for c in t1.cells}
     patch_based = eval_cmd.make_context("eval", shlex.split(commands["table1/VICReg/patch-based"])[2:]).params
     standard = eval_cmd.make_context("eval", shlex.split(commands["table1/VICReg/standard"])[2:]).params
-    assert (patch_based["patch_scale"], standard["patch_scale"]) == ("0.2", "0.08,1")
-    assert patch_based["patches"] == "central,1,16,256" and patch_based["evals"] == "linear"
+    assert (patch_based["scale"], standard["scale"]) == ((0.2, 0.2), (0.08, 1.0))
+    assert patch_based["patches"] == ("central", "1", "16", "256") and patch_based["evals"] == ("linear",)
 
 
 def test_records_that_disagree_on_provenance_are_flagged():
@@ -162,7 +162,7 @@ def test_user_table_spec_needs_no_code(tmp_path, capsys, monkeypatch):
         "      - {label: tiny, paper: [50.0, null]}\n"
     )
     results = tmp_path / "r.jsonl"
-    from ssl_patchbench.results import append_record
+    from ssl_patchbench.results.store import append_record
 
     append_record(results, record(model="tiny_cifar"))
     code, out, err = run_cli(

@@ -14,9 +14,9 @@ import torchvision
 import yaml
 from torch import nn
 
-from ssl_patchbench import zoo
-from ssl_patchbench.archs import TinyResNet, build_backbone
-from ssl_patchbench.errors import UserError
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.models import loading, registry
+from ssl_patchbench.models.archs import TinyResNet, build_backbone
 
 D = TinyResNet.embed_dim
 
@@ -108,7 +108,7 @@ def _solo_checkpoint(seed: int = 0, prefix: str = "backbone.") -> tuple[dict, nn
 
 
 def test_every_entry_parses_with_its_documented_facts() -> None:
-    entries = {e.name: e for e in zoo.list_entries()}
+    entries = {e.name: e for e in registry.list_entries()}
     assert set(entries) >= {
         "vicreg_rn50",
         "swav_rn50",
@@ -133,8 +133,8 @@ def test_every_entry_parses_with_its_documented_facts() -> None:
     assert all(json.loads(json.dumps(e.to_dict()))["name"] == e.name for e in entries.values())
 
 
-@pytest.mark.parametrize("entry", zoo.list_entries(), ids=lambda e: e.name)
-def test_every_entry_builds_and_embeds(entry: zoo.ZooEntry) -> None:
+@pytest.mark.parametrize("entry", registry.list_entries(), ids=lambda e: e.name)
+def test_every_entry_builds_and_embeds(entry: registry.ZooEntry) -> None:
     model, dim = build_backbone(entry.arch, stem=entry.stem)  # never timm's download
     size = min(entry.preprocessing.input_size, 32)
     with torch.no_grad():
@@ -143,12 +143,12 @@ def test_every_entry_builds_and_embeds(entry: zoo.ZooEntry) -> None:
 
 def test_unknown_name_suggests_the_closest() -> None:
     with pytest.raises(UserError, match=r"unknown model 'vicreg_r50' \(did you mean: vicreg_rn50"):
-        zoo.get_entry("vicreg_r50")
+        registry.get_entry("vicreg_r50")
 
 
 def test_entry_needing_a_checkpoint_says_so() -> None:
     with pytest.raises(UserError, match="`tiny_cifar` needs --checkpoint PATH"):
-        zoo.load_model("tiny_cifar")
+        loading.load_model("tiny_cifar")
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,7 @@ def test_malformed_entry_names_entry_and_field(
 ) -> None:
     _use_zoo(tmp_path, monkeypatch, _entry("bad", **change))
     with pytest.raises(UserError, match=message):
-        zoo.list_entries()
+        registry.list_entries()
 
 
 def test_missing_required_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,17 +180,17 @@ def test_missing_required_field(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     del entry["preprocessing"]["resize"]
     _use_zoo(tmp_path, monkeypatch, entry)
     with pytest.raises(UserError, match=r"entry 'bad': missing required field 'preprocessing\.resize'"):
-        zoo.list_entries()
+        registry.list_entries()
 
 
 def test_extra_zoo_adds_entries_and_refuses_collisions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_zoo(tmp_path, monkeypatch, _entry("my_model"))
-    assert zoo.get_entry("my_model").arch == "tiny_cnn"
-    assert zoo.get_entry("tiny_cifar").arch == "tiny_cnn"
+    assert registry.get_entry("my_model").arch == "tiny_cnn"
+    assert registry.get_entry("tiny_cifar").arch == "tiny_cnn"
     (tmp_path / "dup").mkdir()
     _use_zoo(tmp_path / "dup", monkeypatch, _entry("tiny_cifar"))
     with pytest.raises(UserError, match="'tiny_cifar' is already defined"):
-        zoo.list_entries()
+        registry.list_entries()
 
 
 # ---------------------------------------------------------------- layouts
@@ -198,7 +198,7 @@ def test_extra_zoo_adds_entries_and_refuses_collisions(tmp_path: Path, monkeypat
 
 def _like(real: str, arch: str = "tiny_cnn", stem: str = "imagenet") -> dict:
     """A test entry with the real entry's weights layout on a small architecture."""
-    weights = dataclasses.asdict(zoo.get_entry(real).weights)
+    weights = dataclasses.asdict(registry.get_entry(real).weights)
     return _entry(f"{real}_small", arch=arch, stem=stem, weights=weights)
 
 
@@ -227,7 +227,7 @@ def test_published_layouts_load_exactly(tmp_path: Path, monkeypatch: pytest.Monk
     _use_zoo(tmp_path, monkeypatch, _like(real))
     state = _random_state(TinyResNet(), seed=1)
     torch.save(make(state), tmp_path / "w.pth")
-    loaded = zoo.load_model(f"{real}_small", checkpoint=tmp_path / "w.pth")
+    loaded = loading.load_model(f"{real}_small", checkpoint=tmp_path / "w.pth")
     _assert_same_outputs(loaded.backbone, _reference(TinyResNet(), state), torch.randn(2, 3, 32, 32))
     assert loaded.projector is None and loaded.projection_dim is None
     assert loaded.checkpoint == str(tmp_path / "w.pth")
@@ -237,7 +237,7 @@ def test_plain_resnet18_cifar_state_dict_as_safetensors(tmp_path: Path, monkeypa
     _use_zoo(tmp_path, monkeypatch, _like("vicreg_rn50", arch="resnet18", stem="cifar"))
     state = _random_state(_cifar_resnet18(), seed=2)
     safetensors.torch.save_file(state, tmp_path / "w.safetensors")
-    loaded = zoo.load_model("vicreg_rn50_small", checkpoint=tmp_path / "w.safetensors")
+    loaded = loading.load_model("vicreg_rn50_small", checkpoint=tmp_path / "w.safetensors")
     _assert_same_outputs(loaded.backbone, _reference(_cifar_resnet18(), state), torch.randn(2, 3, 32, 32))
     assert loaded.embed_dim == 512
 
@@ -246,7 +246,7 @@ def test_plain_resnet18_cifar_state_dict_as_safetensors(tmp_path: Path, monkeypa
 def test_solo_learn_lightning_takes_online_not_momentum_weights(tmp_path: Path, prefix: str) -> None:
     checkpoint, backbone, projector = _solo_checkpoint(prefix=prefix)
     torch.save(checkpoint, tmp_path / "last.ckpt")
-    loaded = zoo.load_model("tiny_cifar", checkpoint=tmp_path / "last.ckpt")
+    loaded = loading.load_model("tiny_cifar", checkpoint=tmp_path / "last.ckpt")
     x = torch.randn(4, 3, 32, 32)
     _assert_same_outputs(loaded.backbone, backbone, x)
     with torch.no_grad():
@@ -261,20 +261,20 @@ def test_bf16_checkpoint_is_cast_to_float32(tmp_path: Path) -> None:
         k: v.bfloat16() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()
     }
     torch.save(checkpoint, tmp_path / "bf16.ckpt")
-    loaded = zoo.load_model("tiny_cifar", checkpoint=tmp_path / "bf16.ckpt")
+    loaded = loading.load_model("tiny_cifar", checkpoint=tmp_path / "bf16.ckpt")
     online = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
     assert all(p.dtype == torch.float32 for p in loaded.backbone.state_dict().values() if p.is_floating_point())
     _assert_same_outputs(loaded.backbone, _reference(TinyResNet(), online), torch.randn(2, 3, 32, 32))
 
 
 def test_projector_layout_is_inferred_when_the_entry_has_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    weights = dataclasses.asdict(zoo.get_entry("tiny_cifar").weights)
+    weights = dataclasses.asdict(registry.get_entry("tiny_cifar").weights)
     _use_zoo(tmp_path, monkeypatch, _entry("free", weights=weights))
     mlp = nn.Sequential(nn.Linear(D, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.BatchNorm1d(32))
     backbone, projector = _random_state(TinyResNet(), 3), _random_state(mlp, 3)
     state = {f"backbone.{k}": v for k, v in backbone.items()} | {f"projector.{k}": v for k, v in projector.items()}
     torch.save({"state_dict": state}, tmp_path / "w.ckpt")
-    loaded = zoo.load_model("free", checkpoint=tmp_path / "w.ckpt")
+    loaded = loading.load_model("free", checkpoint=tmp_path / "w.ckpt")
     h = torch.randn(3, D)
     _assert_same_outputs(loaded.projector, _reference(mlp, projector), h)
     assert loaded.projection_dim == 32
@@ -282,7 +282,7 @@ def test_projector_layout_is_inferred_when_the_entry_has_none(tmp_path: Path, mo
 
 @pytest.mark.skipif(not REAL_CKPT.is_file(), reason="shared VICReg checkpoint not present")
 def test_real_vicreg_resnet18_cifar_checkpoint() -> None:
-    loaded = zoo.load_model("resnet18_cifar", checkpoint=REAL_CKPT)
+    loaded = loading.load_model("resnet18_cifar", checkpoint=REAL_CKPT)
     assert (loaded.embed_dim, loaded.projection_dim, loaded.checkpoint_sha256) == (512, 2048, REAL_SHA256)
     raw = torch.load(REAL_CKPT, weights_only=True)["state_dict"]
     reference = _reference(_cifar_resnet18(), {k[9:]: v for k, v in raw.items() if k.startswith("backbone.")})
@@ -320,7 +320,7 @@ def _save_solo(tmp_path: Path, edit) -> Path:
 )
 def test_key_and_shape_mismatches_are_named(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(UserError, match=message):
-        zoo.load_model("tiny_cifar", checkpoint=_save_solo(tmp_path, edit))
+        loading.load_model("tiny_cifar", checkpoint=_save_solo(tmp_path, edit))
 
 
 def test_resnet34_weights_into_resnet18_is_refused(tmp_path: Path) -> None:
@@ -329,13 +329,13 @@ def test_resnet34_weights_into_resnet18_is_refused(tmp_path: Path) -> None:
     state = {f"backbone.{k}": torch.zeros(v.shape, dtype=v.dtype) for k, v in names.items() if "fc." not in k}
     torch.save({"state_dict": state}, tmp_path / "r34.ckpt")
     with pytest.raises(UserError, match=r"backbone weights do not fit .* unexpected \(layer1\.2\.conv1\.weight"):
-        zoo.load_model("resnet18_cifar", checkpoint=tmp_path / "r34.ckpt")
+        loading.load_model("resnet18_cifar", checkpoint=tmp_path / "r34.ckpt")
 
 
 def test_plain_state_dict_where_a_container_is_expected(tmp_path: Path) -> None:
     torch.save(_random_state(TinyResNet(), 0), tmp_path / "w.pth")
     with pytest.raises(UserError, match=r"has none of the keys \['state_dict'\]"):
-        zoo.load_model("tiny_cifar", checkpoint=tmp_path / "w.pth")
+        loading.load_model("tiny_cifar", checkpoint=tmp_path / "w.pth")
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
@@ -348,21 +348,21 @@ def test_truncated_file_is_a_user_error(tmp_path: Path, suffix: str) -> None:
         safetensors.torch.save_file(checkpoint["state_dict"], path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
-        zoo.load_model("tiny_cifar", checkpoint=path)
+        loading.load_model("tiny_cifar", checkpoint=path)
 
 
 def test_pickle_needing_code_is_refused_unless_trusted(tmp_path: Path) -> None:
     checkpoint, backbone, _ = _solo_checkpoint()
     torch.save(checkpoint | {"hyper_parameters": _Hparams()}, tmp_path / "pickled.ckpt")
     with pytest.raises(UserError, match="--trust-checkpoint"):
-        zoo.load_model("tiny_cifar", checkpoint=tmp_path / "pickled.ckpt")
-    loaded = zoo.load_model("tiny_cifar", checkpoint=tmp_path / "pickled.ckpt", trust_pickle=True)
+        loading.load_model("tiny_cifar", checkpoint=tmp_path / "pickled.ckpt")
+    loaded = loading.load_model("tiny_cifar", checkpoint=tmp_path / "pickled.ckpt", trust_pickle=True)
     _assert_same_outputs(loaded.backbone, backbone, torch.randn(2, 3, 32, 32))
 
 
 def test_missing_checkpoint_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="checkpoint not found"):
-        zoo.load_model("tiny_cifar", checkpoint=tmp_path / "nope.ckpt")
+        loading.load_model("tiny_cifar", checkpoint=tmp_path / "nope.ckpt")
 
 
 # ---------------------------------------------------------------- downloads
@@ -371,7 +371,7 @@ def test_missing_checkpoint_file(tmp_path: Path) -> None:
 def _download_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha256: str | None) -> tuple[str, str]:
     """A zoo entry whose url is a local file:// copy of a valid checkpoint; returns its url and real hash."""
     path = _save_solo(tmp_path, lambda s: None)
-    weights = dataclasses.asdict(zoo.get_entry("tiny_cifar").weights)
+    weights = dataclasses.asdict(registry.get_entry("tiny_cifar").weights)
     source = {"url": path.as_uri(), "sha256": sha256}
     _use_zoo(tmp_path, monkeypatch, _entry("remote", weights=weights, source=source, needs_checkpoint=False))
     return path.as_uri(), hashlib.sha256(path.read_bytes()).hexdigest()
@@ -380,18 +380,18 @@ def _download_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sha256: str
 def test_download_is_verified_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     url, digest = _download_entry(tmp_path, monkeypatch, sha256=None)
     cache = tmp_path / "cache"
-    first = zoo.load_model("remote", cache_dir=cache)
+    first = loading.load_model("remote", cache_dir=cache)
     assert (first.checkpoint, first.checkpoint_sha256) == (url, digest)
     assert [p.name for p in cache.rglob("*") if p.is_file()] == ["w.ckpt"]
     monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("downloaded twice"))
-    assert zoo.load_model("remote", cache_dir=cache).checkpoint_sha256 == digest
+    assert loading.load_model("remote", cache_dir=cache).checkpoint_sha256 == digest
 
 
 def test_download_with_wrong_sha256_keeps_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _, digest = _download_entry(tmp_path, monkeypatch, sha256="0" * 64)
     cache = tmp_path / "cache"
     with pytest.raises(UserError, match=f"expected {'0' * 64}, got {digest}"):
-        zoo.load_model("remote", cache_dir=cache)
+        loading.load_model("remote", cache_dir=cache)
     assert not [p for p in cache.rglob("*") if p.is_file()]
 
 
@@ -399,4 +399,4 @@ def test_failed_download_says_where_to_put_the_file(tmp_path: Path, monkeypatch:
     _download_entry(tmp_path, monkeypatch, sha256=None)
     (tmp_path / "w.ckpt").unlink()
     with pytest.raises(UserError, match=r"could not download .* copy the file to .*w\.ckpt or pass --checkpoint"):
-        zoo.load_model("remote", cache_dir=tmp_path / "cache")
+        loading.load_model("remote", cache_dir=tmp_path / "cache")

@@ -7,35 +7,22 @@ float32 (no bf16, no TF32): neighbour rankings must come out the same on CPU and
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import ImageSplit, open_split
-from ..devices import ieee_fp32_matmul
-from ..errors import UserError
-from ..extract import Encoder, ImageSource, PatchRunner
-from ..patches import PatchSpec, crop_and_resize
-from ..paths import home
-from ..zoo import LoadedModel, load_model
+from ssl_patchbench.core.devices import exact_fp32
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.features.extract import ExtractSettings, ImageSource, PatchRunner
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import LoadedModel, load_model
+from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
 
 SPACES = ("embedding", "projection")
-
-
-@contextmanager
-def exact_fp32() -> Iterator[None]:
-    """IEEE float32 matmuls and convolutions while inside (TF32 would reorder near-ties across devices)."""
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        with ieee_fp32_matmul():
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
 
 
 @dataclass(frozen=True)
@@ -100,7 +87,7 @@ class PatchEmbedder:
     def embed(self, split: ImageSplit, indices: np.ndarray, spec: PatchSpec) -> torch.Tensor:
         """Embeddings h ``[B, n, d]`` (float32, CPU) of every patch of images ``indices`` under ``spec``."""
         indices = np.asarray(indices, dtype=np.int64)
-        runner = PatchRunner(self.encoder, spec, self.device, None, self.max_patches)
+        runner = PatchRunner(self.encoder, spec, ExtractSettings(self.device, "fp32", self.max_patches))
         step = runner.images_per_batch
         batches = [indices[i : i + step] for i in range(0, len(indices), step)]
         out = []

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import UserError
+from ssl_patchbench.core.errors import UserError
+
 from .embed import Inputs, PatchEmbedder, check_spaces, image_boxes, sliding_spec
 
 _SPACE_TITLES = {"embedding": "embedding (h)", "projection": "projection (z)"}

@@ -9,16 +9,16 @@ function of (images, spec, seed), so a CPU and a GPU run agree up to float ties.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import UserError
-from .embed import Inputs, PatchEmbedder, check_spaces, exact_fp32, image_boxes, sliding_spec
+from ssl_patchbench.core.devices import exact_fp32
+from ssl_patchbench.core.errors import UserError
+
+from .embed import Inputs, PatchEmbedder, check_spaces, image_boxes, sliding_spec
 
 RELATIONS = ("same image", "same class", "other class")
 
@@ -244,18 +244,3 @@ def run_neighbors(
         "shown_neighbors": "other images only" if other_images else "any other patch",
     }
     return NeighborsResult(bank=bank, settings=settings, **with_device)
-
-
-def write_neighbors(result: NeighborsResult, inputs: Inputs, out: Path, *, show: int = 6, show_k: int = 5) -> list:
-    """``neighbors_stats.json``, ``neighbors.csv``, ``neighbors.png`` (grid) and ``neighbors_stats.png`` (bars)."""
-    from .figures import save_png
-    from .neighbors_plot import plot_neighbor_grid, plot_neighbor_stats
-
-    out.mkdir(parents=True, exist_ok=True)
-    stats = out / "neighbors_stats.json"
-    stats.write_text(json.dumps(result.stats_json(), indent=2, default=str) + "\n")
-    table = out / "neighbors.csv"
-    result.table().to_csv(table, index=False, float_format="%.6f")
-    grid = save_png(plot_neighbor_grid(result, inputs, show=show, k=show_k), out / "neighbors.png")
-    bars = save_png(plot_neighbor_stats(result), out / "neighbors_stats.png")
-    return [stats, table, grid, bars]

@@ -1,6 +1,10 @@
-"""Plots of the neighbour analysis: the Figure 4 patch grid and the share-of-neighbours bar chart."""
+"""Plots and files of the neighbour analysis: the Figure 4 patch grid, the share-of-neighbours bar chart, and
+``write_neighbors`` (the analysis itself, in ``neighbors``, knows nothing of either)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -118,3 +122,17 @@ def plot_neighbor_stats(result: NeighborsResult):
         bottom.set_title(f"(b) {k} nearest from other images only", loc="left")
         bottom.set_xlabel(f"share of the nearest patches (%), {queries} queries")
     return fig
+
+
+def write_neighbors(result: NeighborsResult, inputs: Inputs, out: Path, *, show: int = 6, show_k: int = 5) -> list:
+    """``neighbors_stats.json``, ``neighbors.csv``, ``neighbors.png`` (grid) and ``neighbors_stats.png`` (bars)."""
+    from .figures import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    stats = out / "neighbors_stats.json"
+    stats.write_text(json.dumps(result.stats_json(), indent=2, default=str) + "\n")
+    table = out / "neighbors.csv"
+    result.table().to_csv(table, index=False, float_format="%.6f")
+    grid = save_png(plot_neighbor_grid(result, inputs, show=show, k=show_k), out / "neighbors.png")
+    bars = save_png(plot_neighbor_stats(result), out / "neighbors_stats.png")
+    return [stats, table, grid, bars]

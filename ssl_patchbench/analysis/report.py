@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from ssl_patchbench.core.errors import UserError
+
 from .. import __version__
-from ..errors import UserError
 
 _CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1040px;margin:24px auto;padding:0 16px;

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..errors import UserError
+from ssl_patchbench.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

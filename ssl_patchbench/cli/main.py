@@ -1,0 +1,55 @@
+"""The ``patchbench`` command: the top-level group, its subcommands (one module per group), and the entry point
+that turns a user error into one line and exit code 2.
+
+Heavy modules (torch) are imported inside the commands, so ``patchbench --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ssl_patchbench.cli.analysis import converge, report, viz
+from ssl_patchbench.cli.common import stderr
+from ssl_patchbench.cli.evaluate import demo, eval_cmd
+from ssl_patchbench.cli.pretrain import pretrain_cmd
+from ssl_patchbench.cli.report import check, results, table
+from ssl_patchbench.cli.zoo import zoo
+from ssl_patchbench.core.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ssl-patchbench")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Evaluate self-supervised image checkpoints with bags of patch embeddings."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+for command in (eval_cmd, zoo, demo, table, results, check, pretrain_cmd, converge, viz, report):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Entry point: user errors end with one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        stderr.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("interrupted: finished chunks are kept; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Datasets as uint8 images with labels: torchvision built-ins, ImageFolder trees, scikit-learn digits."""

@@ -1,0 +1,248 @@
+"""Datasets as uint8 images with labels: torchvision built-ins, ImageFolder trees, scikit-learn digits.
+
+A split is either held in memory as one ``[N, H, W, 3]`` uint8 array (small datasets; ImageFolder trees
+of small images are decoded once and cached) or read lazily from files (large ones). Both give the
+extractor the same thing: images by index, labels, class names, and an identity to hash into store keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ssl_patchbench.core.errors import UserError, did_you_mean
+from ssl_patchbench.core.files import atomic_path
+from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.decode import decode
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10")
+FOLDER_DATASETS = ("imagenet", "imagenet100", "imagenette", "folder")
+DATASETS = (*TORCHVISION_DATASETS, "digits", *FOLDER_DATASETS)
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+_DECODE_CACHE_MAX_SIDE = 96  # ImageFolder trees of images this small are decoded once into an array
+_DECODE_CACHE_MAX_BYTES = 8 << 30
+
+
+@dataclass
+class ImageSplit:
+    """One split of a dataset: images by index, labels, class names and an identity for store keys.
+
+    Exactly one of ``array`` (``[N, H, W, 3]`` uint8) and ``paths`` is set.
+    """
+
+    labels: np.ndarray
+    classes: list[str]
+    identity: dict
+    array: np.ndarray | None = None
+    paths: list[str] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, index: int) -> np.ndarray:
+        """Image ``index`` as ``[H, W, 3]`` uint8."""
+        if self.array is not None:
+            return self.array[index]
+        return decode(self.paths[index])  # type: ignore[index]
+
+    def subset(self, per_class: int | None) -> ImageSplit:
+        """Keep the first ``per_class`` images of each class, in dataset order."""
+        if per_class is None:
+            return self
+        if per_class <= 0:
+            raise UserError(f"images per class must be positive, got {per_class}")
+        keep = first_per_class(self.labels, per_class)
+        return ImageSplit(
+            labels=self.labels[keep],
+            classes=self.classes,
+            identity={**self.identity, "per_class": per_class, "n": len(keep)},
+            array=None if self.array is None else self.array[keep],
+            paths=None if self.paths is None else [self.paths[i] for i in keep],
+        )
+
+
+def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` rows of each label, in their original order."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = np.arange(len(labels)) - starts
+    return np.sort(order[rank < per_class])
+
+
+def open_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | Path | None = None,
+    per_class: int | None = None,
+    cache_dir: Path | None = None,
+    download: bool = False,
+) -> ImageSplit:
+    """Open ``split`` of dataset ``name``, from ``data_dir`` when given.
+
+    An ImageFolder tree (``DIR/train/<class>/*``, ``DIR/test/<class>/*`` or ``DIR/val/...``, also under
+    ``DIR/<name>/``) wins over a torchvision copy; ``digits`` is scikit-learn's, offline, for the demo.
+    """
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: choose train or test")
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
+    root = _folder_root(name, data_dir)
+    if root is not None:
+        opened = open_image_folder(root, split, name=name, cache_dir=cache_dir)
+    elif name == "digits":
+        opened = digits_split(split)
+    elif name in TORCHVISION_DATASETS:
+        root = Path(data_dir).expanduser() if data_dir else home() / "datasets"
+        opened = _torchvision_split(name, split, root, download)
+    else:
+        where = f"in {data_dir}" if data_dir else "(no --data-dir given)"
+        raise UserError(
+            f"no ImageFolder tree for {name} {where}: pass --data-dir DIR holding DIR/train/<class>/* "
+            "and DIR/test/<class>/* (or DIR/val/)"
+        )
+    return opened.subset(per_class)
+
+
+def _folder_root(name: str, data_dir: str | Path | None) -> Path | None:
+    if data_dir is None:
+        return None
+    base = Path(data_dir).expanduser()
+    for root in (base, base / name):
+        if (root / "train").is_dir():
+            return root
+    return None
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    names = ("train",) if split == "train" else ("test", "val")
+    for candidate in names:
+        if (root / candidate).is_dir():
+            return root / candidate
+    raise UserError(f"{root} has no {' or '.join(names)}/ folder for the {split} split")
+
+
+def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | None) -> ImageSplit:
+    """An ImageFolder split; small images are decoded once into a cached array."""
+    folder = _split_dir(root, split)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
+    paths, labels = _list_images(folder, classes)
+    if not paths:
+        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    listing = hashlib.sha256("\n".join(os.path.relpath(p, folder) for p in paths).encode()).hexdigest()
+    identity = {
+        "dataset": name,
+        "split": split,
+        "source": "imagefolder",
+        "root": str(folder.resolve()),
+        "classes": classes,
+        "n": len(paths),
+        "files_sha256": listing,
+    }
+    opened = ImageSplit(labels=np.asarray(labels, dtype=np.int64), classes=classes, identity=identity, paths=paths)
+    return _decoded(opened, cache_dir) if cache_dir is not None else opened
+
+
+def _list_images(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        files = sorted(str(p) for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    return paths, labels
+
+
+def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
+    """Swap lazy files for one decoded array when every image is small and of one size (cached on disk)."""
+    first = split.image(0)
+    h, w = first.shape[:2]
+    if max(h, w) > _DECODE_CACHE_MAX_SIDE or len(split) * first.nbytes > _DECODE_CACHE_MAX_BYTES:
+        return split
+    key = hashlib.sha256(json.dumps(split.identity, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir / f"{key}.npy"
+    cached = _load_cached(path, (len(split), h, w, 3))
+    if cached is not None:
+        return ImageSplit(split.labels, split.classes, split.identity, array=cached)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        images = list(pool.map(decode, split.paths))  # type: ignore[arg-type]
+    if any(im.shape != first.shape for im in images):
+        return split
+    array = np.stack(images)
+    with atomic_path(path) as tmp:
+        np.save(tmp, array)
+    return ImageSplit(split.labels, split.classes, split.identity, array=array)
+
+
+def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The decoded-image cache, or None when it is missing, damaged or of another shape (it is then rebuilt)."""
+    try:
+        array = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = isinstance(array, np.ndarray) and array.shape == shape and array.dtype == np.uint8
+    return array if ok else None
+
+
+def digits_split(split: str) -> ImageSplit:
+    """scikit-learn's 8x8 digits (1,797 images, offline), upsampled to 32x32 RGB; every 5th image is test."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    big = np.kron(pixels, np.ones((1, 4, 4), dtype=np.uint8))
+    rgb = np.repeat(big[..., None], 3, axis=-1)
+    is_test = np.arange(len(rgb)) % 5 == 0
+    keep = is_test if split == "test" else ~is_test
+    identity = {"dataset": "digits", "split": split, "source": "sklearn.load_digits", "n": int(keep.sum())}
+    return ImageSplit(
+        labels=bunch.target[keep].astype(np.int64),
+        classes=[str(c) for c in bunch.target_names],
+        identity=identity,
+        array=np.ascontiguousarray(rgb[keep]),
+    )
+
+
+def _torchvision_split(name: str, split: str, root: Path, download: bool) -> ImageSplit:
+    from torchvision import datasets
+
+    builders = {
+        "cifar10": lambda: datasets.CIFAR10(str(root), train=split == "train", download=download),
+        "cifar100": lambda: datasets.CIFAR100(str(root), train=split == "train", download=download),
+        "stl10": lambda: datasets.STL10(str(root), split=split, download=download),
+    }
+    try:
+        ds = builders[name]()
+    except RuntimeError as exc:
+        raise UserError(
+            f"{name} not found in {root}: rerun with --download (needs internet), or pass --data-dir DIR "
+            f"holding an ImageFolder tree (e.g. `python ../shared/data/materialize.py {name} DIR`)"
+        ) from exc
+    except OSError as exc:  # a failed download or an unwritable root
+        raise UserError(
+            f"could not get {name} into {root} ({exc}): check the network and that the folder is writable, "
+            f"or pass --data-dir DIR holding an ImageFolder tree"
+        ) from exc
+    array = ds.data if name != "stl10" else ds.data.transpose(0, 2, 3, 1)
+    labels = np.asarray(ds.targets if name != "stl10" else ds.labels, dtype=np.int64)
+    identity = {
+        "dataset": name,
+        "split": split,
+        "source": "torchvision",
+        "n": len(labels),
+        "labels_sha256": hashlib.sha256(labels.tobytes()).hexdigest(),  # other files under the same name: new key
+    }
+    return ImageSplit(labels, list(ds.classes), identity, array=np.ascontiguousarray(array))

@@ -1,0 +1,256 @@
+"""Linear probe on frozen, cached features: multinomial logistic regression fitted full-batch by L-BFGS.
+
+Weight decay is chosen on a seeded, stratified hold-out of the train split (never the test split), then
+the model is refit on the whole train split and that final model's test accuracy is reported. This is the
+cached-feature protocol, not the paper's 100-epoch augmented SGD probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ssl_patchbench.core.devices import exact_fp32, resolve_device
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.evaluators.inputs import check_labelled_features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHT_DECAYS = tuple(10.0**-e for e in range(8))
+"""1 down to 1e-7 by decades: the optimum moves from ~1e-1 (a few samples a class) to ~1e-6 (ImageNet)."""
+PATIENCE = 2
+"""Stop the sweep (large to small decay) after this many decays in a row fail to beat the best val top-1."""
+HISTORY_SIZE = 20
+CHUNK_ELEMENTS = 2**26
+"""Logit elements per chunk of rows in the objective: bounds its memory to a few hundred MB."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Test accuracy (percent) of the refit model and how it was chosen.
+
+    ``val_top1`` maps each weight decay tried to its held-out accuracy (empty when only one was given;
+    the sweep may stop before the smallest); ``n_iter`` counts the L-BFGS iterations of the final refit;
+    ``seconds`` is the wall time of the whole probe.
+    """
+
+    top1: float
+    top5: float | None
+    weight_decay: float
+    val_top1: dict[float, float]
+    n_iter: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Scaler:
+    """Per-feature mean and std of the rows a model is fitted on (zero-variance features keep scale 1)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> _Scaler:
+        std, mean = torch.std_mean(x, dim=0, correction=0)
+        return cls(mean, torch.where(std > 1e-6 * mean.abs().clamp_min(1.0), std, 1.0))
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, val) row indices: per class, a seeded random ``round(val_fraction * n_c)`` rows go to val.
+
+    Every class with at least two rows keeps at least one row on each side, so tiny splits still select.
+    """
+    labels = labels.cpu().long()
+    perm = torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(seed))
+    grouped = perm[torch.sort(labels[perm], stable=True).indices]
+    counts = torch.bincount(labels)
+    n_val = (counts * val_fraction).round().long().clamp(min=1).minimum(counts - 1).clamp(min=0)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_labels = labels[grouped]
+    rank = torch.arange(labels.shape[0]) - starts[sorted_labels]
+    is_val = rank < n_val[sorted_labels]
+    return grouped[~is_val].sort().values, grouped[is_val].sort().values
+
+
+def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Features moved to ``device`` as float32; non-finite features are refused (they poison the fit)."""
+    x = x.to(device).float()
+    if not torch.isfinite(x).all():
+        raise UserError("features contain NaN or inf (a float16 overflow?): store them as float32")
+    return x
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler) -> torch.Tensor:
+    """Logits of standardised ``x``, with the scaling folded into the weights so ``x`` is never copied."""
+    w_raw = w / scaler.std
+    return torch.addmm(b - w_raw @ scaler.mean, x, w_raw.T)
+
+
+def _chunk_rows(num_classes: int) -> int:
+    """Rows per chunk so that one chunk's logits hold at most ``CHUNK_ELEMENTS`` values."""
+    return max(1, CHUNK_ELEMENTS // num_classes)
+
+
+def _objective(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler, wd: float
+) -> torch.Tensor:
+    """Mean cross-entropy + 0.5 * wd * ||w||^2 (bias not decayed); gradients accumulated chunk by chunk."""
+    total = 0.5 * wd * w.square().sum()
+    total.backward()
+    total = total.detach()
+    rows = _chunk_rows(w.shape[0])
+    for s in range(0, x.shape[0], rows):
+        loss = F.cross_entropy(_logits(x[s : s + rows], w, b, scaler), y[s : s + rows], reduction="sum")
+        (loss / x.shape[0]).backward()
+        total += loss.detach() / x.shape[0]
+    return total
+
+
+def _gradient_scale(x: torch.Tensor, y: torch.Tensor, scaler: _Scaler, num_classes: int) -> float:
+    """Largest gradient entry at zero weights, the yardstick for convergence.
+
+    Gradient entries shrink like 1/num_classes, so an absolute tolerance that suits 10 classes stops a
+    1000-class fit before its first step.
+    """
+    w = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    _objective(x, y, w, b, scaler, 0.0)
+    return max(w.grad.abs().max().item(), b.grad.abs().max().item())
+
+
+def _fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scaler: _Scaler,
+    wd: float,
+    init: tuple[torch.Tensor, torch.Tensor],
+    *,
+    max_iter: int,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Minimise the objective from ``init`` (warm start) until the largest gradient entry falls below
+    ``tol`` times its value at zero weights; returns (w, b, L-BFGS iterations)."""
+    tolerance_grad = tol * _gradient_scale(x, y, scaler, init[0].shape[0])
+    w, b = (p.clone().requires_grad_(True) for p in init)
+    optimizer = torch.optim.LBFGS(
+        [w, b],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=HISTORY_SIZE,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        return _objective(x, y, w, b, scaler, wd)
+
+    optimizer.step(closure)
+    n_iter = optimizer.state[w].get("n_iter", 0)
+    if n_iter >= max_iter:
+        log.warning("wd=%.3g: L-BFGS stopped at max_iter=%d before reaching tol", wd, max_iter)
+    log.debug("wd=%.3g: %d L-BFGS iterations", wd, n_iter)
+    return w.detach(), b.detach(), n_iter
+
+
+@torch.no_grad()
+def _accuracy(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler
+) -> tuple[float, float | None]:
+    """Top-1 and top-5 (None for <= 5 classes) accuracy in percent."""
+    num_classes = w.shape[0]
+    hits = torch.zeros(2, dtype=torch.long, device=x.device)
+    rows = _chunk_rows(num_classes)
+    for s in range(0, x.shape[0], rows):
+        ranked = _logits(x[s : s + rows], w, b, scaler).topk(min(5, num_classes), dim=1).indices
+        correct = ranked == y[s : s + rows, None]
+        hits[0] += correct[:, 0].sum()
+        hits[1] += correct.any(dim=1).sum()
+    top1, top5 = (100.0 * h / x.shape[0] for h in hits.tolist())
+    return top1, (top5 if num_classes > 5 else None)
+
+
+def _select_weight_decay(
+    x_fit: torch.Tensor,
+    y_fit: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    weight_decays: Sequence[float],
+    init: tuple[torch.Tensor, torch.Tensor],
+    *,
+    max_iter: int,
+    tol: float,
+) -> tuple[float, dict[float, float], tuple[torch.Tensor, torch.Tensor]]:
+    """Sweep decays from large to small, each warm-started from the last; ties go to the larger decay.
+
+    Returns the best decay, the val top-1 of every decay tried and the best decay's weights.
+    """
+    scaler = _Scaler.fit(x_fit)
+    val_top1: dict[float, float] = {}
+    best_wd, best_params, misses = None, init, 0
+    for wd in sorted(weight_decays, reverse=True):
+        w, b, _ = _fit(x_fit, y_fit, scaler, wd, init, max_iter=max_iter, tol=tol)
+        init = (w, b)
+        val_top1[wd] = _accuracy(x_val, y_val, w, b, scaler)[0]
+        if best_wd is None or val_top1[wd] > val_top1[best_wd]:
+            best_wd, best_params, misses = wd, (w, b), 0
+        else:
+            misses += 1
+            if misses == PATIENCE:
+                break
+    log.info("weight decay %.3g chosen on %d held-out rows: %s", best_wd, x_val.shape[0], val_top1)
+    return best_wd, val_top1, best_params
+
+
+def linear_probe(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    weight_decays: Sequence[float] | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-3,
+    num_classes: int | None = None,
+) -> ProbeResult:
+    """Fit the probe on ``train`` (decay chosen on a held-out part of it) and score it on ``test``.
+
+    A fit stops when its largest gradient entry is below ``tol`` times that at zero weights (relative, unlike
+    scikit-learn's absolute ``tol``, so 1000 classes converge as well as 10) or after ``max_iter`` iterations.
+    Features are moved to ``device`` once, as float32; the objective runs in row chunks to bound memory.
+    """
+    start = time.perf_counter()
+    num_classes = check_labelled_features(train, train_labels, test, test_labels, num_classes)
+    weight_decays = DEFAULT_WEIGHT_DECAYS if weight_decays is None else tuple(weight_decays)
+    if not weight_decays or min(weight_decays) < 0 or not 0 < val_fraction < 1:
+        raise UserError(f"need weight decays >= 0 and 0 < val_fraction < 1, got {weight_decays}, {val_fraction}")
+    device = resolve_device("auto" if device is None else str(device))
+    init = (torch.zeros(num_classes, train.shape[1], device=device), torch.zeros(num_classes, device=device))
+    with exact_fp32():
+        if len(weight_decays) == 1:
+            x, y = _on_device(train, device), train_labels.to(device).long()
+            wd, val_top1 = weight_decays[0], {}
+        else:
+            fit_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+            if val_idx.numel() == 0:
+                raise UserError("too few train rows per class to hold out a validation set: pass one weight decay")
+            order = torch.cat([fit_idx, val_idx])
+            x, y = _on_device(train[order], device), train_labels[order].to(device).long()
+            n_fit = fit_idx.numel()
+            wd, val_top1, init = _select_weight_decay(
+                x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:], weight_decays, init, max_iter=max_iter, tol=tol
+            )
+        scaler = _Scaler.fit(x)
+        w, b, n_iter = _fit(x, y, scaler, wd, init, max_iter=max_iter, tol=tol)
+        del x, y
+        top1, top5 = _accuracy(_on_device(test, device), test_labels.to(device).long(), w, b, scaler)
+    return ProbeResult(top1, top5, wd, val_top1, n_iter, time.perf_counter() - start)

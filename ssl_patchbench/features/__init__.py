@@ -1,0 +1,1 @@
+"""Extraction (sampler + encoder + aggregation) and the memory-mapped, content-keyed, resumable feature stores."""

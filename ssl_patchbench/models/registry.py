@@ -1,0 +1,263 @@
+"""The model zoo's registry: entries as frozen, validated dataclasses, filled in from `model_zoo.yaml`.
+
+Entries are shaped after timm's PretrainedCfg; YAML only fills them in, field by typed field. Listing or showing
+entries never imports a deep-learning framework: this module knows names and numbers, not weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import types
+import typing
+import urllib.parse
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssl_patchbench.core.errors import UserError, did_you_mean
+from ssl_patchbench.models.sources import cache_path
+
+ZOO_FILE = Path(__file__).with_name("model_zoo.yaml")
+ZOO_ENV = "PATCHBENCH_ZOO"
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+TINY_ARCH = "tiny_cnn"
+TIMM_PREFIX = "timm:"
+STEMS = ("imagenet", "cifar", "tf_same")
+
+
+def check_arch(arch: str, stem: str = "imagenet") -> None:
+    """Raise UserError for an unknown arch or stem, so a bad zoo entry fails before any weights load (a timm
+    name is checked against timm when the model is built: listing the zoo does not import timm)."""
+    if arch.startswith(TIMM_PREFIX):
+        if not arch.removeprefix(TIMM_PREFIX):
+            raise UserError("timm architectures are named timm:<name>, e.g. timm:resnet50.a1_in1k")
+    elif arch not in (*TORCHVISION_ARCHS, TINY_ARCH):
+        hint = did_you_mean(arch, (*TORCHVISION_ARCHS, TINY_ARCH))
+        raise UserError(
+            f"unknown architecture '{arch}'{hint}: use one of {', '.join(TORCHVISION_ARCHS)}, "
+            f"{TINY_ARCH} or timm:<name>"
+        )
+    if stem not in STEMS:
+        raise UserError(f"unknown stem '{stem}'{did_you_mean(stem, STEMS)}: use one of {', '.join(STEMS)}")
+    if stem != "imagenet" and arch not in TORCHVISION_ARCHS:
+        raise UserError(f"stem '{stem}' applies to torchvision ResNets only: use 'imagenet' for '{arch}'")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Central view: whole image up to 96 px; larger ones resize the shorter side to `resize`, crop `input_size`."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None
+    interpolation: str = "bilinear"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the weights come from; hub fields are provenance (the file is fetched from `url`)."""
+
+    url: str | None = None
+    sha256: str | None = None
+    hub_repo: str | None = None
+    hub_entry: str | None = None
+    path: str | None = None
+    timm_pretrained: bool = False
+
+
+@dataclass(frozen=True)
+class WeightsLayout:
+    """How to find the backbone and projector tensors in a checkpoint file; every other key is an error.
+
+    Keys are stripped of the first matching `strip_prefixes`, then sorted by `startswith`: projector first,
+    then ignored, then backbone ("" takes every remaining key). `allow_missing` holds fnmatch patterns.
+    """
+
+    containers: tuple[str, ...] = ()
+    strip_prefixes: tuple[str, ...] = ()
+    backbone_prefixes: tuple[str, ...] = ("",)
+    projector_prefix: str | None = None
+    ignore_prefixes: tuple[str, ...] = ()
+    allow_missing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One pretrained model: architecture, weights, preprocessing and the numbers its authors report."""
+
+    name: str
+    arch: str
+    preprocessing: Preprocessing
+    pretrain_scale: tuple[float, float]
+    description: str
+    stem: str = "imagenet"
+    source: Source = Source()
+    weights: WeightsLayout = WeightsLayout()
+    projector: tuple[int, ...] | None = None
+    projector_batchnorm: bool = True
+    pretrain_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    references: dict[str, float] = field(default_factory=dict)
+    license: str | None = None
+    needs_checkpoint: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able view, hashed into store keys."""
+        return dataclasses.asdict(self)
+
+
+def list_entries() -> list[ZooEntry]:
+    """All entries: the packaged zoo plus the file named by $PATCHBENCH_ZOO, if any."""
+    return list(_registry(os.environ.get(ZOO_ENV) or None).values())
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The entry called `name`; an unknown name suggests the closest ones."""
+    entries = _registry(os.environ.get(ZOO_ENV) or None)
+    if name not in entries:
+        raise UserError(
+            f"unknown model '{name}'{did_you_mean(name, entries)}: use a name from "
+            f"{ZOO_FILE.name} or add an entry in a file named by ${ZOO_ENV}"
+        )
+    return entries[name]
+
+
+@functools.cache
+def _registry(extra: str | None) -> dict[str, ZooEntry]:
+    """Parse the zoo files once per process; a name defined twice is an error, never an override."""
+    entries: dict[str, ZooEntry] = {}
+    for path in [ZOO_FILE, *([Path(extra).expanduser()] if extra else [])]:
+        for entry in _parse_file(path):
+            if entry.name in entries:
+                raise UserError(f"{path}: entry '{entry.name}' is already defined: rename it")
+            entries[entry.name] = entry
+    return entries
+
+
+def _parse_file(path: Path) -> list[ZooEntry]:
+    """Entries of one zoo file: a top-level `models:` list of mappings."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read zoo file {path} ({str(err).splitlines()[0]}): fix or remove it") from err
+    if not isinstance(data, dict) or not isinstance(data.get("models"), list):
+        raise UserError(f"{path}: expected a top-level 'models:' list of entries")
+    return [_parse_entry(item, path) for item in data["models"]]
+
+
+def _parse_entry(item: object, path: Path) -> ZooEntry:
+    """One validated entry; errors name the file, the entry and the field."""
+    name = item.get("name") if isinstance(item, dict) else None
+    if not isinstance(name, str):
+        raise UserError(f"{path}: every entry needs a 'name' string (got {str(item)[:60]})")
+    where = f"{path}: entry '{name}'"
+    entry = _build(ZooEntry, item, where, "")
+    _validate(entry, where)
+    return entry
+
+
+def _build(cls: type, data: object, where: str, prefix: str) -> Any:
+    """Fill dataclass `cls` from a YAML mapping, type-checking every field against its annotation."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}, field '{prefix.rstrip('.') or cls.__name__}': expected a mapping")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise UserError(f"{where}: unknown field '{prefix}{key}'{did_you_mean(str(key), names)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], where, prefix + f.name)
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise UserError(f"{where}: missing required field '{prefix}{f.name}'")
+    return cls(**kwargs)
+
+
+def _coerce(value: object, tp: Any, where: str, name: str) -> Any:
+    """`value` converted to annotation `tp` (dataclass, optional, tuple, dict or scalar) or a UserError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, name + ".")
+    if origin in (typing.Union, types.UnionType):
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _coerce(value, inner, where, name)
+    if origin is tuple and isinstance(value, list | tuple):
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(items) == len(value):
+            pairs = enumerate(zip(value, items, strict=True))
+            return tuple(_coerce(v, t, where, f"{name}[{i}]") for i, (v, t) in pairs)
+    elif origin is dict and isinstance(value, dict):
+        return {_coerce(k, args[0], where, name): _coerce(v, args[1], where, f"{name}.{k}") for k, v in value.items()}
+    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif tp in (str, int, bool) and type(value) is tp:
+        return value
+    expected = tp.__name__ if tp in (str, int, float, bool) else str(tp)
+    raise UserError(f"{where}, field '{name}': expected {expected}, got {value!r}")
+
+
+def _validate(e: ZooEntry, where: str) -> None:
+    """Semantic checks the types cannot express, each naming its field."""
+    for fld, stem in (("arch", "imagenet"), ("stem", e.stem)):
+        try:
+            check_arch(e.arch, stem)
+        except UserError as err:
+            raise UserError(f"{where}, field '{fld}': {err}") from err
+    src, pre = e.source, e.preprocessing
+    checks = [
+        (
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", e.name),
+            "name",
+            "use letters, digits, '.', '_' and '-', starting with a letter or digit (a name is never a path)",
+        ),
+        (
+            src.url or src.path or src.timm_pretrained or e.needs_checkpoint,
+            "source",
+            "give url, path or timm_pretrained: true, or set needs_checkpoint: true",
+        ),
+        (
+            src.url is None or _cacheable(src.url),
+            "source.url",
+            "expected an http(s):// or file:// URL naming a file, without '..' segments",
+        ),
+        (
+            src.sha256 is None or re.fullmatch("[0-9a-f]{64}", src.sha256),
+            "source.sha256",
+            "expected 64 lowercase hex digits or null",
+        ),
+        (not src.timm_pretrained or e.arch.startswith("timm:"), "source.timm_pretrained", "needs a timm:<name> arch"),
+        (pre.interpolation in INTERPOLATIONS, "preprocessing.interpolation", f"use one of {INTERPOLATIONS}"),
+        (
+            pre.input_size > 0 and (pre.resize is None or pre.resize >= pre.input_size),
+            "preprocessing.resize",
+            "expected input_size > 0 and resize >= input_size (or null)",
+        ),
+        (0 < e.pretrain_scale[0] <= e.pretrain_scale[1] <= 1, "pretrain_scale", "expected 0 < min <= max <= 1"),
+        (0 < e.pretrain_ratio[0] <= e.pretrain_ratio[1], "pretrain_ratio", "expected 0 < min <= max"),
+        (
+            e.projector is None or (e.projector and min(e.projector) > 0),
+            "projector",
+            "expected a non-empty list of positive widths, or null",
+        ),
+    ]
+    for ok, fld, fix in checks:
+        if not ok:
+            raise UserError(f"{where}, field '{fld}': {fix}")
+
+
+def _cacheable(url: str) -> bool:
+    """A URL the checkpoint cache accepts: a known scheme and a file name that stays inside the cache."""
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https", "file"):
+        return False
+    try:
+        cache_path(url, Path("/cache"))
+    except UserError:
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""`evaluate(EvalConfig)`: zoo -> data -> features -> evaluators -> results; what a notebook or the CLI calls."""

@@ -1,0 +1,141 @@
+"""The run context: everything one ``evaluate`` resolves once (model, encoder, data, device, precision, ranks,
+environment) and passes down, and the one place that says what identifies a result."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ssl_patchbench.core.devices import resolve_device
+from ssl_patchbench.core.distributed import Ranks
+from ssl_patchbench.core.environment import environment
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, resolve_precision
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import LoadedModel, load_model
+from ssl_patchbench.pipeline.config import EvalConfig
+from ssl_patchbench.results.records import DESCRIPTIVE_ZOO_FIELDS, FEATURE_FIELDS, NUMBER_FIELDS
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
+
+# Patches of one representation (train + test) from which ``--compile auto`` compiles. Measured on an H100: the
+# compilation (5 s for ResNet-18 at 32 px, 11-19 s for ResNet-50 at 224 px) is won back after about 2M and 0.4M
+# patches; 4M keeps small runs (e.g. 25 sliding windows on CIFAR-10, 1.5M patches) on the eager encoder.
+AUTO_COMPILE_MIN_PATCHES = 4_000_000
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """One evaluation's resolved inputs; built once, read by every stage."""
+
+    cfg: EvalConfig
+    model: LoadedModel
+    encoder: Encoder  # one per run: a compiled encoder is reused by every extraction
+    splits: dict[str, ImageSplit]
+    device: torch.device
+    precision: str  # resolved: bf16, fp16 or fp32
+    ranks: Ranks
+    root: Path
+    progress: ProgressFactory | None
+    environment: dict
+
+    @classmethod
+    def build(cls, cfg: EvalConfig, ranks: Ranks, progress: ProgressFactory | None) -> RunContext:
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and ranks.active:
+            device = torch.device("cuda", ranks.local_rank)
+        root = cfg.home or home()
+        model = load_model(
+            cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint, cache_dir=root / "checkpoints"
+        )
+        splits = {
+            split: open_split(
+                cfg.dataset,
+                split,
+                data_dir=cfg.data_dir,
+                per_class=per_class,
+                cache_dir=root / "images",
+                download=cfg.download,
+            )
+            for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class))
+        }
+        return cls(
+            cfg=cfg,
+            model=model,
+            encoder=Encoder(model, cfg.space),
+            splits=splits,
+            device=device,
+            precision=resolve_precision(cfg.precision, device),
+            ranks=ranks,
+            root=root,
+            progress=progress if ranks.is_main else None,
+            environment=environment(device),
+        )
+
+    def identity(self, spec: PatchSpec, agg: Aggregation) -> dict:
+        """What a result's numbers depend on: the record's ``NUMBER_FIELDS``, from which every store key derives."""
+        cfg = self.cfg
+        entry = {k: v for k, v in self.model.entry.to_dict().items() if k not in DESCRIPTIVE_ZOO_FIELDS}
+        found = {
+            "checkpoint_sha256": self.model.checkpoint_sha256,
+            "zoo_entry": entry,
+            "dataset": cfg.dataset,
+            "data": {split: data.identity for split, data in self.splits.items()},
+            "n_train": len(self.splits["train"]),
+            "n_test": len(self.splits["test"]),
+            "patches": spec.to_dict(),
+            "aggregation": agg.label,
+            "space": cfg.space,
+            "precision": self.precision,
+            "store_dtype": cfg.store_dtype,
+            "seed": cfg.seed,
+            "protocol": {
+                "knn": {
+                    "ks": list(cfg.knn_ks),
+                    "temperature": cfg.temperature,
+                    "weighted": True,
+                    "backend": cfg.knn_backend,
+                },
+                "linear": {
+                    "kind": "cached-feature multinomial logistic regression (L-BFGS), wd chosen on 10% of train"
+                },
+            },
+        }
+        assert tuple(found) == NUMBER_FIELDS, "identity() and results.NUMBER_FIELDS must name the same fields"
+        return found
+
+    def store_material(self, split: str, spec: PatchSpec, agg: Aggregation) -> dict:
+        """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
+        identity = self.identity(spec, agg)
+        return {**{k: identity[k] for k in FEATURE_FIELDS}, "data": identity["data"][split]}
+
+    def settings(self, spec: PatchSpec) -> ExtractSettings:
+        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels)."""
+        patches = spec.num_patches * sum(len(data) for data in self.splits.values())
+        return ExtractSettings(
+            device=self.device,
+            precision=self.precision,
+            max_patches=self.cfg.max_patches,
+            compile_model=compiles(self.cfg.compile, self.device, patches),
+            shard=(self.ranks.rank, self.ranks.world),
+        )
+
+
+def compiles(setting: str, device: torch.device, patches: int) -> bool:
+    """Whether a representation's extractions run the encoder under ``torch.compile`` (speed only: the stores
+    do not depend on it)."""
+    if setting not in ("auto", "on", "off"):
+        raise UserError(f"unknown compile setting {setting!r}: choose auto, on or off")
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cuda" and patches >= AUTO_COMPILE_MIN_PATCHES and _triton_available(device)
+
+
+def _triton_available(device: torch.device) -> bool:
+    """Inductor's GPU kernels need Triton and a GPU of compute capability 7.0 or newer."""
+    return importlib.util.find_spec("triton") is not None and torch.cuda.get_device_capability(device) >= (7, 0)

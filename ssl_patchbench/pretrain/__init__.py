@@ -1,0 +1,1 @@
+"""I²VICReg / TCR retraining on fixed-scale patches: config, augmentations, losses, LARS, resumable state."""

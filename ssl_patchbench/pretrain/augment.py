@@ -1,0 +1,221 @@
+"""Batched view augmentation on the device: RandomResizedCrop boxes, flip, BYOL colour augmentation.
+
+Every random draw comes from one ``torch.Generator`` on the images' device, and every operation acts on
+the whole batch at once with per-image parameters (no per-image Python loop, no host sync), so a GPU
+step never waits on the CPU. The colour operations match torchvision's functional ones image by image
+(tested): ColorJitter with its random order of the four operations, grayscale, solarisation, blur.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ssl_patchbench.sampling.patches import crop_and_resize
+
+_ATTEMPTS = 10  # RandomResizedCrop's tries before its central fallback
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+BLUR_MIN_SIZE = 64  # blur only views at least this large: at CIFAR's 32 px it destroys the signal
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """Probabilities and strengths of one view's augmentations (BYOL's recipe by default)."""
+
+    flip: float = 0.5
+    jitter: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale: float = 0.2
+    blur: float = 0.0
+    solarize: float = 0.0
+
+
+def byol_augments(out_size: int) -> tuple[ViewAugment, ViewAugment]:
+    """The two views' recipes: BYOL's asymmetric blur/solarisation at ImageNet sizes; at small sizes no blur
+    and solarisation 0.1 on both views (solo-learn's CIFAR recipe, and the shared checkpoint's)."""
+    if out_size < BLUR_MIN_SIZE:
+        return ViewAugment(solarize=0.1), ViewAugment(solarize=0.1)
+    return ViewAugment(blur=1.0, solarize=0.0), ViewAugment(blur=0.1, solarize=0.2)
+
+
+def _uniform(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, lo=0.0, hi=1.0) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(shape, generator=gen, device=device)
+
+
+def sample_boxes(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    gen: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """``[n, 4]`` boxes (x1, y1, x2, y2) drawn like ``RandomResizedCrop.get_params``, all at once.
+
+    Area fraction uniform in ``scale``, log-aspect uniform in ``ratio``, rounded integer sides, ten tries
+    (the first that fits is kept), then torchvision's central fallback; integer positions.
+    """
+    u = torch.rand((n, _ATTEMPTS, 4), generator=gen, device=device, dtype=torch.float64)
+    area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + u[..., 1] * (log_hi - log_lo))
+    cw = torch.round(torch.sqrt(area * aspect))
+    ch = torch.round(torch.sqrt(area / aspect))
+    ok = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
+    first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)
+    found = ok.gather(1, first)[:, 0]
+    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+    top = torch.floor(u[..., 2].gather(1, first)[:, 0] * (height - ch + 1))
+    left = torch.floor(u[..., 3].gather(1, first)[:, 0] * (width - cw + 1))
+    box = torch.stack([left, top, left + cw, top + ch], dim=1)
+    fallback = torch.stack([torch.full_like(left, v) for v in _fallback_box(height, width, ratio)], dim=1)
+    return torch.where(found[:, None], box, fallback).float()  # full_like, not torch.tensor: no host copy
+
+
+def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float, float, float]:
+    """RandomResizedCrop's central crop after ten failed tries."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, max(round(width / ratio[0]), 1)
+    elif in_ratio > ratio[1]:
+        w, h = max(round(height * ratio[1]), 1), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return float(left), float(top), float(left + w), float(top + h)
+
+
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma ``[N, 1, H, W]`` with torchvision's weights."""
+    r, g, b = x.unbind(dim=1)
+    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``_blend``: ``clamp(f x + (1 - f) other, 0, 1)`` with a per-image factor ``[N]``."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` on float images with a per-image hue shift ``[N]`` in [-0.5, 0.5]."""
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    return _hsv_to_rgb(h, s, maxc)
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """HSV ``[N, H, W]`` channels to RGB by the closed form ``v - v s clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (n + 6h) mod 6``, n = 5, 3, 1: torchvision's sector table without its ``[N, 6, H, W]`` masks."""
+    n = torch.arange(5, 0, -2, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)  # 5, 3, 1 without a host copy
+    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
+
+
+def color_jitter(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Tensor:
+    """ColorJitter(brightness, contrast, saturation, hue) applied with probability ``aug.jitter``.
+
+    As torchvision: factors uniform in ``[max(0, 1-s), 1+s]`` (hue in ``[-h, h]``), the four operations in
+    a random order per image. Slot by slot each image applies the operation its order names there; the
+    three blends share one formula (blend towards 0, the mean luma or the luma), hue is a separate op.
+    """
+    n, dev = len(x), x.device
+    on = torch.rand(n, generator=gen, device=dev) < aug.jitter
+    factors = torch.stack(
+        [_uniform((n,), gen, dev, max(0.0, 1 - s), 1 + s) for s in (aug.brightness, aug.contrast, aug.saturation)]
+    )
+    factors = torch.where(on, factors, torch.ones_like(factors))  # [3, N]
+    shift = torch.where(on, _uniform((n,), gen, dev, -aug.hue, aug.hue), torch.zeros(n, device=dev))
+    order = torch.argsort(torch.rand((n, 4), generator=gen, device=dev), dim=1)  # a random permutation per image
+    for slot in range(4):
+        op = order[:, slot]
+        x = _blend_slot(x, op, factors)
+        hue = (op == 3) & on
+        x = torch.where(hue.view(-1, 1, 1, 1), adjust_hue(x, shift), x)
+    return x
+
+
+def _blend_slot(x: torch.Tensor, op: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness (op 0), contrast (1) or saturation (2) per image; op 3 (hue) leaves ``x`` as it is."""
+    luma = gray(x)
+    mean_luma = luma.mean(dim=(1, 2, 3), keepdim=True)
+    other = torch.where((op == 1).view(-1, 1, 1, 1), mean_luma, torch.where((op == 2).view(-1, 1, 1, 1), luma, 0.0))
+    factor = torch.where(op < 3, factors.gather(0, op.clamp(max=2)[None])[0], torch.ones_like(factors[0]))
+    return _blend(x, other, factor)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (reflect padding) with a per-image sigma ``[N]``; sigma 0 = identity."""
+    n, c, h, w = x.shape
+    half = (kernel_size - 1) / 2
+    grid = torch.linspace(-half, half, kernel_size, device=x.device)
+    safe = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    kernel = torch.exp(-0.5 * (grid[None] / safe[:, None]) ** 2)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    delta = (grid == 0).to(kernel.dtype).expand_as(kernel)
+    kernel = torch.where((sigma > 0)[:, None], kernel, delta).repeat_interleave(c, dim=0)  # [N*C, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def augment(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Tensor:
+    """BYOL's order on ``[N, 3, S, S]`` floats in [0, 1]: flip, colour jitter, grayscale, blur, solarise."""
+    n, dev = len(x), x.device
+    flip = torch.rand(n, generator=gen, device=dev) < aug.flip
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = color_jitter(x, aug, gen)
+    to_gray = torch.rand(n, generator=gen, device=dev) < aug.grayscale
+    x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+    if aug.blur > 0:
+        blur = torch.rand(n, generator=gen, device=dev) < aug.blur
+        sigma = torch.where(blur, _uniform((n,), gen, dev, 0.1, 2.0), torch.zeros(n, device=dev))
+        x = gaussian_blur(x, sigma, kernel_size=max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1))
+    solarize = torch.rand(n, generator=gen, device=dev) < aug.solarize
+    return torch.where(solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+
+
+def make_views(
+    images: torch.Tensor,
+    *,
+    n_views: int,
+    out_size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    augments: Sequence[ViewAugment],
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """``[K, B, 3, S, S]`` augmented views in [0, 1] of uint8 images ``[B, 3, H, W]``; view k uses
+    ``augments[k % len(augments)]``. All crops of all views are cut in one ``crop_and_resize``."""
+    b, _, h, w = images.shape
+    dev = images.device
+    boxes = sample_boxes(n_views * b, h, w, scale=scale, ratio=ratio, gen=gen, device=dev)
+    owner = torch.arange(b, device=dev).repeat(n_views)
+    crops = crop_and_resize(images.float(), boxes, owner, out_size).div_(255.0)
+    if len(set(augments)) == 1:  # one recipe for every view (CIFAR): one batched pass, half the kernel launches
+        return augment(crops, augments[0], gen).view(n_views, b, 3, out_size, out_size)
+    crops = crops.view(n_views, b, 3, out_size, out_size)
+    return torch.stack([augment(crops[k], augments[k % len(augments)], gen) for k in range(n_views)])

@@ -1,0 +1,79 @@
+"""The settings of a pretraining run: validated once, saved beside the checkpoint, compared on resume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ssl_patchbench.core.errors import UserError
+
+METHODS = ("vicreg", "tcr")
+# Settings that do not change the numbers a run produces; a resumed run may change them.
+_RUNTIME_FIELDS = ("device", "log_every", "save_every", "compile", "home", "download")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that defines a pretraining run (saved as ``OUT/config.json`` and in the checkpoint)."""
+
+    method: str = "vicreg"
+    arch: str = "resnet18_cifar"
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    train_per_class: int | None = None
+    scale: tuple[float, float] = (0.2, 0.2)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    num_patches: int = 2
+    epochs: int = 100
+    batch_size: int = 512
+    lr: float = 0.3  # per 256 images; the run uses lr * batch_size / 256
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    eta: float = 0.02
+    warmup_epochs: float = 10.0  # at most a tenth of the run
+    vicreg_coefficients: tuple[float, float, float] = (25.0, 25.0, 1.0)
+    tcr_eps: float = 0.2
+    tcr_lambda: float = 200.0
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: bool = True
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50
+    save_every: int = 1
+    compile: bool = False
+    home: str | None = None
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def identity(self) -> dict:
+        """The fields that change the numbers: a resumed run must match them."""
+        return {k: v for k, v in jsonable(asdict(self)).items() if k not in _RUNTIME_FIELDS}
+
+
+def _validate(cfg: PretrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise UserError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    lo, hi = cfg.scale
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"--scale must satisfy 0 < min <= max <= 1 (fraction of image area), got {cfg.scale}")
+    if not 0 < cfg.ratio[0] <= cfg.ratio[1] < float("inf"):
+        raise UserError(f"aspect ratio range must satisfy 0 < min <= max < inf, got {cfg.ratio}")
+    if cfg.num_patches < 2:
+        raise UserError(f"--num-patches must be at least 2 (views compared per image), got {cfg.num_patches}")
+    for name in ("epochs", "batch_size", "log_every", "save_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2:
+        raise UserError("--batch-size must be at least 2: the losses need batch statistics")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"unknown precision {cfg.precision!r}: choose auto, bf16 or fp32")
+
+
+def jsonable(value):
+    """Tuples become lists, so a config compares equal after a JSON or checkpoint round trip."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value

@@ -1,0 +1,405 @@
+"""I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
+
+The dataset sits on the device once as uint8; every step cuts K views per image with one batched
+``crop_and_resize``, augments them on the device (``augment``), runs each view through backbone +
+projector under bf16 autocast (CUDA) and steps LARS on a warm-up + cosine schedule. The only host syncs
+are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch ``OUT/last.ckpt``
+(``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG state) is
+replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
+continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ssl_patchbench.core.devices import resolve_device
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.files import atomic_path, write_json_atomic
+from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.datasets import open_split
+from ssl_patchbench.models.archs import build_backbone, build_projector
+from ssl_patchbench.models.registry import ZooEntry, get_entry
+from ssl_patchbench.pretrain.augment import byol_augments, make_views
+from ssl_patchbench.pretrain.config import PretrainConfig, jsonable
+from ssl_patchbench.pretrain.lars import LARS, WarmupCosine, lars_param_groups
+from ssl_patchbench.pretrain.losses import tcr_loss, vicreg_loss, vicreg_views
+from ssl_patchbench.pretrain.state import CheckpointWriter, load_training_state, snapshot
+
+__all__ = ["PretrainConfig", "pretrain", "pretrain_demo_model", "save_solo_checkpoint", "vicreg_loss"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+@dataclass
+class Progress:
+    """What a reporter sees: after a logged step (``loss`` of that step) or after an epoch (its mean)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+class Reporter(Protocol):
+    def on_step(self, progress: Progress) -> None: ...
+
+    def on_epoch(self, progress: Progress) -> None: ...
+
+
+class LogReporter:
+    """Progress as log lines (the CLI swaps in a rich bar on a terminal)."""
+
+    def on_step(self, p: Progress) -> None:
+        log.info(
+            "epoch %d/%d step %d/%d loss %.4f lr %.4f %.0f img/s",
+            p.epoch + 1,
+            p.epochs,
+            p.step,
+            p.steps,
+            p.loss,
+            p.lr,
+            p.images_per_s,
+        )
+
+    def on_epoch(self, p: Progress) -> None:
+        log.info(
+            "epoch %d/%d done: loss %.4f, %.2f s, %.0f img/s", p.epoch + 1, p.epochs, p.loss, p.seconds, p.images_per_s
+        )
+
+
+@dataclass
+class PretrainResult:
+    """Where the checkpoint is and how fast the run went (epochs of this invocation only)."""
+
+    checkpoint: Path
+    epochs_done: int
+    epoch_seconds: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    images_per_s: float | None = None
+
+
+class Trainee(nn.Module):
+    """Backbone + projector; its state dict names are solo-learn's ``backbone.*`` and ``projector.*``."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def arch_entry(arch: str) -> ZooEntry:
+    """The zoo entry that defines the architecture, projector and preprocessing of ``--arch``.
+
+    ``resnet50`` is the zoo's ``resnet50_solo`` (ImageNet ResNet-50, VICReg's 8192-8192-8192 projector), which
+    ``patchbench eval --model resnet50_solo`` loads the checkpoints of.
+    """
+    entry = get_entry("resnet50_solo" if arch == "resnet50" else arch)
+    if not entry.projector:
+        raise UserError(f"zoo entry {arch!r} has no projector widths to train: use one that sets `projector`")
+    return entry
+
+
+def build_trainee(entry: ZooEntry) -> Trainee:
+    backbone, dim = build_backbone(entry.arch, stem=entry.stem)
+    projector = build_projector(dim, entry.projector, batchnorm=entry.projector_batchnorm)
+    return Trainee(backbone, projector)
+
+
+def load_images(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """The train split as one uint8 ``[N, 3, H, W]`` tensor on ``device`` (CIFAR-10: 150 MB), and its identity."""
+    root = Path(cfg.home) if cfg.home else home()
+    split = open_split(
+        cfg.dataset,
+        "train",
+        data_dir=cfg.data_dir,
+        per_class=cfg.train_per_class,
+        cache_dir=root / "images",
+        download=cfg.download,
+    )
+    if split.array is None:
+        raise UserError(
+            f"{cfg.dataset} is read from files (large or mixed-size images): pretraining needs a dataset held "
+            "in memory as one array (images of at most 96 px, all the same size, e.g. CIFAR, STL-10)"
+        )
+    if len(split) < cfg.batch_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(split)} training images")
+    images = torch.from_numpy(split.array).permute(0, 3, 1, 2).contiguous().to(device)
+    return images, split.identity
+
+
+def _objective(cfg: PretrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loss on ``[K, B, D]`` projections."""
+    if cfg.method == "tcr":
+        return lambda z: tcr_loss(z, eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
+    sim, var, cov = cfg.vicreg_coefficients
+    return lambda z: vicreg_views(z, sim=sim, var=var, cov=cov)
+
+
+def _autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; ``--precision bf16`` also works on the CPU (slowly), for tests."""
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class _Run:
+    """The live state of one run: model, optimiser, schedule, RNG and the fixed inputs of a step."""
+
+    cfg: PretrainConfig
+    entry: ZooEntry
+    device: torch.device
+    images: torch.Tensor
+    model: Trainee
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    views: Callable[..., torch.Tensor]
+    optimiser: LARS
+    schedule: WarmupCosine
+    gen: torch.Generator
+    objective: Callable[[torch.Tensor], torch.Tensor]
+    amp: torch.dtype | None
+    mean: torch.Tensor
+    std: torch.Tensor
+    steps_per_epoch: int
+    start_epoch: int = 0
+
+    def step(self, index: torch.Tensor, global_step: int) -> torch.Tensor:
+        """One optimisation step on the images ``index``; returns the loss (on the device, not synced)."""
+        cfg, pre = self.cfg, self.entry.preprocessing
+        views = self.views(
+            self.images[index],
+            n_views=cfg.num_patches,
+            out_size=pre.input_size,
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            augments=byol_augments(pre.input_size),
+            gen=self.gen,
+        )
+        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            z = [self.forward(((v - self.mean) / self.std).contiguous(memory_format=memory)) for v in views]
+        loss = self.objective(torch.stack([zk.float() for zk in z]))
+        self.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = self.schedule(global_step)
+        for group in self.optimiser.param_groups:
+            group["lr"] = lr
+        self.optimiser.step()
+        return loss.detach()
+
+
+def _setup(cfg: PretrainConfig) -> _Run:
+    device = resolve_device(cfg.device)
+    entry = arch_entry(cfg.arch)
+    images, _ = load_images(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_trainee(entry).to(device).train()
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    steps = len(images) // cfg.batch_size
+    lr = cfg.lr * cfg.batch_size / 256
+    warmup = round(min(cfg.warmup_epochs, cfg.epochs / 10) * steps)
+    pre = entry.preprocessing
+    return _Run(
+        cfg=cfg,
+        entry=entry,
+        device=device,
+        images=images,
+        model=model,
+        forward=torch.compile(model) if cfg.compile else model,
+        views=torch.compile(make_views) if cfg.compile else make_views,  # fuses the colour ops between draws
+        optimiser=LARS(
+            lars_param_groups(model), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta
+        ),
+        schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
+        gen=torch.Generator(device=device).manual_seed(cfg.seed),
+        objective=_objective(cfg),
+        amp=_autocast_dtype(cfg, device),
+        mean=torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(pre.std, device=device).view(1, 3, 1, 1),
+        steps_per_epoch=steps,
+    )
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = True,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+) -> PretrainResult:
+    """Train, writing ``out_dir/last.ckpt`` after every ``save_every`` epochs and the last one.
+
+    With ``resume`` an existing checkpoint of the same run (same ``identity()``) is continued; a different
+    run there is an error. ``stop_after`` ends after that many epochs of this call (tests: a simulated kill).
+    """
+    out_dir = Path(out_dir)
+    run = _setup(cfg)
+    path = out_dir / CHECKPOINT_NAME
+    if resume and path.exists():
+        run.start_epoch = load_training_state(path, cfg.identity(), run.model, run.optimiser, run.gen)
+    elif path.exists():
+        log.warning("--no-resume: %s will be overwritten", path)
+    if run.start_epoch == 0:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    _write_config(out_dir, run)
+    result = PretrainResult(checkpoint=path, epochs_done=run.start_epoch)
+    writer = CheckpointWriter()
+    try:
+        _train_epochs(run, out_dir, writer, reporter or LogReporter(), result, stop_after)
+    finally:
+        writer.wait()
+    return result
+
+
+def _train_epochs(
+    run: _Run,
+    out_dir: Path,
+    writer: CheckpointWriter,
+    reporter: Reporter,
+    result: PretrainResult,
+    stop_after: int | None,
+) -> None:
+    cfg = run.cfg
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, run.start_epoch + stop_after)
+    for epoch in range(run.start_epoch, last):
+        start = time.perf_counter()
+        progress = _run_epoch(run, epoch, reporter)
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+            writer.submit(out_dir / CHECKPOINT_NAME, _checkpoint_payload(run, epoch + 1))
+        progress.seconds = time.perf_counter() - start  # an epoch's time includes its checkpoint snapshot
+        progress.images_per_s = run.steps_per_epoch * cfg.batch_size / progress.seconds
+        result.epochs_done = epoch + 1
+        result.epoch_seconds.append(progress.seconds)
+        result.final_loss, result.images_per_s = progress.loss, progress.images_per_s
+        _append_metrics(out_dir, progress)
+        reporter.on_epoch(progress)
+
+
+def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
+    """One pass over a fresh permutation (the last partial batch dropped)."""
+    cfg, steps = run.cfg, run.steps_per_epoch
+    order = torch.randperm(len(run.images), generator=run.gen, device=run.device)
+    start = mark = time.perf_counter()
+    total = torch.zeros((), device=run.device)
+    for i in range(steps):
+        loss = run.step(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], epoch * steps + i)
+        total += loss
+        if (i + 1) % cfg.log_every == 0:
+            value, now = loss.item(), time.perf_counter()  # the one sync every log_every steps
+            rate = cfg.log_every * cfg.batch_size / (now - mark)
+            mark = now
+            reporter.on_step(
+                Progress(epoch, cfg.epochs, i + 1, steps, value, run.schedule(epoch * steps + i), rate, now - start)
+            )
+    mean_loss = total.item() / steps
+    seconds = time.perf_counter() - start
+    if not math.isfinite(mean_loss):
+        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or use --precision fp32")
+    lr = run.schedule((epoch + 1) * steps - 1)
+    return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, steps * cfg.batch_size / seconds, seconds)
+
+
+def _checkpoint_payload(run: _Run, epochs_done: int) -> dict:
+    """A CPU snapshot of everything a resume needs, in solo-learn's layout (taken now, written later)."""
+    meta = {
+        "method": run.cfg.method,
+        "arch": run.cfg.arch,
+        "scale": list(run.cfg.scale),
+        "epochs": epochs_done,
+        "dataset": run.cfg.dataset,
+        "num_patches": run.cfg.num_patches,
+    }
+    return snapshot(
+        {
+            "state_dict": run.model.state_dict(),
+            "meta": meta,
+            "epoch": epochs_done,
+            "global_step": epochs_done * run.steps_per_epoch,
+            "optimizer": run.optimiser.state_dict(),
+            "generator": run.gen.get_state(),
+            "config": run.cfg.identity(),
+        }
+    )
+
+
+def _write_config(out_dir: Path, run: _Run) -> None:
+    """``OUT/config.json``: the run's settings, the resolved zoo entry, the data and the software."""
+    write_json_atomic(
+        out_dir / "config.json",
+        {
+            "config": jsonable(asdict(run.cfg)),
+            "zoo_entry": run.entry.to_dict(),
+            "device": str(run.device),
+            "autocast": str(run.amp),
+            "steps_per_epoch": run.steps_per_epoch,
+            "lr": run.schedule.base_lr,
+            "warmup_steps": run.schedule.warmup_steps,
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
+        },
+    )
+
+
+def _append_metrics(out_dir: Path, p: Progress) -> None:
+    record = {"epoch": p.epoch + 1, "loss": p.loss, "lr": p.lr, "seconds": p.seconds, "images_per_s": p.images_per_s}
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_solo_checkpoint(
+    path: Path, backbone: nn.Module, projector: nn.Module, meta: dict, *, extra: dict | None = None
+) -> None:
+    """Write ``{"state_dict": {backbone.*, projector.*}, "meta": ...}`` atomically (solo-learn's layout)."""
+    payload = snapshot({"state_dict": Trainee(backbone, projector).state_dict(), "meta": meta, **(extra or {})})
+    with atomic_path(Path(path)) as tmp:
+        torch.save(payload, tmp)
+
+
+def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto") -> Path:
+    """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained."""
+    path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep.ckpt"
+    if path.exists():
+        return path
+    cfg = PretrainConfig(
+        arch="tiny_cifar",
+        dataset="digits",
+        scale=(0.2, 1.0),
+        epochs=epochs,
+        batch_size=256,
+        lr=2.0,
+        warmup_epochs=0,
+        device=device,
+        log_every=10**9,
+    )
+    run_dir = Path(out_dir) / f".run_{epochs}ep"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier demo starts over
+    result = pretrain(cfg, run_dir, resume=False)
+    os.replace(result.checkpoint, path)
+    return path

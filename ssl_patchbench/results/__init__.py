@@ -1,0 +1,1 @@
+"""The append-only results store and the typed record accessors every reader shares."""

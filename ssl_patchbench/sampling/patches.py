@@ -1,0 +1,251 @@
+"""Patch specs, their boxes, and one batched crop-and-resize for a whole batch of images.
+
+Boxes are drawn on the CPU in float64 from a counter-based hash of (seed, image index, patch index),
+so they are a pure function of those: the same on CPU and GPU, for any batch size or worker count.
+Patch ``j`` of an image does not depend on how many patches are asked for, so the first 16 of 256
+random patches are the 16-patch representation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from ssl_patchbench.core.errors import UserError
+
+Mode = Literal["central", "random", "grid", "sliding"]
+MODES: tuple[str, ...] = ("central", "random", "grid", "sliding")
+SMALL_IMAGE_MAX_SIDE = 96  # CIFAR/STL-size: the central view is the whole image (DESIGN §1)
+_ATTEMPTS = 10  # RandomResizedCrop's number of tries before its central fallback
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """How one image becomes ``n`` patches of ``out_size`` pixels.
+
+    - central: the standard evaluation view (whole small image; resize-``resize``-centre-crop for large ones).
+    - random: ``n`` RandomResizedCrop boxes with ``scale`` (area fraction) and ``ratio``, or, when ``size``
+      is set, ``n`` squares of ``size`` px at uniform random positions.
+    - grid: a ``grid`` x ``grid`` tiling of the central view.
+    - sliding: every ``size`` px window at ``stride`` px of the central view, its pixels measured at
+      ``out_size`` resolution (16 px at stride 4 on a 32 px view gives 5 x 5 = 25 windows).
+    """
+
+    mode: Mode
+    n: int = 1
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    size: int | None = None
+    stride: int | None = None
+    grid: int | None = None
+    out_size: int = 32
+    resize: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def num_patches(self) -> int:
+        if self.mode == "central":
+            return 1
+        if self.mode == "grid":
+            return self.grid_side**2
+        if self.mode == "sliding":
+            return self.grid_side**2
+        return self.n
+
+    @property
+    def grid_side(self) -> int:
+        """Patches per row of the layout (grid and sliding); gridpool needs it."""
+        if self.mode == "grid":
+            return int(self.grid)  # type: ignore[arg-type]
+        if self.mode == "sliding":
+            return (self.out_size - int(self.size)) // int(self.stride) + 1  # type: ignore[arg-type]
+        raise UserError(f"mode {self.mode!r} has no patch grid: use --mode grid or --mode sliding")
+
+    @property
+    def label(self) -> str:
+        """Short name of the representation, as tables show it."""
+        return "central" if self.mode == "central" else str(self.num_patches)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def boxes(self, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+        """Boxes ``[B, n, 4]`` (x1, y1, x2, y2 in pixels of each original image), float64."""
+        indices = np.asarray(indices, dtype=np.uint64)
+        h = np.asarray(heights, dtype=np.float64)[:, None]
+        w = np.asarray(widths, dtype=np.float64)[:, None]
+        if self.mode == "random":
+            return self._random_boxes(indices, h, w)
+        view = central_boxes(h[:, 0], w[:, 0], self.resize, self.out_size)[:, None, :]
+        if self.mode == "central":
+            return view
+        return _place_in_view(view, self._layout_boxes())
+
+    def _layout_boxes(self) -> np.ndarray:
+        """Grid or sliding boxes ``[n, 4]`` as fractions of the central view, row-major."""
+        if self.mode == "grid":
+            starts = np.arange(self.grid_side) / self.grid_side
+            side = 1.0 / self.grid_side
+        else:
+            starts = np.arange(self.grid_side) * float(self.stride) / self.out_size
+            side = float(self.size) / self.out_size
+        ys, xs = np.meshgrid(starts, starts, indexing="ij")
+        x1, y1 = xs.ravel(), ys.ravel()
+        return np.stack([x1, y1, x1 + side, y1 + side], axis=1)
+
+    def _random_boxes(self, indices: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """RandomResizedCrop's ten tries, drawn only for the patches still without a box (most need one)."""
+        image = np.repeat(indices, self.n)
+        patch = np.tile(np.arange(self.n, dtype=np.uint64), len(indices))
+        hh, ww = np.repeat(h[:, 0], self.n), np.repeat(w[:, 0], self.n)
+        if self.size is not None:
+            u = uniforms(self.seed, image[:, None], patch[:, None], np.arange(2, 4, dtype=np.uint64))
+            return _fixed_size_boxes(u[:, 0], u[:, 1], hh, ww, self.size).reshape(len(indices), self.n, 4)
+        boxes = np.empty((len(image), 4))
+        pending = np.arange(len(image))
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        for attempt in range(_ATTEMPTS):
+            slots = np.arange(attempt * 4, attempt * 4 + 4, dtype=np.uint64)
+            u = uniforms(self.seed, image[pending, None], patch[pending, None], slots)
+            ph, pw = hh[pending], ww[pending]
+            area = ph * pw * (self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0]))
+            aspect = np.exp(log_lo + u[:, 1] * (log_hi - log_lo))
+            cw, ch = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+            ok = (cw > 0) & (cw <= pw) & (ch > 0) & (ch <= ph)
+            top = np.floor(u[ok, 2] * (ph[ok] - ch[ok] + 1))
+            left = np.floor(u[ok, 3] * (pw[ok] - cw[ok] + 1))
+            boxes[pending[ok]] = np.stack([left, top, left + cw[ok], top + ch[ok]], axis=1)
+            pending = pending[~ok]
+            if not len(pending):
+                break
+        if len(pending):
+            left, top, cw, ch = _fallback_crop(hh[pending], ww[pending], self.ratio)
+            boxes[pending] = np.stack([left, top, left + cw, top + ch], axis=1)
+        return boxes.reshape(len(indices), self.n, 4)
+
+
+def _fixed_size_boxes(uy: np.ndarray, ux: np.ndarray, h: np.ndarray, w: np.ndarray, size: int) -> np.ndarray:
+    """Squares of ``size`` px at uniformly random integer positions."""
+    if size > np.min(h) or size > np.min(w):
+        raise UserError(f"patch size {size} px is larger than an image of {int(np.min(h))}x{int(np.min(w))} px")
+    top = np.floor(uy * (h - size + 1))
+    left = np.floor(ux * (w - size + 1))
+    return np.stack([left, top, left + size, top + size], axis=-1)
+
+
+def _fallback_crop(h: np.ndarray, w: np.ndarray, ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """RandomResizedCrop's central crop after ten failed tries (extreme images, scales or ratios).
+
+    At least 1 px a side: for ratios so extreme that torchvision would round a side to 0 (and fail).
+    """
+    in_ratio = w / h
+    cw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.maximum(np.round(h * ratio[1]), 1), w))
+    ch = np.where(in_ratio < ratio[0], np.maximum(np.round(w / ratio[0]), 1), h)
+    return np.floor((w - cw) / 2), np.floor((h - ch) / 2), cw, ch
+
+
+def _place_in_view(view: np.ndarray, layout: np.ndarray) -> np.ndarray:
+    """Map fractional layout boxes ``[n, 4]`` into each image's view box ``[B, 1, 4]``."""
+    x0, y0 = view[..., 0:1], view[..., 1:2]
+    vw, vh = view[..., 2:3] - x0, view[..., 3:4] - y0
+    lx1, ly1, lx2, ly2 = (layout[None, :, i : i + 1] for i in range(4))
+    return np.concatenate([x0 + lx1 * vw, y0 + ly1 * vh, x0 + lx2 * vw, y0 + ly2 * vh], axis=-1)
+
+
+def central_boxes(heights: np.ndarray, widths: np.ndarray, resize: int | None, out_size: int) -> np.ndarray:
+    """The central view of each image as a box ``[B, 4]`` in original pixels.
+
+    Small images (<= 96 px) and ``resize=None`` give the whole image. Larger ones give the region that
+    ``Resize(resize)`` followed by ``CenterCrop(out_size)`` keeps, with torchvision's rounding.
+    """
+    h = np.asarray(heights, dtype=np.float64)
+    w = np.asarray(widths, dtype=np.float64)
+    whole = np.stack([np.zeros_like(w), np.zeros_like(h), w, h], axis=1)
+    if resize is None:
+        return whole
+    short = np.minimum(h, w)
+    rh = np.where(h <= w, resize, np.floor(resize * h / w))
+    rw = np.where(w <= h, resize, np.floor(resize * w / h))
+    top = np.round((rh - out_size) / 2.0) * h / rh
+    left = np.round((rw - out_size) / 2.0) * w / rw
+    crop_h, crop_w = out_size * h / rh, out_size * w / rw
+    cropped = np.stack([left, top, left + crop_w, top + crop_h], axis=1)
+    small = (np.maximum(h, w) <= SMALL_IMAGE_MAX_SIDE) | (short < out_size)
+    return np.where(small[:, None], whole, cropped)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A well-mixed 64-bit hash (SplitMix64 finaliser); integer-exact on every platform."""
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def uniforms(seed: int, indices: np.ndarray, patches: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Uniform [0, 1) floats, one per broadcast (image index, patch index, slot) triple, and a pure
+    function of those and ``seed`` (counter-based: any subset can be drawn in any order)."""
+    base = _splitmix64(np.array([seed], dtype=np.uint64))
+    image = _splitmix64(base ^ np.asarray(indices, dtype=np.uint64))
+    counter = np.asarray(patches, dtype=np.uint64) * np.uint64(1 << 16) + np.asarray(slots, dtype=np.uint64)
+    bits = _splitmix64(image ^ _splitmix64(counter))
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def crop_and_resize(
+    images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, out_size: int
+) -> torch.Tensor:
+    """Cut and bilinearly resize every box of a batch in one op.
+
+    ``images``: float ``[B, 3, H, W]``; ``boxes``: ``[M, 4]`` (x1, y1, x2, y2) in pixels; ``image_index``:
+    ``[M]`` which image each box belongs to. Returns ``[M, 3, out_size, out_size]``. Sample points are
+    pixel centres (``aligned=True``), as ``F.interpolate(align_corners=False)``; a box larger than the
+    output is averaged over ``ceil(box / out)`` samples per pixel, a box filter against aliasing.
+    """
+    rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
+    return roi_align(images, rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def _validate(spec: PatchSpec) -> None:
+    if spec.mode not in MODES:
+        raise UserError(f"unknown patch mode {spec.mode!r}: choose one of {', '.join(MODES)}")
+    if spec.out_size <= 0:
+        raise UserError(f"patch output size must be positive, got {spec.out_size}")
+    if not isinstance(spec.seed, int | np.integer) or not 0 <= spec.seed < 2**64:
+        raise UserError(f"--seed must be an integer from 0 to 2**64 - 1 (it seeds a 64-bit hash), got {spec.seed!r}")
+    if spec.mode == "random":
+        _validate_random(spec)
+    elif spec.mode == "grid" and (spec.grid is None or spec.grid <= 0):
+        raise UserError(f"grid mode needs a positive grid side (n = g*g patches), got {spec.grid}")
+    elif spec.mode == "sliding":
+        _validate_sliding(spec)
+
+
+def _validate_random(spec: PatchSpec) -> None:
+    if spec.n <= 0:
+        raise UserError(f"the number of patches must be positive, got {spec.n}")
+    lo, hi = spec.scale
+    if not (0 < lo <= hi <= 1):
+        raise UserError(f"patch scale must satisfy 0 < min <= max <= 1 (fraction of image area), got {spec.scale}")
+    if not (0 < spec.ratio[0] <= spec.ratio[1] < math.inf):
+        raise UserError(f"aspect ratio range must satisfy 0 < min <= max < inf, got {spec.ratio}")
+    if spec.size is not None and spec.size <= 0:
+        raise UserError(f"patch size must be positive, got {spec.size} px")
+
+
+def _validate_sliding(spec: PatchSpec) -> None:
+    if spec.size is None or spec.stride is None:
+        raise UserError("sliding mode needs --patch-size PX and --stride PX")
+    if spec.size <= 0 or spec.stride <= 0:
+        raise UserError(f"patch size and stride must be positive, got size {spec.size}, stride {spec.stride}")
+    if spec.size > spec.out_size:
+        raise UserError(f"patch size {spec.size} px is larger than the {spec.out_size} px image view")
