@@ -152,7 +152,11 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("zero patches", lambda c: [*c.tiny(), "--patches", "0"], "the number of patches must be positive, got 0"),
     ("negative patches", lambda c: [*c.tiny(), "--patches", "-3"], "the number of patches must be positive, got -3"),
     ("non-square grid", lambda c: [*c.tiny(), "--mode", "grid", "--patches", "2"], "square number of patches"),
-    ("zero images per class", lambda c: [*c.tiny(), "--train-per-class", "0"], "Invalid value for '--train-per-class': 0 is not in the range x>=1"),
+    (
+        "zero images per class",
+        lambda c: [*c.tiny(), "--train-per-class", "0"],
+        "Invalid value for '--train-per-class': 0 is not in the range x>=1",
+    ),
     (
         "zero stride",
         lambda c: [*c.tiny(), "--mode", "sliding", "--patch-size", "16", "--stride", "0"],
