@@ -190,6 +190,7 @@ def test_cli_scales_without_records_is_a_user_error(capsys, monkeypatch, tmp_pat
     assert code == 2 and err.startswith("error: no results records")
 
 
+@pytest.mark.slow
 def test_help_imports_neither_torch_nor_matplotlib():
     code = (
         "import sys; from ssl_patchbench.cli.main import cli; from click.testing import CliRunner;"

@@ -186,6 +186,7 @@ def test_zoo_list_and_show(capsys, monkeypatch):
     assert code == 0 and "module." in out and "swav_800ep_pretrain" in out
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     code = "import sys; from ssl_patchbench.cli.main import cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
@@ -210,6 +211,7 @@ def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar
     assert row["knn@20"] > 45 and row["linear"] > 45
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_end_to_end(capsys, monkeypatch, tmp_path):
     code, out, err = run_cli(capsys, monkeypatch, "demo", "--epochs", "1", "--home", str(tmp_path), "--json")
     assert code == 0, err

@@ -242,6 +242,7 @@ def test_cuda_without_a_gpu(capsys, monkeypatch, ctx):
     assert_user_error(code, err, "no CUDA GPU is visible; use --device cpu")
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_no_traceback(ctx):
     """The same through ``python -m ssl_patchbench`` in a fresh process (what a shell sees)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -552,6 +553,7 @@ def _kill_when(proc: subprocess.Popen, home: Path, chunks: int, delay: float) ->
     return alive
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_gives_identical_features(ctx):
     home, rng = ctx.tmp / "killed", random.Random(8)
     total = 20 + 10  # train 40 images and test 20 images, 2 rows a chunk

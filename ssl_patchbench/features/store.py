@@ -244,10 +244,6 @@ class StoreWriter:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.rows)
 
-    def done_chunks(self) -> set[int]:
-        """Chunks verified at open or written since (the writer holds the lock: nobody else adds any)."""
-        return set(self._done)
-
     def pending_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if c not in self._done]
 
