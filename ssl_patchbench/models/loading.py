@@ -22,6 +22,7 @@ from ssl_patchbench.models.solo import (
     SOLO_STATS,
     ProjectorUnavailable,
     TrainingInfo,
+    WeightNormLinear,
     build_projector_for,
     rebuilds,
     training_info,
@@ -256,7 +257,7 @@ def _load_projector(
 
 
 def _out_features(projector: nn.Module | None) -> int | None:
-    """Width of the projector's last Linear layer."""
+    """Width of the projector's last linear layer (nn.Linear, or DINO's weight-normalised prototypes)."""
     if projector is None:
         return None
-    return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
+    return [m.out_features for m in projector.modules() if isinstance(m, nn.Linear | WeightNormLinear)][-1]

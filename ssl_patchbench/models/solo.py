@@ -166,6 +166,7 @@ class WeightNormLinear(nn.Module):
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
+        self.out_features = d_out
         self.weight_g = nn.Parameter(torch.ones(d_out, 1))
         self.weight_v = nn.Parameter(torch.empty(d_out, d_in))
 
