@@ -80,6 +80,19 @@ def _mocov3() -> nn.Sequential:  # _build_mlp(2, ...): no biases, last BN withou
     )
 
 
+def _simsiam() -> nn.Sequential:
+    return _mlp(
+        nn.Linear(D, HIDDEN, bias=False),
+        nn.BatchNorm1d(HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN, bias=False),
+        nn.BatchNorm1d(HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, OUT),
+        nn.BatchNorm1d(OUT, affine=False),
+    )
+
+
 class _DINOHead(nn.Module):
     """solo-learn's DINOHead(use_bn=False, num_layers=3), with torch's own weight_norm as the reference."""
 
@@ -116,6 +129,8 @@ def _extras(method: str) -> dict[str, torch.Tensor]:
     elif method == "mocov2plus":
         extra |= momentum | _prefixed("momentum_projector.", _simclr())
         extra |= {"queue": torch.randn(2, OUT, 16), "queue_ptr": torch.zeros(1, dtype=torch.long)}
+    elif method == "simsiam":
+        extra |= _prefixed("predictor.", _byol())
     elif method == "mocov3":
         extra |= momentum | _prefixed("momentum_projector.", _mocov3()) | _prefixed("predictor.", _mocov3())
     elif method == "dino":
@@ -155,6 +170,7 @@ METHODS: dict[str, Callable[[], nn.Module]] = {
     "simclr": _simclr,
     "mocov2plus": _simclr,
     "mocov3": _mocov3,
+    "simsiam": _simsiam,
     "dino": _DINOHead,
 }
 
@@ -251,3 +267,11 @@ def test_patchbench_meta_keeps_the_entry_statistics(tmp_path: Path) -> None:
 def test_unknown_norm_stats_is_a_user_error() -> None:
     with pytest.raises(UserError, match="unknown normalisation statistics 'cifar1000'"):
         loading.load_model("tiny_cifar", norm_stats="cifar1000")
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_dino_without_its_run_configuration_still_loads_the_embedding(tmp_path: Path) -> None:
+    path = _write(tmp_path, "dino", _randomised(_DINOHead(), 2))
+    (path.parent / "args.json").unlink()
+    loaded = loading.load_model("tiny_cifar", checkpoint=path)
+    assert loaded.projector is None and Encoder(loaded, "embedding").dim == D
