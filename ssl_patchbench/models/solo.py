@@ -82,7 +82,7 @@ def training_info(obj: object, path: Path) -> TrainingInfo:
 
 def _solo_info(cfg: Mapping) -> TrainingInfo:
     """solo-learn's configuration: hydra's nested layout (method_kwargs, data.dataset, augmentations[].rrc) or
-    the flat one of its argparse releases (dataset, proj_hidden_dim, min_scale at the top level)."""
+    a flat mapping (method, dataset, proj_hidden_dim ... at the top level)."""
     data = cfg.get("data")
     dataset = data.get("dataset") if isinstance(data, Mapping) else cfg.get("dataset")
     kwargs = cfg.get("method_kwargs")
