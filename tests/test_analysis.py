@@ -155,6 +155,14 @@ def test_scale_table_groups_by_scale_and_representation_newest_wins(tmp_path):
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
 
 
+def test_scale_table_reads_the_pretraining_crop_and_protocol_1_records():
+    new = _record([0.5, 0.5], "central", 60.0) | {
+        "zoo_entry": {"patch_scale": [0.08, 1.0], "pretrain_crop_scale": [0.3, 0.3]}
+    }
+    old = _record([0.2, 0.2], "central", 50.0)
+    assert sorted(scales.scale_table([new, old]).scale) == ["0.2", "0.3"]
+
+
 def test_scale_table_errors_say_what_to_do():
     with pytest.raises(UserError, match="patchbench eval"):
         scales.scale_table([])

@@ -183,7 +183,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("unknown evaluator", lambda c: [*c.tiny(), "--eval", "svm"], "unknown evaluator 'svm'"),
     ("unknown aggregation", lambda c: [*c.tiny(), "--aggregate", "max"], "unknown aggregation 'max'"),
     ("unknown compile setting", lambda c: [*c.tiny(), "--compile", "yes"], "Invalid value for '--compile': 'yes'"),
-    ("zoo entry: wrong type", lambda c: c.zoo(pretrain_scale="big"), "entry 'mine', field 'pretrain_scale': expected"),
+    ("zoo entry: wrong type", lambda c: c.zoo(patch_scale="big"), "entry 'mine', field 'patch_scale': expected"),
+    (
+        "zoo entry: old field name",
+        lambda c: c.zoo(pretrain_scale=[0.2, 1.0]),
+        "field 'pretrain_scale' is now 'patch_scale'",
+    ),
     ("zoo entry: unknown field", lambda c: c.zoo(stems="cifar"), "unknown field 'stems' (did you mean: stem"),
     ("zoo entry: name is a path", lambda c: c.zoo(name="../../evil"), "entry '../../evil', field 'name'"),
     (

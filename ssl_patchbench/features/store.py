@@ -30,7 +30,7 @@ from ssl_patchbench.core.files import atomic_path, ensure_dir, file_sha256, writ
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1  # bump when anything that changes stored numbers changes
+PROTOCOL_VERSION = 2  # bump when anything that changes stored numbers changes (docs/protocol.md lists versions)
 _MANIFEST = "meta.json"
 _LAYOUT = "layout.json"
 _LOG = "chunks.log"
