@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.models.archs import build_backbone, build_projector
+from ssl_patchbench.models.archs import build_backbone, build_entry_backbone, build_projector
 from ssl_patchbench.models.checkpoints import fetch, load_file, sha256_file, state_dict_sha256, verify_sha256
 from ssl_patchbench.models.registry import WeightsLayout, ZooEntry, get_entry
 from ssl_patchbench.models.sources import default_cache_dir
+from ssl_patchbench.models.vit import VitReadout, vit_state_dict
 
 _SHOWN = 5
 
@@ -35,17 +36,23 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, *, checkpoint: str | Path | None = None, trust_pickle: bool = False, cache_dir: Path | None = None
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    trust_pickle: bool = False,
+    cache_dir: Path | None = None,
+    pool: str | None = None,
+    last_blocks: int | None = None,
 ) -> LoadedModel:
-    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source."""
-    entry = get_entry(name)
+    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source,
+    `pool` and `last_blocks` a ViT entry's readout (the returned entry carries the readout used)."""
+    entry = get_entry(name).with_readout(pool, last_blocks)
     if entry.source.timm_pretrained and checkpoint is None:
         return _load_timm_pretrained(entry)
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
     state = _find_state_dict(load_file(path, trust_pickle=trust_pickle), entry.weights.containers, path)
     backbone_sd, projector_sd = _split(state, entry.weights)
-    backbone, dim = build_backbone(entry.arch, stem=entry.stem)
-    _load_strict(backbone, backbone_sd, entry.weights.allow_missing, what=f"`{name}` backbone")
+    backbone, dim = _load_backbone(entry, backbone_sd)
     projector = _load_projector(entry, projector_sd, dim) if projector_sd else None
     return LoadedModel(
         entry=entry,
@@ -56,6 +63,18 @@ def load_model(
         checkpoint_sha256=digest,
         checkpoint=origin,
     )
+
+
+def _load_backbone(entry: ZooEntry, state: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
+    """The entry's backbone with `state` loaded strictly; a ViT's keys are mapped onto timm's first."""
+    backbone, dim = build_entry_backbone(entry)
+    if isinstance(backbone, VitReadout):
+        assert entry.vit is not None  # a readout is built for ViT entries only
+        target, state = backbone.vit, vit_state_dict(state, backbone.vit, entry.vit)
+    else:
+        target = backbone
+    _load_strict(target, state, entry.weights.allow_missing, what=f"`{entry.name}` backbone")
+    return backbone, dim
 
 
 def _load_timm_pretrained(entry: ZooEntry) -> LoadedModel:
