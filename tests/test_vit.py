@@ -23,6 +23,7 @@ from torch import nn
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.models import loading, registry
 from ssl_patchbench.models.archs import build_entry_backbone
+from ssl_patchbench.results.records import flatten, readout_label, representation_key
 from tests.clitools import run_cli
 
 D, DEPTH, HEADS = 48, 2, 4  # 48: DINOv2-g's SwiGLU width (8/3 * 4 * 48 rounded to 8s) equals timm's packed one
@@ -421,3 +422,36 @@ def test_every_vit_entry_builds_with_its_published_width(entry: registry.ZooEntr
     assert dim == width * entry.vit.last_blocks * (2 if entry.vit.pool == "cls+mean" else 1)
     assert out.shape == (2, dim)
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_readout_is_part_of_every_record_and_store_key(
+    tiny_zoo: Path, tmp_path: Path, cifar_dir: Path, capsys, monkeypatch
+) -> None:
+    """Two readouts of one checkpoint: two stores and two records, each saying which readout it used."""
+    path = tmp_path / "dino.pth"
+    upstream_file("dino", path)
+    results = tmp_path / "results.jsonl"
+    common = ["eval", "--model", "tiny_dino", "--checkpoint", str(path), "--dataset", "cifar10"]
+    common += ["--data-dir", str(cifar_dir), "--patches", "central,2", "--train-per-class", "4"]
+    common += ["--test-per-class", "2", "--eval", "knn", "--knn-k", "3", "--results", str(results), "--json"]
+    readouts = {"default": [], "both": ["--pool", "cls+mean", "--last-blocks", "2"]}
+    dims = {}
+    for name, extra in readouts.items():
+        code, out, err = run_cli(capsys, monkeypatch, *common, *extra)
+        assert code == 0, err
+        dims[name] = {json.loads(line)["dim"] for line in out.splitlines()}
+    assert dims == {"default": {D}, "both": {4 * D}}
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    readout = [(r["zoo_entry"]["vit"]["pool"], r["zoo_entry"]["vit"]["last_blocks"]) for r in records]
+    assert readout == [("cls", 1)] * 2 + [("cls+mean", 2)] * 2
+    stores = {r["feature_stores"]["train"] for r in records}
+    assert len(stores) == 4  # central and 2 patches, for each readout
+
+
+def test_records_of_two_readouts_are_two_representations() -> None:
+    """A results baseline (`check --baseline FILE`) never compares a cls+mean number with a cls one."""
+    vit = {"zoo_entry": {"vit": {"pool": "cls+mean", "last_blocks": 4}}, "representation": "central"}
+    cls = {"zoo_entry": {"vit": {"pool": "cls", "last_blocks": 1}}, "representation": "central"}
+    assert (readout_label(vit), readout_label(cls), readout_label({"zoo_entry": {}})) == ("cls+mean@4", "cls", None)
+    assert representation_key(vit) != representation_key(cls)
+    assert flatten(vit)["readout"] == "cls+mean@4"
