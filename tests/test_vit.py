@@ -455,3 +455,16 @@ def test_records_of_two_readouts_are_two_representations() -> None:
     assert (readout_label(vit), readout_label(cls), readout_label({"zoo_entry": {}})) == ("cls+mean@4", "cls", None)
     assert representation_key(vit) != representation_key(cls)
     assert flatten(vit)["readout"] == "cls+mean@4"
+
+
+def test_the_documented_patchbench_zoo_example_is_a_valid_entry(tmp_path: Path, monkeypatch) -> None:
+    """docs/zoo.md's example parses, and its weights layout is the one the full-checkpoint test loads."""
+    text = (Path(__file__).parents[1] / "docs" / "zoo.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "zoo.yaml"
+    path.write_text(example)
+    monkeypatch.setenv(registry.ZOO_ENV, str(path))
+    entry = registry.get_entry("dino_vits16_full")
+    assert entry.vit == registry.get_entry("dino_vits16").vit
+    layout = registry.WeightsLayout(containers=("teacher",), strip_prefixes=("backbone.",), ignore_prefixes=("head.",))
+    assert entry.weights == layout
