@@ -294,9 +294,7 @@ def _validate(e: ZooEntry, where: str) -> None:
                 "ViT heads go in ignore_prefixes",
             ),
         ]
-    for ok, fld, fix in checks:
-        if not ok:
-            raise UserError(f"{where}, field '{fld}': {fix}")
+    _raise_first_failure(checks, where)
     if e.vit is not None:
         _validate_vit(e.vit, where)
 
@@ -312,6 +310,11 @@ def _validate_vit(vit: VitSpec, where: str) -> None:
         (all(v > 0 for v in vit.overrides.values()), "vit.overrides", "expected positive values"),
         (0 <= vit.pos_embed_offset < 1, "vit.pos_embed_offset", "expected 0 <= offset < 1"),
     ]
+    _raise_first_failure(checks, where)
+
+
+def _raise_first_failure(checks: list[tuple[object, str, str]], where: str) -> None:
+    """A UserError naming the field of the first failed (ok, field, fix) check."""
     for ok, fld, fix in checks:
         if not ok:
             raise UserError(f"{where}, field '{fld}': {fix}")
