@@ -139,7 +139,8 @@ def test_every_entry_parses_with_its_documented_facts() -> None:
     assert all(json.loads(json.dumps(e.to_dict()))["name"] == e.name for e in entries.values())
 
 
-@pytest.mark.parametrize("entry", registry.list_entries(), ids=lambda e: e.name)
+# ViT entries are built in tests/test_vit.py, on the meta device (ViT-g has 1.1B weights)
+@pytest.mark.parametrize("entry", [e for e in registry.list_entries() if e.vit is None], ids=lambda e: e.name)
 def test_every_entry_builds_and_embeds(entry: registry.ZooEntry) -> None:
     model, dim = build_backbone(entry.arch, stem=entry.stem)  # never timm's download
     size = min(entry.preprocessing.input_size, 32)

@@ -18,7 +18,8 @@ from torchvision import models
 from torchvision.models.resnet import BasicBlock
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
-from ssl_patchbench.models.registry import TIMM_PREFIX, TINY_ARCH, check_arch
+from ssl_patchbench.models.registry import TIMM_PREFIX, TINY_ARCH, ZooEntry, check_arch
+from ssl_patchbench.models.vit import VitReadout, build_vit
 
 
 def build_backbone(arch: str, *, stem: str = "imagenet", pretrained: bool = False) -> tuple[nn.Module, int]:
@@ -32,6 +33,15 @@ def build_backbone(arch: str, *, stem: str = "imagenet", pretrained: bool = Fals
         model = TinyResNet()
         return model, model.embed_dim
     return _torchvision_resnet(arch, stem)
+
+
+def build_entry_backbone(entry: ZooEntry) -> tuple[nn.Module, int]:
+    """A zoo entry's backbone (random init) and its embedding size: a ViT entry's timm model behind its readout,
+    any other entry's :func:`build_backbone`."""
+    if entry.vit is None:
+        return build_backbone(entry.arch, stem=entry.stem)
+    readout = VitReadout(build_vit(entry), entry.vit, name=entry.name)
+    return readout, readout.dim
 
 
 def _timm_backbone(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:

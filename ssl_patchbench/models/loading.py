@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.models.archs import build_backbone, build_projector
+from ssl_patchbench.models.archs import build_backbone, build_entry_backbone, build_projector
 from ssl_patchbench.models.checkpoints import fetch, load_file, sha256_file, state_dict_sha256, verify_sha256
 from ssl_patchbench.models.registry import WeightsLayout, ZooEntry, get_entry
 from ssl_patchbench.models.solo import (
@@ -29,6 +29,7 @@ from ssl_patchbench.models.solo import (
     unknown_method,
 )
 from ssl_patchbench.models.sources import default_cache_dir
+from ssl_patchbench.models.vit import VitReadout, vit_state_dict
 
 log = logging.getLogger(__name__)
 _SHOWN = 5
@@ -60,15 +61,18 @@ def load_model(
     trust_pickle: bool = False,
     cache_dir: Path | None = None,
     norm_stats: str = "auto",
+    pool: str | None = None,
+    last_blocks: int | None = None,
 ) -> LoadedModel:
-    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source.
+    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source,
+    `pool` and `last_blocks` a ViT entry's readout (the returned entry carries the readout used).
 
     `norm_stats`: `auto` normalises as the checkpoint's training did where a solo-learn configuration names its
     dataset (else as the entry says), `entry` always as the entry says, or a dataset name: solo-learn's statistics.
     """
     if norm_stats not in NORM_STATS:
         raise UserError(f"unknown normalisation statistics {norm_stats!r}: choose one of {', '.join(NORM_STATS)}")
-    entry = get_entry(name)
+    entry = get_entry(name).with_readout(pool, last_blocks)
     if entry.source.timm_pretrained and checkpoint is None:
         return _load_timm_pretrained(_as_trained(entry, TrainingInfo(), norm_stats))
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
@@ -79,8 +83,7 @@ def load_model(
         info = training_info(raw, path)
         layout = dataclasses.replace(layout, projector_prefix=info.projector_prefix)
     backbone_sd, projector_sd = _split(state, layout)
-    backbone, dim = build_backbone(entry.arch, stem=entry.stem)
-    _load_strict(backbone, backbone_sd, entry.weights.allow_missing, what=f"`{name}` backbone")
+    backbone, dim = _load_backbone(entry, backbone_sd)
     projector, note = _load_projector(entry, info, projector_sd, dim) if projector_sd else (None, None)
     return LoadedModel(
         entry=_as_trained(entry, info, norm_stats),
@@ -108,6 +111,18 @@ def _as_trained(entry: ZooEntry, info: TrainingInfo, norm_stats: str) -> ZooEntr
     if info.crop_scale is not None:
         entry = dataclasses.replace(entry, pretrain_crop_scale=info.crop_scale)
     return entry
+
+
+def _load_backbone(entry: ZooEntry, state: dict[str, torch.Tensor]) -> tuple[nn.Module, int]:
+    """The entry's backbone with `state` loaded strictly; a ViT's keys are mapped onto timm's first."""
+    backbone, dim = build_entry_backbone(entry)
+    if isinstance(backbone, VitReadout):
+        assert entry.vit is not None  # a readout is built for ViT entries only
+        target, state = backbone.vit, vit_state_dict(state, backbone.vit, entry.vit)
+    else:
+        target = backbone
+    _load_strict(target, state, entry.weights.allow_missing, what=f"`{entry.name}` backbone")
+    return backbone, dim
 
 
 def _load_timm_pretrained(entry: ZooEntry) -> LoadedModel:

@@ -29,6 +29,9 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 TINY_ARCH = "tiny_cnn"
 TIMM_PREFIX = "timm:"
 STEMS = ("imagenet", "cifar", "tf_same")
+POOLS = ("cls", "mean", "cls+mean")
+VIT_KEY_MAPS = ("timm", "dinov2")
+VIT_OVERRIDES = ("depth", "embed_dim", "num_heads")
 
 
 def check_arch(arch: str, stem: str = "imagenet") -> None:
@@ -91,6 +94,24 @@ class WeightsLayout:
 
 
 @dataclass(frozen=True)
+class VitSpec:
+    """A Vision Transformer entry: its upstream key map, timm overrides and readout (one vector per image).
+
+    `keys`: `timm` (DINO, iBOT, MAE, MoCo v3 name their tensors as timm does) or `dinov2` (renames, registers).
+    `pool` of the last `last_blocks` blocks, each through the final LayerNorm, concatenated. A position-embedding
+    grid trained at another size is resampled once at load time, bicubic, as the upstream forward does it:
+    `pos_embed_offset` is DINO's historical +0.1 on the target grid (0 = plain output size).
+    """
+
+    keys: str = "timm"
+    pool: str = "cls"
+    last_blocks: int = 1
+    overrides: dict[str, int] = field(default_factory=dict)
+    pos_embed_offset: float = 0.1
+    pos_embed_antialias: bool = False
+
+
+@dataclass(frozen=True)
 class ZooEntry:
     """One pretrained model: architecture, weights, preprocessing and the numbers its authors report."""
 
@@ -109,10 +130,26 @@ class ZooEntry:
     references: dict[str, float] = field(default_factory=dict)
     license: str | None = None
     needs_checkpoint: bool = False
+    vit: VitSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able view, hashed into store keys."""
-        return dataclasses.asdict(self)
+        """JSON-able view, hashed into store keys. A CNN has no `vit` block and leaves it out, so the store keys
+        of CNN results are the ones they had before Vision Transformers joined the zoo."""
+        view = dataclasses.asdict(self)
+        return view if self.vit is not None else {k: v for k, v in view.items() if k != "vit"}
+
+    def with_readout(self, pool: str | None = None, last_blocks: int | None = None) -> ZooEntry:
+        """This entry with its ViT readout overridden (`--pool`, `--last-blocks`); None keeps the entry's own."""
+        if pool is None and last_blocks is None:
+            return self
+        if self.vit is None:
+            raise UserError(
+                f"--pool and --last-blocks apply to Vision Transformer entries; '{self.name}' ({self.arch}) "
+                "is a CNN: leave them out"
+            )
+        vit = dataclasses.replace(self.vit, pool=pool or self.vit.pool, last_blocks=last_blocks or self.vit.last_blocks)
+        _validate_vit(vit, f"model '{self.name}'")
+        return dataclasses.replace(self, vit=vit)
 
 
 def list_entries() -> list[ZooEntry]:
@@ -260,6 +297,37 @@ def _validate(e: ZooEntry, where: str) -> None:
             "expected a non-empty list of positive widths, or null",
         ),
     ]
+    if e.vit is not None:
+        checks += [
+            (e.arch.startswith(TIMM_PREFIX), "arch", "a Vision Transformer is built by timm: use timm:<vit name>"),
+            (not src.timm_pretrained, "source.timm_pretrained", "a ViT entry names its upstream file (url or path)"),
+            (
+                e.projector is None and e.weights.projector_prefix is None,
+                "projector",
+                "ViT heads go in ignore_prefixes",
+            ),
+        ]
+    _raise_first_failure(checks, where)
+    if e.vit is not None:
+        _validate_vit(e.vit, where)
+
+
+def _validate_vit(vit: VitSpec, where: str) -> None:
+    """The ViT block's values, each naming its field."""
+    unknown = [k for k in vit.overrides if k not in VIT_OVERRIDES]
+    checks = [
+        (vit.keys in VIT_KEY_MAPS, "vit.keys", f"use one of {', '.join(VIT_KEY_MAPS)}"),
+        (vit.pool in POOLS, "vit.pool", f"use one of {', '.join(POOLS)}"),
+        (vit.last_blocks >= 1, "vit.last_blocks", "expected a positive number of blocks"),
+        (not unknown, "vit.overrides", f"unknown {unknown[:1]}: timm settings allowed are {', '.join(VIT_OVERRIDES)}"),
+        (all(v > 0 for v in vit.overrides.values()), "vit.overrides", "expected positive values"),
+        (0 <= vit.pos_embed_offset < 1, "vit.pos_embed_offset", "expected 0 <= offset < 1"),
+    ]
+    _raise_first_failure(checks, where)
+
+
+def _raise_first_failure(checks: list[tuple[object, str, str]], where: str) -> None:
+    """A UserError naming the field of the first failed (ok, field, fix) check."""
     for ok, fld, fix in checks:
         if not ok:
             raise UserError(f"{where}, field '{fld}': {fix}")

@@ -86,6 +86,20 @@ class EvalConfig:
         numbers=True,
         choices=("auto", "entry", "cifar10", "cifar100", "stl10", "imagenet100", "imagenet"),
     )
+    pool: str | None = _opt(
+        None,
+        "ViT readout per block: class token, mean patch token, or both (default: the zoo entry's).",
+        "choice",
+        numbers=True,
+        choices=("cls", "mean", "cls+mean"),
+    )
+    last_blocks: int | None = _opt(
+        None,
+        "ViT readout: concatenate the pooling of the last N blocks (default: the zoo entry's).",
+        "int",
+        numbers=True,
+        min=1,
+    )
     evals: tuple[str, ...] = _opt(EVALUATORS, "knn, linear or both.", "csv", numbers=True, option="--eval")
     train_per_class: int | None = _opt(None, "Keep the first N train images of each class.", "int", numbers=True, min=1)
     test_per_class: int | None = _opt(None, "Keep the first N test images of each class.", "int", numbers=True, min=1)

@@ -50,12 +50,14 @@ class RunContext:
         if device.type == "cuda" and ranks.active:
             device = torch.device("cuda", ranks.local_rank)
         root = cfg.home or home()
-        model = load_model(
+        model = load_model(  # a ViT's readout (--pool, --last-blocks) lands in model.entry, so in zoo_entry
             cfg.model,
             checkpoint=cfg.checkpoint,
             trust_pickle=cfg.trust_checkpoint,
             cache_dir=root / "checkpoints",
             norm_stats=cfg.norm_stats,
+            pool=cfg.pool,
+            last_blocks=cfg.last_blocks,
         )
         splits = {
             split: open_split(

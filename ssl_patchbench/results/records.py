@@ -91,7 +91,18 @@ def representation_key(record: dict) -> tuple:
         *layout,
         record.get("aggregation", "mean"),
         record.get("space", "embedding"),
+        readout_label(record),
     )
+
+
+def readout_label(record: dict) -> str | None:
+    """A ViT record's readout: ``cls``, ``mean`` or ``cls+mean``, with ``@N`` over the last N > 1 blocks; None for
+    a CNN (its zoo entry has no ``vit`` block)."""
+    vit = (record.get("zoo_entry") or {}).get("vit")
+    if not isinstance(vit, dict):
+        return None
+    last = vit.get("last_blocks", 1)
+    return f"{vit.get('pool')}@{last}" if last != 1 else str(vit.get("pool"))
 
 
 def provenance(record: dict) -> dict[str, object]:
@@ -163,6 +174,7 @@ def flatten(record: dict) -> dict:
         "stride": p.get("stride"),
         "aggregation": record.get("aggregation"),
         "space": record.get("space"),
+        "readout": readout_label(record),
         "seed": record.get("seed"),
         "precision": record.get("precision"),
     }
