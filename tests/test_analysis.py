@@ -142,14 +142,14 @@ def test_scale_table_groups_by_scale_and_representation_newest_wins(tmp_path):
         _record([0.2, 0.2], "16", 72.0),
         _record([0.2, 0.2], "16", 99.0, space="projection"),
     ]
-    table = scales.scale_table(records)
+    table = scales.scale_table(records).table
     assert list(zip(table.scale, table.representation, table.accuracy, strict=True)) == [
         ("0.2", "central", 40.0),
         ("0.2", "16", 72.0),
         ("0.08-1", "central", 80.0),
     ]
     assert table.n_records.tolist() == [1, 2, 1]
-    relabelled = scales.scale_table(records, labels={"scale0.2.ckpt": "small"}, metric="knn@20")
+    relabelled = scales.scale_table(records, labels={"scale0.2.ckpt": "small"}, metric="knn@20").table
     assert "small" in set(relabelled.scale) and relabelled.accuracy.max() == 79.0
     paths = scales.write_scales(table, tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)

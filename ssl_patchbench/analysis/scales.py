@@ -2,19 +2,26 @@
 
 Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_scale``, or a label the
 user maps to a model name, checkpoint path or sha256 prefix) and by representation (central, 1, 16, ...).
-When a group holds several records the newest wins, as in the append-only results store.
+One figure holds only records of one data split and protocol, one curve only records of one checkpoint (those
+of the newest record); the others are left out with a note saying why. When a point holds several records the
+newest wins, as in the append-only results store.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ssl_patchbench.core.errors import UserError
-
-log = logging.getLogger(__name__)
+from ssl_patchbench.results.records import (
+    comparable,
+    drop_reused_duplicates,
+    is_subset,
+    metric_value,
+    record_date,
+)
 
 METRICS = ("linear", "knn@20", "knn@200")
 
@@ -50,9 +57,12 @@ def _record_scale(record: dict, mapping: dict[str, str]) -> str:
     return scale_label((record.get("zoo_entry") or {}).get("pretrain_scale"))
 
 
-def _metric(record: dict, metric: str) -> float | None:
-    value = (record.get("metrics") or {}).get(metric)
-    return None if value is None else value.get("top1")
+@dataclass
+class ScaleTable:
+    """The figure's points (one row per pretraining scale and representation) and why records were left out."""
+
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
 
 
 def scale_table(
@@ -63,26 +73,35 @@ def scale_table(
     space: str = "embedding",
     labels: dict[str, str] | None = None,
     model: str | None = None,
-) -> pd.DataFrame:
-    """One row per (pretraining scale, representation): the accuracy of the newest matching record.
+) -> ScaleTable:
+    """One row per (pretraining scale, representation): the accuracy of the newest comparable record.
 
-    Records of several checkpoints with one scale are merged (newest wins) with a warning: pass ``model``.
+    The figure keeps the data split and protocol of the newest record, each curve the checkpoint of its newest
+    record; what does not fit is left out with a note. Reruns on reused features count once.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
     if not records:
         raise UserError("no results records found: run `patchbench eval ...` first, or pass --results FILE")
-    rows = [_row(r, metric, labels or {}) for r in records if _keep(r, space, dataset, model)]
-    rows = [row for row in rows if row["accuracy"] is not None]
-    if not rows:
+    found = [r for r in records if _keep(r, space, dataset, model) and metric_value(r, metric) is not None]
+    if not found:
         raise UserError(f"no results records with {metric} for space {space}" + (f" on {dataset}" if dataset else ""))
-    frame = pd.DataFrame(rows)
-    datasets = sorted(frame.dataset.unique())
+    datasets = sorted({str(r.get("dataset")) for r in found})
     if len(datasets) > 1:
         raise UserError(f"the records hold several datasets ({', '.join(datasets)}): pick one with --dataset")
-    mixed = frame.groupby("scale").checkpoint_sha256.nunique()
-    for scale in mixed[mixed > 1].index:
-        log.warning("pretraining scale %s holds records of several checkpoints; the newest wins (use --model)", scale)
+    found, reused = drop_reused_duplicates(sorted(found, key=record_date))
+    notes = [f"{reused} reruns on reused cached features counted once"] if reused else []
+    figure = comparable(found, ("data", "protocol"), what="the newest record")
+    notes += figure.notes
+    by_scale: dict[str, list[dict]] = {}
+    for record in figure.kept:
+        by_scale.setdefault(_record_scale(record, labels or {}), []).append(record)
+    kept = []
+    for scale, group in by_scale.items():
+        curve = comparable(group, ("checkpoint",), what=f"the curve of scale {scale} (its newest record)")
+        kept += curve.kept
+        notes += [f"{note}; tell checkpoints apart with --scale-label KEY=LABEL" for note in curve.notes]
+    frame = pd.DataFrame([_row(r, metric, labels or {}) for r in sorted(kept, key=record_date)])
     grouped = frame.groupby(["scale", "representation"], sort=False)
     table = grouped.tail(1).set_index(["scale", "representation"])
     table["n_records"] = grouped.size()
@@ -90,7 +109,7 @@ def scale_table(
     table["_order"] = [
         (_scale_sort(s), _representation_sort(r)) for s, r in zip(table.scale, table.representation, strict=True)
     ]
-    return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    return ScaleTable(table.sort_values("_order").drop(columns="_order").reset_index(drop=True), notes)
 
 
 def _keep(record: dict, space: str, dataset: str | None, model: str | None) -> bool:
@@ -113,10 +132,11 @@ def _row(record: dict, metric: str, labels: dict[str, str]) -> dict:
         "model": record.get("model"),
         "checkpoint_sha256": record.get("checkpoint_sha256"),
         "metric": metric,
-        "accuracy": _metric(record, metric),
+        "accuracy": metric_value(record, metric),
         "n_train": record.get("n_train"),
         "n_test": record.get("n_test"),
-        "date": (record.get("environment") or {}).get("date"),
+        "subset": is_subset(record),
+        "date": record_date(record) or None,
     }
 
 
@@ -154,7 +174,9 @@ def plot_scales(table: pd.DataFrame):
                 axes[1].plot(range(len(scales)), rows.accuracy, "-o", color=SERIES_COLORS[j % 8], label=label)
             _axis(axes[1], scales, "pretraining crop scale", metric)
             axes[1].legend(loc="lower right")
-        title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]} train / {table.n_test.iloc[0]} test images"
+        title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]:,} train / {table.n_test.iloc[0]:,} test images"
+        if table.subset.any():
+            title += " (a subset)"
         fig.suptitle(title, fontsize=7)
     return fig
 

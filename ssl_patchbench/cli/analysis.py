@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ssl_patchbench.cli.common import split_csv
+from ssl_patchbench.cli.common import split_csv, stderr
 from ssl_patchbench.core.errors import UserError
 
 _CHECKPOINT_HELP = "Local checkpoint; overrides the zoo source."
@@ -211,9 +211,11 @@ def scales(results, home, metric, dataset, model, space, scale_label, out) -> No
     if not records:
         raise UserError(f"no results records in {path}: run `patchbench eval ...` first, or pass --results FILE")
     labels = parse_labels(scale_label)
-    table = scale_table(records, metric=metric, dataset=dataset, space=space, labels=labels, model=model)
-    click.echo(table[["scale", "representation", "accuracy", "n_records"]].to_string(index=False))
-    _wrote(write_scales(table, Path(out)))
+    scales = scale_table(records, metric=metric, dataset=dataset, space=space, labels=labels, model=model)
+    click.echo(scales.table[["scale", "representation", "accuracy", "n_records"]].to_string(index=False))
+    for note in scales.notes:
+        stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    _wrote(write_scales(scales.table, Path(out)))
 
 
 @click.command()
@@ -232,8 +234,9 @@ def report(
     results, model, checkpoint, dataset, data_dir, per_class, metric, device, home, trust_checkpoint, out
 ) -> None:
     """One self-contained HTML page: results records and, with --model, the image analyses."""
-    from ssl_patchbench.analysis.report import filter_records, model_sections, records_sections, render_html
+    from ssl_patchbench.analysis.report import model_sections, records_sections, render_html
     from ssl_patchbench.data.datasets import first_per_class
+    from ssl_patchbench.results.records import select_records
 
     path, records = _records(results, home)
     sections, meta, sha = [], {"results": str(path)}, None
@@ -263,7 +266,7 @@ def report(
             bank_images=images,
             heatmap_images=first_per_class(inputs.split.labels, 1)[:3],
         )
-    kept = filter_records(records, model=model, checkpoint_sha256=sha)
+    kept = select_records(records, model=model, checkpoint=sha)
     meta["records"] = f"{len(kept)} of {len(records)} in the results file"
     sections = records_sections(kept, metric=metric) + sections
     if not sections:
