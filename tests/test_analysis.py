@@ -185,7 +185,7 @@ def test_scale_figure_counts_a_rerun_on_reused_features_once():
     first = _dated(_record([0.2, 0.2], "16", 70.0), 1)
     rerun = _dated(_record([0.2, 0.2], "16", 70.0), 2, reused_features=True)
     result = scales.scale_table([first, rerun])
-    assert result.table.n_records.tolist() == [1] and "1 reruns on reused cached features" in result.notes[0]
+    assert result.table.n_records.tolist() == [1] and "1 rerun(s) on reused cached features" in result.notes[0]
     alone = scales.scale_table([rerun])  # the first run's record is elsewhere: the rerun is all there is
     assert alone.table.n_records.tolist() == [1] and alone.notes == []
 

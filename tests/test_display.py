@@ -146,7 +146,7 @@ def test_results_listing_is_one_line_per_record_at_120_columns():
     assert "78.61" in rows[0] and "78.611" not in rows[0]
     assert " projection " in rows[1] and " embedding " in rows[0]
     assert "cifar10 50k/10k " in rows[0] and "cifar10 200/100†" in rows[2]  # subset marked
-    assert "256 × 0.08-1 ↺" in rows[2] and "1 reruns on reused cached features" in lines[0]
+    assert "256 × 0.08-1 ↺" in rows[2] and "1 rerun(s) on reused cached features" in lines[0]
 
 
 def test_available_cores_follow_the_affinity_mask_and_the_cgroup_quota(monkeypatch, tmp_path):

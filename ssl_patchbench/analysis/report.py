@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.results.records import display_date, drop_reused_duplicates, flatten
+from ssl_patchbench.results.records import display_date, drop_reused_duplicates, flatten, is_subset
 
 from .. import __version__
 
 _CSS = """
-body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1040px;margin:24px auto;padding:0 16px;
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
 color:#222;line-height:1.45}
 h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:32px}
 h3{font-size:15px;margin:18px 0 6px}.meta{color:#666;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 14px}th,td{padding:3px 9px;text-align:right}
-th{border-bottom:2px solid #444;background:#f4f4f4}td{border-bottom:1px solid #e4e4e4}
+th{border-bottom:2px solid #444;background:#f4f4f4}td{border-bottom:1px solid #e4e4e4;white-space:nowrap}
 td:first-child,th:first-child{text-align:left}figure{margin:10px 0 18px}
 figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444;margin-top:4px}
 .small img{max-width:520px}
@@ -93,7 +93,7 @@ def results_frame(records: list[dict]) -> pd.DataFrame:
     for record in records:
         flat = {**flatten(record), "checkpoint": str(record.get("checkpoint_sha256") or "")[:8] or None}
         row = {name: flat.get(key) for key, name in columns.items()}
-        row["train/test"] = f"{record.get('n_train')}/{record.get('n_test')}"
+        row["train/test"] = f"{record.get('n_train')}/{record.get('n_test')}" + ("†" if is_subset(record) else "")
         row["date"] = display_date(record)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -107,9 +107,9 @@ def records_sections(records: list[dict], *, metric: str = "linear") -> list[Sec
     if not records:
         return []
     records, reused = drop_reused_duplicates(records)
-    intro = f"{len(records)} evaluations, oldest first."
+    intro = f"{len(records)} evaluations, oldest first; †: measured on a subset of the dataset's full split."
     if reused:
-        intro += f" {reused} reruns on reused cached features are left out: they measured nothing new."
+        intro += f" {reused} rerun(s) on reused cached features left out: they measured nothing new."
     sections = [Section("Results records", [intro], [("Evaluations", results_frame(records))])]
     for dataset in sorted({str(r.get("dataset")) for r in records}):
         try:
@@ -132,8 +132,7 @@ def records_sections(records: list[dict], *, metric: str = "linear") -> list[Sec
                 ],
                 [("Accuracy by pretraining scale and representation", shown)],
                 [("Accuracy against the number of patches averaged", png_bytes(plot_scales(table)))],
-                small_figures=True,
-            )
+            )  # one panel is column-sized, two (several scales) take the page width
         )
     return sections
 

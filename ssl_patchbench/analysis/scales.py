@@ -3,7 +3,7 @@
 Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_scale``, or a label the
 user maps to a model name, checkpoint path or sha256 prefix) and by representation (central, 1, 16, ...).
 One figure holds only records of one data split and protocol, one curve only records of one checkpoint (those
-of the newest record); the others are left out with a note saying why. When a point holds several records the
+most records share); the others are left out with a note saying why. When a point holds several records the
 newest wins, as in the append-only results store.
 """
 
@@ -76,8 +76,9 @@ def scale_table(
 ) -> ScaleTable:
     """One row per (pretraining scale, representation): the accuracy of the newest comparable record.
 
-    The figure keeps the data split and protocol of the newest record, each curve the checkpoint of its newest
-    record; what does not fit is left out with a note. Reruns on reused features count once.
+    The figure keeps the data split and protocol most of the records share, each curve the checkpoint most
+    of its records share (the newest on a tie); what does not fit is left out with a note. Reruns on reused
+    features count once.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
@@ -90,15 +91,15 @@ def scale_table(
     if len(datasets) > 1:
         raise UserError(f"the records hold several datasets ({', '.join(datasets)}): pick one with --dataset")
     found, reused = drop_reused_duplicates(sorted(found, key=record_date))
-    notes = [f"{reused} reruns on reused cached features counted once"] if reused else []
-    figure = comparable(found, ("data", "protocol"), what="the newest record")
+    notes = [f"{reused} rerun(s) on reused cached features counted once"] if reused else []
+    figure = comparable(found, ("data", "protocol"), what="the records shown")
     notes += figure.notes
     by_scale: dict[str, list[dict]] = {}
     for record in figure.kept:
         by_scale.setdefault(_record_scale(record, labels or {}), []).append(record)
     kept = []
     for scale, group in by_scale.items():
-        curve = comparable(group, ("checkpoint",), what=f"the curve of scale {scale} (its newest record)")
+        curve = comparable(group, ("checkpoint",), what=f"the curve of scale {scale}")
         kept += curve.kept
         notes += [f"{note}; tell checkpoints apart with --scale-label KEY=LABEL" for note in curve.notes]
     frame = pd.DataFrame([_row(r, metric, labels or {}) for r in sorted(kept, key=record_date)])
@@ -166,14 +167,14 @@ def plot_scales(table: pd.DataFrame):
             rows = table[table.scale == scale].set_index("representation").reindex(reps)
             axes[0].plot(range(len(reps)), rows.accuracy, "-o", color=SERIES_COLORS[i % 8], label=f"scale {scale}")
         _axis(axes[0], reps, "representation (number of patches averaged)", metric)
-        axes[0].legend(title="pretraining crop scale" if len(scales) > 1 else None, loc="lower right")
+        axes[0].legend(title="pretraining crop scale" if len(scales) > 1 else None, loc="best")
         if len(scales) >= 2:
             for j, rep in enumerate(reps):
                 rows = table[table.representation == rep].set_index("scale").reindex(scales)
-                label = rep if rep == "central" else f"{rep} patches"
+                label = rep if rep == "central" else f"{rep} patch" + ("es" if rep != "1" else "")
                 axes[1].plot(range(len(scales)), rows.accuracy, "-o", color=SERIES_COLORS[j % 8], label=label)
             _axis(axes[1], scales, "pretraining crop scale", metric)
-            axes[1].legend(loc="lower right")
+            axes[1].legend(loc="best")
         title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]:,} train / {table.n_test.iloc[0]:,} test images"
         if table.subset.any():
             title += " (a subset)"

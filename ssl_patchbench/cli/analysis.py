@@ -253,7 +253,8 @@ def scales(results, home, metric, dataset, model, space, scale_label, out) -> No
         raise UserError(f"no results records in {path}: run `patchbench eval ...` first, or pass --results FILE")
     labels = parse_labels(scale_label)
     scales = scale_table(records, metric=metric, dataset=dataset, space=space, labels=labels, model=model)
-    click.echo(scales.table[["scale", "representation", "accuracy", "n_records"]].to_string(index=False))
+    shown = scales.table[["scale", "representation", "accuracy", "n_records"]]
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     for note in scales.notes:
         stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     _wrote(write_scales(scales.table, Path(out)))

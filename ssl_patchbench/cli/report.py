@@ -183,7 +183,7 @@ def _results_table(records: list[dict]) -> Table:
     rows = [flatten(r) for r in records]
     metrics = sorted({m for r in records for m in metric_names(r)}, key=lambda m: (m == "linear", len(m), m))
     reused = sum(map(is_reused, records))
-    title = f"{len(records)} stored results" + (f" ({reused} reruns on reused cached features, ↺)" if reused else "")
+    title = f"{len(records)} stored results" + (f" ({reused} rerun(s) on reused cached features, ↺)" if reused else "")
     grid = Table(title=title, box=None, pad_edge=False, collapse_padding=True, header_style="bold underline")
     for column in ("date", "model", "sha256", "data (train/test)", "patches", "agg", "space", *metrics):
         fixed = {"date": 16, "sha256": 8}.get(column, len(column) if column in metrics else None)  # never shrink

@@ -178,13 +178,7 @@ FULL_SPLITS = {
 
 def differing_fields(a: dict, b: dict, aspects: Sequence[str] = tuple(ASPECTS)) -> dict[str, list[str]]:
     """Aspect -> the dotted fields of that aspect on which records ``a`` and ``b`` differ (empty ones left out)."""
-    found = _differing([provenance(a), provenance(b)])
-    out = {}
-    for aspect in aspects:
-        fields = [f for f in found if f.split(".")[0] in ASPECTS[aspect]]
-        if fields:
-            out[aspect] = fields
-    return out
+    return _by_aspect(_differing([provenance(a), provenance(b)]), aspects)
 
 
 @dataclass
@@ -199,24 +193,55 @@ class Comparable:
 def comparable(
     records: Sequence[dict], aspects: Sequence[str], *, reference: dict | None = None, what: str = "the rest"
 ) -> Comparable:
-    """Split ``records`` into those agreeing with ``reference`` (default: the newest) on every aspect and those
-    left out, with one sentence per reason (``what`` names the records kept, e.g. ``the curve of scale 0.2``)."""
+    """Split ``records`` into those agreeing with ``reference`` on every aspect and those left out, with one
+    sentence per reason (``what`` names the records kept, e.g. ``the curve of scale 0.2``).
+
+    The default reference is a record of the largest group that agrees exactly (the newest one on a tie), so a
+    stray run on another subset is what is left out, not the bulk of the results.
+    """
     if not records:
         return Comparable([])
-    reference = reference if reference is not None else newest_first(records)[0]
+    flat = [provenance(r) for r in records]
+    if reference is None:
+        keys = [_aspect_key(f, aspects) for f in flat]
+        counts = {key: keys.count(key) for key in keys}
+        best = max(range(len(records)), key=lambda i: (counts[keys[i]], record_date(records[i]), i))
+        reference, reference_flat = records[best], flat[best]
+    else:
+        reference_flat = provenance(reference)
     kept: list[dict] = []
     out: dict[str, list[dict]] = {}
-    for record in records:
-        differ = differing_fields(reference, record, aspects)
+    for record, record_flat in zip(records, flat, strict=True):
+        differ = _by_aspect(_differing([reference_flat, record_flat]), aspects)
         if differ:
             out.setdefault(_reason(reference, record, differ), []).append(record)
         else:
             kept.append(record)
-    notes = [
-        f"{len(left)} record{'s' if len(left) > 1 else ''} left out: {reason}, unlike {what}"
-        for reason, left in out.items()
-    ]
+    notes = [f"{_records(len(left))} left out: {reason}, unlike {what}" for reason, left in out.items()]
     return Comparable(kept, [r for left in out.values() for r in left], notes)
+
+
+def _records(n: int) -> str:
+    return f"{n} record" + ("s" if n != 1 else "")
+
+
+def _aspect_key(flat: dict[str, object], aspects: Sequence[str]) -> str:
+    fields = {k: v for k, v in flat.items() if k.split(".")[0] in _aspect_fields(aspects)}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _aspect_fields(aspects: Sequence[str]) -> set[str]:
+    return {name for aspect in aspects for name in ASPECTS[aspect]}
+
+
+def _by_aspect(fields: list[str], aspects: Sequence[str]) -> dict[str, list[str]]:
+    """Aspect -> the differing dotted fields that belong to it (aspects without any left out)."""
+    out = {}
+    for aspect in aspects:
+        found = [f for f in fields if f.split(".")[0] in ASPECTS[aspect]]
+        if found:
+            out[aspect] = found
+    return out
 
 
 def _reason(reference: dict, record: dict, differ: dict[str, list[str]]) -> str:
