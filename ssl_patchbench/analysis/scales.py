@@ -21,6 +21,7 @@ from ssl_patchbench.results.records import (
     is_subset,
     metric_value,
     record_date,
+    select_records,
 )
 
 METRICS = ("linear", "knn@20", "knn@200")
@@ -84,7 +85,8 @@ def scale_table(
         raise UserError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
     if not records:
         raise UserError("no results records found: run `patchbench eval ...` first, or pass --results FILE")
-    found = [r for r in records if _keep(r, space, dataset, model) and metric_value(r, metric) is not None]
+    chosen = select_records(records, model=model, dataset=dataset, space=space, aggregation="mean")
+    found = [r for r in chosen if metric_value(r, metric) is not None]  # mean-aggregated bags and central views
     if not found:
         raise UserError(f"no results records with {metric} for space {space}" + (f" on {dataset}" if dataset else ""))
     datasets = sorted({str(r.get("dataset")) for r in found})
@@ -111,16 +113,6 @@ def scale_table(
         (_scale_sort(s), _representation_sort(r)) for s, r in zip(table.scale, table.representation, strict=True)
     ]
     return ScaleTable(table.sort_values("_order").drop(columns="_order").reset_index(drop=True), notes)
-
-
-def _keep(record: dict, space: str, dataset: str | None, model: str | None) -> bool:
-    """Bag-of-patches (mean) and central records of the asked space, dataset and model."""
-    return (
-        (model is None or record.get("model") == model)
-        and record.get("space", "embedding") == space
-        and record.get("aggregation", "mean") == "mean"
-        and (dataset is None or record.get("dataset") == dataset)
-    )
 
 
 def _row(record: dict, metric: str, labels: dict[str, str]) -> dict:

@@ -23,7 +23,7 @@ from ssl_patchbench.reporting.tables import (
     fill,
     scale_pair,
 )
-from ssl_patchbench.results.records import aggregation_label, newest_first
+from ssl_patchbench.results.records import aggregation_label, newest_first, record_date
 
 _PLACEHOLDER = re.compile(r"[^A-Za-z0-9]+")
 LEGEND = (
@@ -238,7 +238,7 @@ def cell_dict(table: FilledTable, cell: Cell, *, paper_only: bool = False) -> di
         "n_train": latest.get("n_train"),
         "n_test": latest.get("n_test"),
         "subset": cell.subset,
-        "date": (latest.get("environment") or {}).get("date"),
+        "date": record_date(latest) or None,
         "sources": sorted({str(r.get("_source")) for r in cell.records if r.get("_source")}),
         "conflicts": cell.conflicts.get("numbers", []),
         "environment_differs": cell.conflicts.get("environment", []),

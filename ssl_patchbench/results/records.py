@@ -378,11 +378,13 @@ def select_records(
 ) -> list[dict]:
     """Records matching every criterion given: ``checkpoint`` is a sha256 prefix, ``protocol`` an evaluator
     (``knn``, ``linear``) or a metric (``knn@200``) the record measured."""
-    wanted = {"model": model, "dataset": dataset, "representation": representation, "space": space}
+    wanted = {"model": model, "dataset": dataset, "representation": representation}
     agg = aggregation_label(aggregation) if aggregation else None
     kept = []
     for record in records:
         if any(v is not None and str(record.get(k)) != v for k, v in wanted.items()):
+            continue
+        if space and record.get("space", "embedding") != space:  # records from before projections: embedding
             continue
         if agg and aggregation_label(str(record.get("aggregation", "mean"))) != agg:
             continue
