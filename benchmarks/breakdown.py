@@ -45,7 +45,7 @@ def stage_times(entry: str, size: int, n: int, height: int, width: int, *, autot
     model = random_model(entry)
     encoder = Encoder(model, "embedding").to(device).eval().to(memory_format=torch.channels_last)
     pre = model.entry.preprocessing
-    spec = PatchSpec(mode="random", n=n, scale=model.entry.pretrain_scale, out_size=size, resize=pre.resize)
+    spec = PatchSpec(mode="random", n=n, scale=model.entry.patch_scale, out_size=size, resize=pre.resize)
     per_batch = max(1, default_max_patches(device, size) // n)
     images = torch.randint(0, 256, (per_batch, height, width, 3), dtype=torch.uint8, device=device)
     indices = np.arange(per_batch)
@@ -101,7 +101,7 @@ def pipeline_profile(images: int = 2048, n: int = 48) -> None:
     model = random_model("vicreg_rn50")
     encoder = Encoder(model, "embedding")
     pre = model.entry.preprocessing
-    spec = PatchSpec(mode="random", n=n, scale=model.entry.pretrain_scale, out_size=224, resize=pre.resize)
+    spec = PatchSpec(mode="random", n=n, scale=model.entry.patch_scale, out_size=224, resize=pre.resize)
     split = synthetic(images)
     ours(encoder, head(split, 128), spec, device, compile_model=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:

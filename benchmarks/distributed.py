@@ -37,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = random_model("vicreg_rn50")
     pre = model.entry.preprocessing
-    spec = PatchSpec(mode="random", n=args.patches, scale=model.entry.pretrain_scale, out_size=224, resize=pre.resize)
+    spec = PatchSpec(mode="random", n=args.patches, scale=model.entry.patch_scale, out_size=224, resize=pre.resize)
     split = synthetic(args.images)
     encoder = Encoder(model, "embedding")
     ours(encoder, head(split, 64), PatchSpec(mode="random", n=4, out_size=224, resize=pre.resize), device)  # warm-up

@@ -179,7 +179,7 @@ def main() -> None:
         pre = model.entry.preprocessing
         for source, split in sources[key]:
             for n in counts:
-                spec = PatchSpec(mode="random", n=n, scale=model.entry.pretrain_scale, out_size=size, resize=pre.resize)
+                spec = PatchSpec(mode="random", n=n, scale=model.entry.patch_scale, out_size=size, resize=pre.resize)
                 subset = head(split, max(16, budget[key] // n))
                 warm_split = head(split, 2 * max(1, default_max_patches(device, size) // n))  # two full batches
                 rates = {}

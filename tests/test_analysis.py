@@ -190,6 +190,14 @@ def test_scale_figure_counts_a_rerun_on_reused_features_once():
     assert alone.table.n_records.tolist() == [1] and alone.notes == []
 
 
+def test_scale_table_reads_the_pretraining_crop_and_protocol_1_records():
+    new = _record([0.5, 0.5], "central", 60.0) | {
+        "zoo_entry": {"patch_scale": [0.08, 1.0], "pretrain_crop_scale": [0.3, 0.3]}
+    }
+    old = _record([0.2, 0.2], "central", 50.0)
+    assert sorted(scales.scale_table([new, old]).table.scale) == ["0.2", "0.3"]
+
+
 def test_scale_table_errors_say_what_to_do():
     with pytest.raises(UserError, match="patchbench eval"):
         scales.scale_table([])
@@ -225,6 +233,7 @@ def test_cli_scales_without_records_is_a_user_error(capsys, monkeypatch, tmp_pat
     assert code == 2 and err.startswith("error: no results records")
 
 
+@pytest.mark.slow
 def test_help_imports_neither_torch_nor_matplotlib():
     code = (
         "import sys; from ssl_patchbench.cli.main import cli; from click.testing import CliRunner;"

@@ -190,6 +190,7 @@ def test_zoo_list_and_show(capsys, monkeypatch):
     assert code == 0 and "module." in out and "swav_800ep_pretrain" in out
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     code = "import sys; from ssl_patchbench.cli.main import cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})

@@ -11,7 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ssl_patchbench.results.store import read_records
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -5,10 +5,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ssl_patchbench.results.store import read_records
 
 from .clitools import model_args, run_cli
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def _args(checkpoint, data_dir, home) -> list[str]:

@@ -98,6 +98,7 @@ def test_features_do_not_depend_on_the_forward_slice_size(model, split, tmp_path
     np.testing.assert_allclose(big, odd, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_patches", [15, 3])
 def test_compiled_encoder_with_padded_slices_gives_the_eager_features(model, split, tmp_path, max_patches):
     # 30 images, chunks of 8, 5 patches each. 15: batches of 3, 3, 2 images (the last padded from 10 to 15

@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from sklearn.datasets import load_sample_image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
 from ssl_patchbench.core.errors import UserError
@@ -95,19 +98,105 @@ def test_fixed_scale_on_cifar_is_about_14px():
     assert np.sqrt(area).mean() == pytest.approx(14.3, abs=0.5)
 
 
-def test_central_view_of_a_large_image_matches_resize_then_centre_crop():
-    """Resize(256) + CenterCrop(224) and our single box crop see the same region (smooth image)."""
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, 300), torch.linspace(0, 1, 400), indexing="ij")
-    image = torch.stack([255 * xx, 255 * yy, 127 + 100 * torch.sin(6 * xx + 3 * yy)]).round()
-    ref = TF.center_crop(TF.resize(image, 256, InterpolationMode.BILINEAR, antialias=True), [224, 224])
-    box = central_boxes(np.array([300]), np.array([400]), 256, 224)[0]
-    ours = _crop(image, tuple(box), 224)
-    assert (ours - ref).abs().mean() < 1.0
+def _photo(h: int, w: int) -> np.ndarray:
+    """A real photograph (scikit-learn's china.jpg, 427x640) resized by Pillow to ``h`` x ``w``: edges and texture."""
+    photo = Image.fromarray(load_sample_image("china.jpg"))
+    return np.asarray(photo if photo.size == (w, h) else photo.resize((w, h), Image.BILINEAR))
 
 
-def test_small_images_central_view_is_the_whole_image():
-    np.testing.assert_array_equal(central_boxes(np.array([32]), np.array([32]), 256, 224), [[0, 0, 32, 32]])
+def _central(image: np.ndarray, interpolation: str, resize: int | None = 256, out: int = 224) -> torch.Tensor:
+    """Our central view: the spec's box, cut with the spec's resampler."""
+    spec = PatchSpec(mode="central", out_size=out, resize=resize, interpolation=interpolation)
+    box = torch.from_numpy(spec.boxes(np.array([0]), np.array([image.shape[0]]), np.array([image.shape[1]])))
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+    crop = crop_and_resize(pixels, box[0].float(), torch.zeros(1, dtype=torch.long), out, *_resampling(spec))
+    return crop[0]
+
+
+def _resampling(spec: PatchSpec) -> tuple[str, str]:
+    return spec.interpolation, spec.antialias
+
+
+def _upstream(image: np.ndarray, mode: InterpolationMode) -> torch.Tensor:
+    """The authors' evaluation transform on the PIL image: Resize(256) + CenterCrop(224) (Pillow antialiases)."""
+    crop = T.Compose([T.Resize(256, interpolation=mode), T.CenterCrop(224)])(Image.fromarray(image))
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float()
+
+
+# Odd sizes, including short sides under 224 (upsampled: Imagenette-160 is 160x213) and extreme aspect ratios.
+ODD_SIZES = [(200, 300), (160, 213), (97, 500), (1000, 37), (427, 640)]
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_central_view_is_torchvision_resize_then_centre_crop_on_pil(size, interpolation):
+    """Pillow rounds to uint8 after each of its two passes, we keep floats: at most one grey level apart."""
+    image = _photo(*size)
+    mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+    diff = (_central(image, interpolation) - _upstream(image, mode)).abs()
+    assert diff.max() <= 1.1 and diff.mean() < 0.35
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_central_view_bicubic_matches_torchvision_tensor_resize(size):
+    """torchvision.transforms.v2 on a uint8 tensor (its antialiased bicubic, Pillow's kernel and clipping, rounded
+    to integers) as a second reference: the same one-grey-level bound."""
+    image = _photo(*size)
+    pixels = torch.from_numpy(image.copy()).permute(2, 0, 1)
+    ref = TF.center_crop(TF.resize(pixels, 256, InterpolationMode.BICUBIC, antialias=True), [224, 224]).float()
+    diff = (_central(image, "bicubic") - ref).abs()
+    assert diff.max() <= 1.1 and diff.mean() < 0.35
+
+
+def test_central_box_is_torchvisions_region():
+    """The box is what Resize(256) + CenterCrop(224) keeps, with torchvision's truncation and rounding."""
+    for h, w in [*ODD_SIZES, (300, 400), (32, 32)]:
+        resized = T.Resize(256)(Image.new("RGB", (w, h))).size  # (width, height)
+        top, left = round((resized[1] - 224) / 2), round((resized[0] - 224) / 2)
+        expected = [
+            left * w / resized[0],
+            top * h / resized[1],
+            (left + 224) * w / resized[0],
+            (top + 224) * h / resized[1],
+        ]
+        np.testing.assert_allclose(central_boxes(np.array([h]), np.array([w]), 256, 224)[0], expected, rtol=1e-12)
+
+
+def test_whole_image_only_without_resize():
     np.testing.assert_array_equal(central_boxes(np.array([96]), np.array([96]), None, 32), [[0, 0, 96, 96]])
+    np.testing.assert_array_equal(central_boxes(np.array([200]), np.array([300]), None, 32), [[0, 0, 300, 200]])
+
+
+def test_bilinear_patches_keep_the_box_filter_and_bicubic_patches_follow_pillow():
+    """Patches: bilinear is roi_align's box filter (cheaper); bicubic crops equal Pillow's resize of the box."""
+    assert PatchSpec(mode="random", n=4).antialias == "box"
+    assert PatchSpec(mode="random", n=4, interpolation="bicubic").antialias == "pillow"
+    assert PatchSpec(mode="central", out_size=32).antialias == "pillow"
+    image = _photo(200, 300)
+    box = (37.0, 21.0, 37.0 + 150.0, 21.0 + 120.0)  # downscaled 150x120 -> 64: the kernel widens
+    ours = crop_and_resize(
+        torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float(),
+        torch.tensor([box]),
+        torch.zeros(1, dtype=torch.long),
+        64,
+        "bicubic",
+        "pillow",
+    )[0]
+    ref = np.asarray(Image.fromarray(image).resize((64, 64), Image.BICUBIC, box=box))
+    diff = (ours - torch.from_numpy(ref.copy()).permute(2, 0, 1).float()).abs()
+    assert diff.max() <= 1.1 and diff.mean() < 0.35
+
+
+def test_bicubic_crops_ignore_edge_replicated_padding():
+    """A file-backed batch pads small images by edge replication: their crops must not depend on it."""
+    image = torch.from_numpy(_photo(40, 50).copy()).permute(2, 0, 1).float()
+    padded = torch.nn.functional.pad(image[None], (0, 30, 0, 20), mode="replicate")
+    boxes = torch.tensor([[0.0, 0.0, 50.0, 40.0], [10.5, 3.0, 49.0, 39.5]])
+    owner = torch.zeros(2, dtype=torch.long)
+    torch.testing.assert_close(
+        crop_and_resize(padded, boxes, owner, 32, "bicubic", "pillow"),
+        crop_and_resize(image[None], boxes, owner, 32, "bicubic", "pillow"),
+    )
 
 
 @pytest.mark.parametrize(
@@ -121,6 +210,7 @@ def test_small_images_central_view_is_the_whole_image():
         {"mode": "sliding", "size": 16, "stride": 0},
         {"mode": "grid", "grid": 0},
         {"mode": "spiral"},
+        {"mode": "central", "interpolation": "nearest"},
     ],
 )
 def test_bad_specs_are_user_errors(kwargs):

@@ -217,6 +217,7 @@ def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
     assert code == 2 and err.startswith("error: --scale")
 
 
+@pytest.mark.slow
 def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path):
     trainee = build_trainee(arch_entry("resnet50"))  # what `pretrain --arch resnet50` trains and saves
     path = tmp_path / "last.ckpt"

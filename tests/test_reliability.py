@@ -189,7 +189,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("unknown evaluator", lambda c: [*c.tiny(), "--eval", "svm"], "unknown evaluator 'svm'"),
     ("unknown aggregation", lambda c: [*c.tiny(), "--aggregate", "max"], "unknown aggregation 'max'"),
     ("unknown compile setting", lambda c: [*c.tiny(), "--compile", "yes"], "Invalid value for '--compile': 'yes'"),
-    ("zoo entry: wrong type", lambda c: c.zoo(pretrain_scale="big"), "entry 'mine', field 'pretrain_scale': expected"),
+    ("zoo entry: wrong type", lambda c: c.zoo(patch_scale="big"), "entry 'mine', field 'patch_scale': expected"),
+    (
+        "zoo entry: old field name",
+        lambda c: c.zoo(pretrain_scale=[0.2, 1.0]),
+        "field 'pretrain_scale' is now 'patch_scale'",
+    ),
     ("zoo entry: unknown field", lambda c: c.zoo(stems="cifar"), "unknown field 'stems' (did you mean: stem"),
     ("zoo entry: name is a path", lambda c: c.zoo(name="../../evil"), "entry '../../evil', field 'name'"),
     (
@@ -248,6 +253,7 @@ def test_cuda_without_a_gpu(capsys, monkeypatch, ctx):
     assert_user_error(code, err, "no CUDA GPU is visible; use --device cpu")
 
 
+@pytest.mark.slow
 def test_real_process_prints_one_line_and_no_traceback(ctx):
     """The same through ``python -m ssl_patchbench`` in a fresh process (what a shell sees)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -558,6 +564,7 @@ def _kill_when(proc: subprocess.Popen, home: Path, chunks: int, delay: float) ->
     return alive
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_then_resume_gives_identical_features(ctx):
     home, rng = ctx.tmp / "killed", random.Random(8)
     total = 20 + 10  # train 40 images and test 20 images, 2 rows a chunk

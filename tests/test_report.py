@@ -93,6 +93,7 @@ def test_report_without_anything_is_a_user_error(capsys, monkeypatch, tmp_path):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium (Debian package `chromium`) is not installed")
 def test_report_renders_in_headless_chromium(report_page, tmp_path):
     from PIL import Image

@@ -17,6 +17,7 @@ from torch import nn
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.models import loading, registry
 from ssl_patchbench.models.archs import TinyResNet, build_backbone
+from ssl_patchbench.models.encoder import Encoder
 
 D = TinyResNet.embed_dim
 
@@ -80,7 +81,7 @@ def _entry(name: str, *, arch: str = "tiny_cnn", **fields: object) -> dict:
         "description": "test entry",
         "needs_checkpoint": True,
         "preprocessing": {"input_size": 32, "resize": None, "mean": [0.5] * 3, "std": [0.25] * 3},
-        "pretrain_scale": [0.08, 1.0],
+        "patch_scale": [0.08, 1.0],
     }
     return {**entry, **fields}
 
@@ -120,9 +121,14 @@ def test_every_entry_parses_with_its_documented_facts() -> None:
         "resnet50_solo",
         "tiny_cifar",
     }
-    for name in ("vicreg_rn50", "swav_rn50", "dino_rn50", "byol_rn50"):
+    for name in ("vicreg_rn50", "byol_rn50"):  # evaluate.py / byol-convert's validate.py
         assert dataclasses.asdict(entries[name].preprocessing) == IMAGENET
-        assert entries[name].pretrain_scale == (0.08, 1.0)
+    assert dataclasses.asdict(entries["swav_rn50"].preprocessing) == IMAGENET | {"std": (0.228, 0.224, 0.225)}
+    assert dataclasses.asdict(entries["dino_rn50"].preprocessing) == IMAGENET | {"interpolation": "bicubic"}
+    assert entries["resnet50.a1_in1k"].preprocessing.interpolation == "bicubic"
+    assert all(e.patch_scale == (0.08, 1.0) for e in entries.values())  # the paper's Table 4 protocol
+    crops = {name: entries[name].pretrain_crop_scale for name in ("swav_rn50", "dino_rn50", "resnet18_cifar")}
+    assert crops == {"swav_rn50": (0.14, 1.0), "dino_rn50": (0.14, 1.0), "resnet18_cifar": (0.2, 1.0)}
     assert entries["vicreg_rn50"].references["imagenet/linear/48"] == 74.4
     assert entries["dino_rn50"].references == {"imagenet/linear/central": 75.3, "imagenet/knn/central": 67.5}
     assert entries["swav_rn50"].weights.strip_prefixes == ("module.",)
@@ -154,12 +160,26 @@ def test_entry_needing_a_checkpoint_says_so() -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"pretrain_scale": "big"}, r"entry 'bad', field 'pretrain_scale': expected"),
+        ({"patch_scale": "big"}, r"entry 'bad', field 'patch_scale': expected"),
         ({"weights": {"containers": "state_dict"}}, r"entry 'bad', field 'weights.containers'"),
         ({"weights": {"backbone_prefix": ["x."]}}, r"unknown field 'weights.backbone_prefix' \(did you mean"),
         ({"arch": "resnet05"}, r"entry 'bad', field 'arch': unknown architecture"),
         ({"stem": "cifar"}, r"entry 'bad', field 'stem'"),
-        ({"pretrain_scale": [0.5, 0.2]}, r"entry 'bad', field 'pretrain_scale'"),
+        ({"patch_scale": [0.5, 0.2]}, r"entry 'bad', field 'patch_scale'"),
+        ({"pretrain_crop_scale": [0.5, 0.2]}, r"entry 'bad', field 'pretrain_crop_scale'"),
+        (
+            {
+                "preprocessing": {
+                    "input_size": 32,
+                    "resize": None,
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                    "interpolation": "nearest",
+                }
+            },
+            r"field 'preprocessing.interpolation'",
+        ),
+        ({"pretrain_scale": [0.08, 1.0]}, r"entry 'bad': field 'pretrain_scale' is now 'patch_scale'"),
         ({"needs_checkpoint": False}, r"entry 'bad', field 'source'"),
         (
             {"source": {"url": "https://x/y.pth", "sha256": "abc"}, "needs_checkpoint": False},
@@ -273,11 +293,15 @@ def test_projector_layout_is_inferred_when_the_entry_has_none(tmp_path: Path, mo
     mlp = nn.Sequential(nn.Linear(D, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.BatchNorm1d(32))
     backbone, projector = _random_state(TinyResNet(), 3), _random_state(mlp, 3)
     state = {f"backbone.{k}": v for k, v in backbone.items()} | {f"projector.{k}": v for k, v in projector.items()}
-    torch.save({"state_dict": state}, tmp_path / "w.ckpt")
+    torch.save({"state_dict": state, "meta": {"method": "vicreg"}}, tmp_path / "w.ckpt")
     loaded = loading.load_model("free", checkpoint=tmp_path / "w.ckpt")
     h = torch.randn(3, D)
     _assert_same_outputs(loaded.projector, _reference(mlp, projector), h)
     assert loaded.projection_dim == 32
+    torch.save({"state_dict": state}, tmp_path / "anonymous.ckpt")  # ReLU or GELU? nothing says: refused
+    anonymous = loading.load_model("free", checkpoint=tmp_path / "anonymous.ckpt")
+    assert anonymous.projector is None and "does not say which method trained it" in anonymous.projector_note
+    _assert_same_outputs(anonymous.backbone, loaded.backbone, torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.skipif(not REAL_CKPT.is_file(), reason="shared VICReg checkpoint not present")
@@ -315,12 +339,20 @@ def _save_solo(tmp_path: Path, edit) -> Path:
             lambda s: s.update({"backbone.conv1.weight": torch.ones(16, 3, 5, 5)}),
             r"'conv1.weight' has shape \(16, 3, 5, 5\) in the checkpoint but \(16, 3, 3, 3\)",
         ),
-        (lambda s: s.update({"projector.3.weight": torch.ones(512, 256)}), r"projector key '3.weight'"),
     ],
 )
 def test_key_and_shape_mismatches_are_named(tmp_path: Path, edit, message: str) -> None:
     with pytest.raises(UserError, match=message):
         loading.load_model("tiny_cifar", checkpoint=_save_solo(tmp_path, edit))
+
+
+def test_projector_mismatch_leaves_the_embedding_space(tmp_path: Path) -> None:
+    path = _save_solo(tmp_path, lambda s: s.update({"projector.3.weight": torch.ones(512, 256)}))
+    loaded = loading.load_model("tiny_cifar", checkpoint=path)
+    assert loaded.projector is None and "projector key '3.weight'" in loaded.projector_note
+    assert Encoder(loaded, "embedding").dim == D
+    with pytest.raises(UserError, match=r"projector not loaded .*projector key '3.weight'.*; use --space embedding"):
+        Encoder(loaded, "projection")
 
 
 def test_resnet34_weights_into_resnet18_is_refused(tmp_path: Path) -> None:

@@ -16,8 +16,6 @@ import torch
 
 from .embed import Inputs, PatchEmbedder, central_spec, check_spaces, cosine, sliding_spec
 
-REFERENCES = ("central", "all-patch mean")
-
 
 def default_counts(n: int) -> list[int]:
     """1, 2, 4, ... below ``n``, then ``n`` itself (all windows)."""

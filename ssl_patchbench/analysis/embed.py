@@ -54,13 +54,20 @@ def open_inputs(
 def sliding_spec(model: LoadedModel, size: int, stride: int) -> PatchSpec:
     """Every ``size`` px window at ``stride`` px of the central view, in model-input pixels (DESIGN §1)."""
     pre = model.entry.preprocessing
-    return PatchSpec(mode="sliding", size=size, stride=stride, out_size=pre.input_size, resize=pre.resize)
+    return PatchSpec(
+        mode="sliding",
+        size=size,
+        stride=stride,
+        out_size=pre.input_size,
+        resize=pre.resize,
+        interpolation=pre.interpolation,
+    )
 
 
 def central_spec(model: LoadedModel) -> PatchSpec:
     """The standard evaluation view."""
     pre = model.entry.preprocessing
-    return PatchSpec(mode="central", out_size=pre.input_size, resize=pre.resize)
+    return PatchSpec(mode="central", out_size=pre.input_size, resize=pre.resize, interpolation=pre.interpolation)
 
 
 def check_spaces(model: LoadedModel, spaces: tuple[str, ...]) -> tuple[str, ...]:

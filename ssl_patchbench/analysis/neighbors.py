@@ -17,6 +17,7 @@ import torch
 
 from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.evaluators.knn import knn_search
 
 from .embed import Inputs, PatchEmbedder, check_spaces, image_boxes, sliding_spec
 
@@ -47,31 +48,25 @@ def choose_queries(bank_size: int, count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).choice(bank_size, size=min(count, bank_size), replace=False)
 
 
-def nearest(
-    features: torch.Tensor, queries: np.ndarray, k: int, *, image: np.ndarray | None = None, block: int = 1024
-) -> Neighbors:
-    """Cosine top-k of each query among all other bank rows (float32 on the features' device).
-
-    With ``image`` (the bank's image ids), every patch of the query's own image is excluded too.
-    """
-    bank = torch.nn.functional.normalize(features.float(), dim=1)
-    rows_q = torch.as_tensor(queries, device=bank.device)
-    available = len(bank) - (1 if image is None else int(np.unique(image, return_counts=True)[1].max()))
+def nearest(features: torch.Tensor, queries: np.ndarray, k: int, *, image: np.ndarray | None = None) -> Neighbors:
+    """Cosine top-k of each query among all other bank rows (the kNN evaluator's exact search, on the features'
+    device). With ``image`` (the bank's image ids), every patch of the query's own image is excluded too."""
+    rows = torch.as_tensor(queries, device=features.device)
+    own = 1 if image is None else int(np.unique(image, return_counts=True)[1].max())  # rows a query may exclude
+    available = len(features) - own
     if available <= 0:
         raise UserError("the patch bank holds no candidate neighbours: use more images (--per-class)")
-    index, similarity = [], []
-    for start in range(0, len(rows_q), block):
-        rows = rows_q[start : start + block]
-        sims = bank[rows] @ bank.T
-        sims[torch.arange(len(rows), device=bank.device), rows] = -torch.inf  # never the query itself
-        if image is not None:
-            ids = torch.as_tensor(image, device=bank.device)
-            sims[ids[None, :] == ids[rows][:, None]] = -torch.inf
-        top = torch.topk(sims, k=min(k, available), dim=1)
-        index.append(top.indices.cpu())
-        similarity.append(top.values.cpu())
+    k = min(k, available)
+    sims, index = knn_search(features, features[rows], k + own, device=features.device)
+    excluded = index == rows[:, None]
+    if image is not None:
+        ids = torch.as_tensor(image, device=features.device)
+        excluded |= ids[index] == ids[rows][:, None]
+    keep = torch.sort(excluded.to(torch.int8), dim=1, stable=True).indices[:, :k]  # nearest allowed rows, in order
     return Neighbors(
-        queries=np.asarray(queries), index=torch.cat(index).numpy(), similarity=torch.cat(similarity).numpy()
+        queries=np.asarray(queries),
+        index=index.gather(1, keep).cpu().numpy(),
+        similarity=sims.gather(1, keep).cpu().numpy(),
     )
 
 

@@ -1,6 +1,7 @@
 """Figure 2: accuracy against the pretraining crop scale and the number of patches, from stored results.
 
-Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_scale``, or a label the
+Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_crop_scale``, taken from the
+checkpoint's own metadata where it has some; ``pretrain_scale`` in records of protocol 1; or a label the
 user maps to a model name, checkpoint path or sha256 prefix) and by representation (central, 1, 16, ...).
 One figure holds only records of one data split and protocol, one curve only records of one checkpoint (those
 most records share); the others are left out with a note saying why. When a point holds several records the
@@ -55,7 +56,8 @@ def _record_scale(record: dict, mapping: dict[str, str]) -> str:
     for key, label in mapping.items():
         if key in (record.get("model"), checkpoint, Path(checkpoint).name) or (len(key) >= 6 and sha.startswith(key)):
             return label
-    return scale_label((record.get("zoo_entry") or {}).get("pretrain_scale"))
+    entry = record.get("zoo_entry") or {}
+    return scale_label(entry.get("pretrain_crop_scale") or entry.get("pretrain_scale"))
 
 
 @dataclass

@@ -19,7 +19,7 @@ def zoo_list() -> None:
     from ssl_patchbench.models.registry import list_entries
 
     table = Table(title="patchbench model zoo")
-    for column in ("name", "arch", "source", "input", "pretrain scale", "description"):
+    for column in ("name", "arch", "source", "input", "patch scale", "pretrain crop", "description"):
         table.add_column(column)
     for e in list_entries():
         source = "--checkpoint" if e.needs_checkpoint else (e.source.url or e.source.hub_repo or "timm")
@@ -28,10 +28,16 @@ def zoo_list() -> None:
             f"{e.arch} ({e.stem})",
             source,
             str(e.preprocessing.input_size),
-            f"{e.pretrain_scale[0]:g}-{e.pretrain_scale[1]:g}",
+            _scale(e.patch_scale),
+            _scale(e.pretrain_crop_scale),
             e.description,
         )
     stdout.print(table)
+    stdout.print("patch scale: the default --patch-scale; pretrain crop: the model's own RandomResizedCrop scale")
+
+
+def _scale(scale: tuple[float, float] | None) -> str:
+    return "-" if scale is None else f"{scale[0]:g}-{scale[1]:g}"
 
 
 @zoo.command("show")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ssl_patchbench.core.devices import exact_fp32, resolve_device
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.evaluators.inputs import check_labelled_features
+from ssl_patchbench.evaluators.metrics import TopKHits
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +139,8 @@ def _results_for_k(
     tile_bytes: int,
 ) -> KnnResult:
     """Vote with the first ``k`` neighbours, in test chunks so the score matrix stays within ``tile_bytes``."""
-    top = min(5, num_classes)
+    counter = TopKHits(num_classes, sims.device)
     rows = max(1, tile_bytes // (4 * num_classes))
-    hits = torch.zeros(2, dtype=torch.long, device=sims.device)
     for q in range(0, sims.shape[0], rows):
         scores = knn_vote(
             sims[q : q + rows, :k],
@@ -149,11 +149,9 @@ def _results_for_k(
             temperature=temperature,
             weighted=weighted,
         )
-        correct = _ranked_classes(scores, top) == test_labels[q : q + rows, None]
-        hits[0] += correct[:, 0].sum()
-        hits[1] += correct.any(dim=1).sum()
-    top1, top5 = (100.0 * h / sims.shape[0] for h in hits.tolist())
-    return KnnResult(k=k, top1=top1, top5=top5 if num_classes > 5 else None)
+        counter.add(_ranked_classes(scores, counter.depth), test_labels[q : q + rows])
+    top1, top5 = counter.percent()
+    return KnnResult(k=k, top1=top1, top5=top5)
 
 
 def knn_classify(

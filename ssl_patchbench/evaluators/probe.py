@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ssl_patchbench.core.devices import exact_fp32, resolve_device
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.evaluators.inputs import check_labelled_features
+from ssl_patchbench.evaluators.metrics import TopKHits
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +165,11 @@ def _accuracy(
     x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler
 ) -> tuple[float, float | None]:
     """Top-1 and top-5 (None for <= 5 classes) accuracy in percent."""
-    num_classes = w.shape[0]
-    hits = torch.zeros(2, dtype=torch.long, device=x.device)
-    rows = _chunk_rows(num_classes)
+    counter = TopKHits(w.shape[0], x.device)
+    rows = _chunk_rows(w.shape[0])
     for s in range(0, x.shape[0], rows):
-        ranked = _logits(x[s : s + rows], w, b, scaler).topk(min(5, num_classes), dim=1).indices
-        correct = ranked == y[s : s + rows, None]
-        hits[0] += correct[:, 0].sum()
-        hits[1] += correct.any(dim=1).sum()
-    top1, top5 = (100.0 * h / x.shape[0] for h in hits.tolist())
-    return top1, (top5 if num_classes > 5 else None)
+        counter.add(_logits(x[s : s + rows], w, b, scaler).topk(counter.depth, dim=1).indices, y[s : s + rows])
+    return counter.percent()
 
 
 def _select_weight_decay(

@@ -173,7 +173,7 @@ class PatchRunner:
         if self.pad_slices and real < self.slice_patches:  # repeat the last box: rows are independent in eval mode
             boxes = torch.cat([boxes, boxes[-1:].expand(self.slice_patches - real, 4)])
             owner = torch.cat([owner, owner[-1:].expand(self.slice_patches - real)])
-        crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size)
+        crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size, self.spec.interpolation, self.spec.antialias)
         if self.device.type == "cuda":
             crops = crops.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, self.dtype) if self.dtype is not None else exact_fp32()

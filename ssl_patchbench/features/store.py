@@ -30,7 +30,7 @@ from ssl_patchbench.core.files import atomic_path, ensure_dir, file_sha256, writ
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1  # bump when anything that changes stored numbers changes
+PROTOCOL_VERSION = 2  # bump when anything that changes stored numbers changes (docs/protocol.md lists versions)
 _MANIFEST = "meta.json"
 _LAYOUT = "layout.json"
 _LOG = "chunks.log"
@@ -243,10 +243,6 @@ class StoreWriter:
     def chunk_range(self, chunk: int) -> tuple[int, int]:
         start = chunk * self.chunk_rows
         return start, min(start + self.chunk_rows, self.rows)
-
-    def done_chunks(self) -> set[int]:
-        """Chunks verified at open or written since (the writer holds the lock: nobody else adds any)."""
-        return set(self._done)
 
     def pending_chunks(self) -> list[int]:
         return [c for c in range(self.num_chunks) if c not in self._done]

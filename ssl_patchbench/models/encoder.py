@@ -21,7 +21,8 @@ class Encoder(nn.Module):
         if space not in SPACES:
             raise UserError(f"unknown space {space!r}: choose embedding or projection")
         if space == "projection" and model.projector is None:
-            raise UserError(f"{model.entry.name}: the checkpoint has no projector weights; use --space embedding")
+            reason = model.projector_note or f"{model.entry.name}: the checkpoint has no projector weights"
+            raise UserError(f"{reason}; use --space embedding")
         pre = model.entry.preprocessing
         self.backbone = model.backbone
         self.projector = model.projector if space == "projection" else None

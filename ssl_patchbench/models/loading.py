@@ -5,7 +5,9 @@ A load never silently leaves random weights: every missing, unexpected or mis-sh
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,14 +18,30 @@ from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.models.archs import build_backbone, build_projector
 from ssl_patchbench.models.checkpoints import fetch, load_file, sha256_file, state_dict_sha256, verify_sha256
 from ssl_patchbench.models.registry import WeightsLayout, ZooEntry, get_entry
+from ssl_patchbench.models.solo import (
+    SOLO_STATS,
+    ProjectorUnavailable,
+    TrainingInfo,
+    WeightNormLinear,
+    build_projector_for,
+    rebuilds,
+    training_info,
+    unknown_method,
+)
 from ssl_patchbench.models.sources import default_cache_dir
 
+log = logging.getLogger(__name__)
 _SHOWN = 5
+NORM_STATS = ("auto", "entry", *SOLO_STATS)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A zoo entry's modules in eval mode (float32) plus the provenance of their weights."""
+    """A zoo entry's modules in eval mode (float32) plus the provenance of their weights.
+
+    ``entry`` is the zoo entry as this checkpoint is evaluated: normalisation and pretraining crop taken from the
+    checkpoint's training configuration where it gives them. ``projector_note`` says why there is no projector.
+    """
 
     entry: ZooEntry
     backbone: nn.Module
@@ -32,30 +50,64 @@ class LoadedModel:
     projection_dim: int | None
     checkpoint_sha256: str
     checkpoint: str
+    projector_note: str | None = None
 
 
 def load_model(
-    name: str, *, checkpoint: str | Path | None = None, trust_pickle: bool = False, cache_dir: Path | None = None
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    trust_pickle: bool = False,
+    cache_dir: Path | None = None,
+    norm_stats: str = "auto",
 ) -> LoadedModel:
-    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source."""
+    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source.
+
+    `norm_stats`: `auto` normalises as the checkpoint's training did where a solo-learn configuration names its
+    dataset (else as the entry says), `entry` always as the entry says, or a dataset name: solo-learn's statistics.
+    """
+    if norm_stats not in NORM_STATS:
+        raise UserError(f"unknown normalisation statistics {norm_stats!r}: choose one of {', '.join(NORM_STATS)}")
     entry = get_entry(name)
     if entry.source.timm_pretrained and checkpoint is None:
-        return _load_timm_pretrained(entry)
+        return _load_timm_pretrained(_as_trained(entry, TrainingInfo(), norm_stats))
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
-    state = _find_state_dict(load_file(path, trust_pickle=trust_pickle), entry.weights.containers, path)
-    backbone_sd, projector_sd = _split(state, entry.weights)
+    raw = load_file(path, trust_pickle=trust_pickle)
+    state = _find_state_dict(raw, entry.weights.containers, path)
+    layout, info = entry.weights, TrainingInfo()
+    if layout.projector_prefix is not None:  # solo-learn's layout: its configuration says the method and data
+        info = training_info(raw, path)
+        layout = dataclasses.replace(layout, projector_prefix=info.projector_prefix)
+    backbone_sd, projector_sd = _split(state, layout)
     backbone, dim = build_backbone(entry.arch, stem=entry.stem)
     _load_strict(backbone, backbone_sd, entry.weights.allow_missing, what=f"`{name}` backbone")
-    projector = _load_projector(entry, projector_sd, dim) if projector_sd else None
+    projector, note = _load_projector(entry, info, projector_sd, dim) if projector_sd else (None, None)
     return LoadedModel(
-        entry=entry,
+        entry=_as_trained(entry, info, norm_stats),
         backbone=backbone.float().eval(),
         projector=projector,
         embed_dim=dim,
         projection_dim=_out_features(projector),
         checkpoint_sha256=digest,
         checkpoint=origin,
+        projector_note=note,
     )
+
+
+def _as_trained(entry: ZooEntry, info: TrainingInfo, norm_stats: str) -> ZooEntry:
+    """The entry with the normalisation and pretraining crop this checkpoint was trained with, where known.
+
+    Only solo-learn normalises by training set (`patchbench pretrain` uses the entry's statistics).
+    """
+    dataset = norm_stats if norm_stats in SOLO_STATS else None
+    if norm_stats == "auto" and info.origin == "solo-learn" and info.dataset in SOLO_STATS:
+        dataset = info.dataset
+    if dataset is not None:
+        mean, std = SOLO_STATS[dataset]
+        entry = dataclasses.replace(entry, preprocessing=dataclasses.replace(entry.preprocessing, mean=mean, std=std))
+    if info.crop_scale is not None:
+        entry = dataclasses.replace(entry, pretrain_crop_scale=info.crop_scale)
+    return entry
 
 
 def _load_timm_pretrained(entry: ZooEntry) -> LoadedModel:
@@ -179,38 +231,33 @@ def _load_strict(
     module.load_state_dict({**expected, **state}, strict=True)
 
 
-def _load_projector(entry: ZooEntry, state: dict[str, torch.Tensor], in_dim: int) -> nn.Module:
-    """Projector from the entry's layout, or inferred from the checkpoint's Linear/BatchNorm keys."""
-    if entry.projector is not None:
-        projector = build_projector(in_dim, entry.projector, batchnorm=entry.projector_batchnorm)
-    else:
-        projector = _infer_projector(state, in_dim, entry.name)
-    _load_strict(projector, state, entry.weights.allow_missing, what=f"`{entry.name}` projector")
-    return projector.float().eval()
-
-
-def _infer_projector(state: dict[str, torch.Tensor], in_dim: int, name: str) -> nn.Sequential:
-    """A solo-learn style MLP matching `state` (Linear weights are 2-D, BatchNorm has running stats)."""
-    heads = {key.split(".", 1)[0] for key in state}
-    if not all(h.isdigit() for h in heads):
-        raise UserError(
-            f"`{name}`: cannot infer the projector from keys like '{next(iter(state))}': "
-            "set the entry's projector field"
-        )
-    linears = sorted(int(h) for h in heads if state.get(f"{h}.weight", torch.empty(0)).ndim == 2)
-    norms = [int(h) for h in heads if f"{h}.running_mean" in state]
-    if not linears:
-        raise UserError(f"`{name}`: the checkpoint's projector has no Linear layer: set the entry's projector field")
-    return build_projector(
-        in_dim,
-        [state[f"{i}.weight"].shape[0] for i in linears],
-        batchnorm=any(i < linears[-1] for i in norms),
-        last_batchnorm=any(i > linears[-1] for i in norms),
-    )
+def _load_projector(
+    entry: ZooEntry, info: TrainingInfo, state: dict[str, torch.Tensor], in_dim: int
+) -> tuple[nn.Module | None, str | None]:
+    """The projector the checkpoint's method trains (rebuilt from its keys), else the entry's ReLU MLP layout;
+    one that cannot be rebuilt exactly is left out with the reason (the embedding space still loads)."""
+    try:
+        if rebuilds(info.method):
+            projector = build_projector_for(info, state)
+        elif entry.projector is not None:
+            projector = build_projector(in_dim, entry.projector, batchnorm=entry.projector_batchnorm)
+        else:
+            raise ProjectorUnavailable(unknown_method(info))
+        first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
+        if first.in_features != in_dim:
+            raise ProjectorUnavailable(
+                f"its first layer takes {first.in_features} features, the backbone gives {in_dim}"
+            )
+        _load_strict(projector, state, entry.weights.allow_missing, what=f"`{entry.name}` projector")
+    except UserError as err:
+        note = f"`{entry.name}`: projector not loaded ({err}); its {len(state)} keys are ignored"
+        log.warning("%s: only --space embedding can be evaluated", note)
+        return None, note
+    return projector.float().eval(), None
 
 
 def _out_features(projector: nn.Module | None) -> int | None:
-    """Width of the projector's last Linear layer."""
+    """Width of the projector's last linear layer (nn.Linear, or DINO's weight-normalised prototypes)."""
     if projector is None:
         return None
-    return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
+    return [m.out_features for m in projector.modules() if isinstance(m, nn.Linear | WeightNormLinear)][-1]

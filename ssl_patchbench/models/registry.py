@@ -24,7 +24,7 @@ from ssl_patchbench.models.sources import cache_path
 
 ZOO_FILE = Path(__file__).with_name("model_zoo.yaml")
 ZOO_ENV = "PATCHBENCH_ZOO"
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+INTERPOLATIONS = ("bilinear", "bicubic")
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 TINY_ARCH = "tiny_cnn"
 TIMM_PREFIX = "timm:"
@@ -51,7 +51,9 @@ def check_arch(arch: str, stem: str = "imagenet") -> None:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Central view: whole image up to 96 px; larger ones resize the shorter side to `resize`, crop `input_size`."""
+    """The authors' evaluation transform: the whole image (`resize` null, CIFAR/STL-size entries) or, for any image
+    size, the shorter side resized to `resize` and the centre `input_size` crop; `interpolation` for the central
+    view and the patches; `mean`/`std` on [0, 1] pixels."""
 
     input_size: int
     mean: tuple[float, float, float]
@@ -95,7 +97,7 @@ class ZooEntry:
     name: str
     arch: str
     preprocessing: Preprocessing
-    pretrain_scale: tuple[float, float]
+    patch_scale: tuple[float, float]  # the default --patch-scale: the paper's protocol, (0.08, 1) for Table 4
     description: str
     stem: str = "imagenet"
     source: Source = Source()
@@ -103,6 +105,7 @@ class ZooEntry:
     projector: tuple[int, ...] | None = None
     projector_batchnorm: bool = True
     pretrain_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    pretrain_crop_scale: tuple[float, float] | None = None  # the model's own RandomResizedCrop scale (recorded)
     references: dict[str, float] = field(default_factory=dict)
     license: str | None = None
     needs_checkpoint: bool = False
@@ -157,6 +160,11 @@ def _parse_entry(item: object, path: Path) -> ZooEntry:
     if not isinstance(name, str):
         raise UserError(f"{path}: every entry needs a 'name' string (got {str(item)[:60]})")
     where = f"{path}: entry '{name}'"
+    if "pretrain_scale" in item:
+        raise UserError(
+            f"{where}: field 'pretrain_scale' is now 'patch_scale' (the default patch scale); "
+            "the model's own pretraining crop goes in 'pretrain_crop_scale'"
+        )
     entry = _build(ZooEntry, item, where, "")
     _validate(entry, where)
     return entry
@@ -239,7 +247,12 @@ def _validate(e: ZooEntry, where: str) -> None:
             "preprocessing.resize",
             "expected input_size > 0 and resize >= input_size (or null)",
         ),
-        (0 < e.pretrain_scale[0] <= e.pretrain_scale[1] <= 1, "pretrain_scale", "expected 0 < min <= max <= 1"),
+        (0 < e.patch_scale[0] <= e.patch_scale[1] <= 1, "patch_scale", "expected 0 < min <= max <= 1"),
+        (
+            e.pretrain_crop_scale is None or 0 < e.pretrain_crop_scale[0] <= e.pretrain_crop_scale[1] <= 1,
+            "pretrain_crop_scale",
+            "expected 0 < min <= max <= 1, or null",
+        ),
         (0 < e.pretrain_ratio[0] <= e.pretrain_ratio[1], "pretrain_ratio", "expected 0 < min <= max"),
         (
             e.projector is None or (e.projector and min(e.projector) > 0),

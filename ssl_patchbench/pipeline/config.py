@@ -78,6 +78,14 @@ class EvalConfig:
         numbers=True,
         choices=("embedding", "projection"),
     )
+    norm_stats: str = _opt(
+        "auto",
+        "Normalisation statistics: auto (the checkpoint's training set where its solo-learn configuration names "
+        "it, else the entry's), entry, or solo-learn's for a dataset.",
+        "choice",
+        numbers=True,
+        choices=("auto", "entry", "cifar10", "cifar100", "stl10", "imagenet100", "imagenet"),
+    )
     evals: tuple[str, ...] = _opt(EVALUATORS, "knn, linear or both.", "csv", numbers=True, option="--eval")
     train_per_class: int | None = _opt(None, "Keep the first N train images of each class.", "int", numbers=True, min=1)
     test_per_class: int | None = _opt(None, "Keep the first N test images of each class.", "int", numbers=True, min=1)

@@ -53,7 +53,11 @@ class RunContext:
             use_available_cores()
         root = cfg.home or home()
         model = load_model(
-            cfg.model, checkpoint=cfg.checkpoint, trust_pickle=cfg.trust_checkpoint, cache_dir=root / "checkpoints"
+            cfg.model,
+            checkpoint=cfg.checkpoint,
+            trust_pickle=cfg.trust_checkpoint,
+            cache_dir=root / "checkpoints",
+            norm_stats=cfg.norm_stats,
         )
         splits = {
             split: open_split(

@@ -11,9 +11,9 @@ from ssl_patchbench.sampling.patches import PatchSpec
 
 
 def representations(cfg: EvalConfig, entry: ZooEntry) -> list[PatchSpec]:
-    """One spec per token of ``cfg.patches``, in the model's input size and central-view preprocessing."""
+    """One spec per token of ``cfg.patches``, in the model's input size, central view and interpolation."""
     pre = entry.preprocessing
-    common = {"out_size": pre.input_size, "resize": pre.resize, "seed": cfg.seed}
+    common = {"out_size": pre.input_size, "resize": pre.resize, "interpolation": pre.interpolation, "seed": cfg.seed}
     specs = [
         PatchSpec(mode="central", **common) if token == "central" else _patch_spec(cfg, entry, token, common)
         for token in cfg.patches
@@ -40,7 +40,7 @@ def _patch_spec(cfg: EvalConfig, entry: ZooEntry, token: str, common: dict) -> P
         return PatchSpec(mode="grid", grid=side, **common)
     if cfg.mode != "random":
         raise UserError(f"unknown patch mode {cfg.mode!r}: choose random, grid or sliding")
-    scale = cfg.scale or entry.pretrain_scale
+    scale = cfg.scale or entry.patch_scale
     return PatchSpec(mode="random", n=n, scale=tuple(scale), ratio=cfg.ratio, size=cfg.size, **common)
 
 

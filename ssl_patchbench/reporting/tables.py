@@ -7,7 +7,6 @@ Rows of one architecture entry (the paper's CIFAR methods) are told apart by bin
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
+from ssl_patchbench.core.files import file_sha256
 from ssl_patchbench.results.records import (
     aggregation_label,
     disagreements,
@@ -237,18 +237,10 @@ def binding_from(value: str | dict) -> Binding:
         return Binding(model=model or None, note=note)
     path = Path(str(ckpt)).expanduser()
     if path.is_file():
-        return Binding(model=model or None, checkpoint=_sha256(path), path=str(path), note=note)
+        return Binding(model=model or None, checkpoint=file_sha256(path), path=str(path), note=note)
     if not re.fullmatch(r"[0-9a-fA-F]{6,64}", str(ckpt)):
         raise UserError(f"binding {value!r}: {ckpt!r} is neither an existing file nor a sha256 prefix (6+ hex digits)")
     return Binding(model=model or None, checkpoint=str(ckpt).lower(), note=note)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_bindings(tables: Sequence[TableSpec], raw: dict) -> dict[str, Binding]:

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.sampling.patches import PatchSpec
 
-KINDS = ("mean", "concat", "gridpool")
 _GRIDPOOL = re.compile(r"gridpool(?:[:(](\d+)[,:](\d+)\)?)?$")
 
 

@@ -20,7 +20,6 @@ from ssl_patchbench.core.errors import UserError
 
 Mode = Literal["central", "random", "grid", "sliding"]
 MODES: tuple[str, ...] = ("central", "random", "grid", "sliding")
-SMALL_IMAGE_MAX_SIDE = 96  # CIFAR/STL-size: the central view is the whole image (DESIGN §1)
 _ATTEMPTS = 10  # RandomResizedCrop's number of tries before its central fallback
 
 
@@ -28,7 +27,8 @@ _ATTEMPTS = 10  # RandomResizedCrop's number of tries before its central fallbac
 class PatchSpec:
     """How one image becomes ``n`` patches of ``out_size`` pixels.
 
-    - central: the standard evaluation view (whole small image; resize-``resize``-centre-crop for large ones).
+    - central: the standard evaluation view (the whole image when ``resize`` is None, else the region that
+      ``Resize(resize)`` + ``CenterCrop(out_size)`` keeps).
     - random: ``n`` RandomResizedCrop boxes with ``scale`` (area fraction) and ``ratio``, or, when ``size``
       is set, ``n`` squares of ``size`` px at uniform random positions.
     - grid: a ``grid`` x ``grid`` tiling of the central view.
@@ -45,6 +45,7 @@ class PatchSpec:
     grid: int | None = None
     out_size: int = 32
     resize: int | None = None
+    interpolation: str = "bilinear"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +69,12 @@ class PatchSpec:
         if self.mode == "sliding":
             return (self.out_size - int(self.size)) // int(self.stride) + 1  # type: ignore[arg-type]
         raise UserError(f"mode {self.mode!r} has no patch grid: use --mode grid or --mode sliding")
+
+    @property
+    def antialias(self) -> str:
+        """The central view is resampled as the authors' ``Resize`` + ``CenterCrop`` on a PIL image (Pillow's
+        filter); patches use ``roi_align``'s cheaper box filter when bilinear (see ``crop_and_resize``)."""
+        return "pillow" if self.mode == "central" or self.interpolation != "bilinear" else "box"
 
     @property
     def label(self) -> str:
@@ -163,23 +170,20 @@ def _place_in_view(view: np.ndarray, layout: np.ndarray) -> np.ndarray:
 def central_boxes(heights: np.ndarray, widths: np.ndarray, resize: int | None, out_size: int) -> np.ndarray:
     """The central view of each image as a box ``[B, 4]`` in original pixels.
 
-    Small images (<= 96 px) and ``resize=None`` give the whole image. Larger ones give the region that
-    ``Resize(resize)`` followed by ``CenterCrop(out_size)`` keeps, with torchvision's rounding.
+    ``resize=None`` (CIFAR/STL-size entries) gives the whole image. Otherwise, whatever the image size, the
+    region that ``Resize(resize)`` (shorter side) followed by ``CenterCrop(out_size)`` keeps, with torchvision's
+    rounding: an image smaller than ``resize`` is upsampled, as the authors' evaluation transforms do.
     """
     h = np.asarray(heights, dtype=np.float64)
     w = np.asarray(widths, dtype=np.float64)
-    whole = np.stack([np.zeros_like(w), np.zeros_like(h), w, h], axis=1)
     if resize is None:
-        return whole
-    short = np.minimum(h, w)
+        return np.stack([np.zeros_like(w), np.zeros_like(h), w, h], axis=1)
     rh = np.where(h <= w, resize, np.floor(resize * h / w))
     rw = np.where(w <= h, resize, np.floor(resize * w / h))
     top = np.round((rh - out_size) / 2.0) * h / rh
     left = np.round((rw - out_size) / 2.0) * w / rw
     crop_h, crop_w = out_size * h / rh, out_size * w / rw
-    cropped = np.stack([left, top, left + crop_w, top + crop_h], axis=1)
-    small = (np.maximum(h, w) <= SMALL_IMAGE_MAX_SIDE) | (short < out_size)
-    return np.where(small[:, None], whole, cropped)
+    return np.stack([left, top, left + crop_w, top + crop_h], axis=1)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -202,17 +206,86 @@ def uniforms(seed: int, indices: np.ndarray, patches: np.ndarray, slots: np.ndar
 
 
 def crop_and_resize(
-    images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, out_size: int
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    out_size: int,
+    interpolation: str = "bilinear",
+    antialias: str = "box",
 ) -> torch.Tensor:
-    """Cut and bilinearly resize every box of a batch in one op.
+    """Cut and resize every box of a batch in one pass.
 
-    ``images``: float ``[B, 3, H, W]``; ``boxes``: ``[M, 4]`` (x1, y1, x2, y2) in pixels; ``image_index``:
-    ``[M]`` which image each box belongs to. Returns ``[M, 3, out_size, out_size]``. Sample points are
-    pixel centres (``aligned=True``), as ``F.interpolate(align_corners=False)``; a box larger than the
-    output is averaged over ``ceil(box / out)`` samples per pixel, a box filter against aliasing.
+    ``images``: float ``[B, 3, H, W]`` in [0, 255]; ``boxes``: ``[M, 4]`` (x1, y1, x2, y2) in pixels;
+    ``image_index``: ``[M]`` which image each box belongs to. Returns ``[M, 3, out_size, out_size]``.
+
+    - ``antialias="box"`` (bilinear only): ``roi_align``. Sample points are pixel centres (``aligned=True``), as
+      ``F.interpolate(align_corners=False)``; a box larger than the output is averaged over ``ceil(box / out)``
+      samples per pixel, a box filter against aliasing. The fastest path, for many patches.
+    - ``antialias="pillow"`` (bilinear or bicubic): Pillow's resampling, what ``torchvision.transforms.Resize``
+      does to a PIL image: a triangle or Keys cubic (a = -0.5) kernel widened by the downscaling factor, one
+      separable pass per axis (horizontal first, clipped to [0, 255] after each). Taps beyond an image's edge
+      read the edge pixel, so an image padded by edge replication gives the same crops.
     """
-    rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
-    return roi_align(images, rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+    if antialias == "box" and interpolation == "bilinear":
+        rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
+        return roi_align(images, rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if antialias not in ("box", "pillow"):
+        raise ValueError(f"antialias must be 'box' or 'pillow', got {antialias!r}")
+    return _pillow_crops(images, boxes.float(), image_index, out_size, _KERNELS[interpolation])
+
+
+def _triangle(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's bilinear kernel."""
+    return (1 - x.abs()).clamp_(min=0)
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's bicubic kernel: Keys' cubic convolution with a = -0.5 (torchvision's antialiased bicubic too)."""
+    a, x = -0.5, x.abs()
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
+_KERNELS = {"bilinear": (_triangle, 1.0), "bicubic": (_cubic, 2.0)}  # kernel and its support (px)
+_CHUNK_BYTES = 256 << 20  # bound on what one chunk of Pillow-resampled boxes holds
+
+
+def _pillow_crops(
+    images: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor, out_size: int, kernel: tuple
+) -> torch.Tensor:
+    """Pillow-resampled crops in chunks of boxes, each chunk holding its boxes' images and resampling matrices."""
+    _, channels, height, width = images.shape
+    per_box = (channels * height * (width + out_size) + out_size * (height + width)) * images.element_size()
+    step = max(1, _CHUNK_BYTES // per_box)
+    out = [images.new_empty(0, channels, out_size, out_size)]
+    for start in range(0, len(boxes), step):
+        box = boxes[start : start + step]
+        rows = _resampling_matrix(box[:, 1], box[:, 3], height, out_size, *kernel).to(images.dtype)  # [c, out, H]
+        cols = _resampling_matrix(box[:, 0], box[:, 2], width, out_size, *kernel).to(images.dtype)  # [c, out, W]
+        wide = (images[owner[start : start + step]] @ cols[:, None].transpose(-1, -2)).clamp_(0, 255)
+        out.append((rows[:, None] @ wide).clamp_(0, 255))  # [c, 3, out, out]
+    return torch.cat(out)
+
+
+def _resampling_matrix(
+    lo: torch.Tensor, hi: torch.Tensor, size: int, out_size: int, kernel, support: float
+) -> torch.Tensor:
+    """Dense matrices ``[M, out_size, size]``: row ``o`` holds the normalised weights of output pixel ``o`` of
+    each box ``[lo, hi)`` on an axis of ``size`` pixels (Pillow's coefficients; taps past an edge clamped)."""
+    scale = (hi - lo) / out_size
+    stretch = scale.clamp(min=1.0)[:, None, None]  # antialias: the kernel widens when downscaling
+    centre = lo[:, None] + (torch.arange(out_size, device=lo.device) + 0.5) * scale[:, None]  # [M, out]
+    taps = math.ceil(2 * support * max(1.0, size / out_size)) + 2  # the widest support a box on this axis has
+    first = torch.floor(centre - support * stretch[..., 0] + 0.5)
+    index = first[..., None] + torch.arange(taps, device=lo.device)  # [M, out, taps]
+    weight = kernel((index + 0.5 - centre[..., None]) / stretch)
+    weight = weight / weight.sum(-1, keepdim=True)
+    dense = torch.zeros(len(lo), out_size, size, device=lo.device)
+    return dense.scatter_add_(2, index.clamp(0, size - 1).long(), weight)
 
 
 def _validate(spec: PatchSpec) -> None:
@@ -220,6 +293,8 @@ def _validate(spec: PatchSpec) -> None:
         raise UserError(f"unknown patch mode {spec.mode!r}: choose one of {', '.join(MODES)}")
     if spec.out_size <= 0:
         raise UserError(f"patch output size must be positive, got {spec.out_size}")
+    if spec.interpolation not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {spec.interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
     if not isinstance(spec.seed, int | np.integer) or not 0 <= spec.seed < 2**64:
         raise UserError(f"--seed must be an integer from 0 to 2**64 - 1 (it seeds a 64-bit hash), got {spec.seed!r}")
     if spec.mode == "random":
