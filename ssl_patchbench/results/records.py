@@ -176,11 +176,6 @@ FULL_SPLITS = {
 }
 
 
-def differing_fields(a: dict, b: dict, aspects: Sequence[str] = tuple(ASPECTS)) -> dict[str, list[str]]:
-    """Aspect -> the dotted fields of that aspect on which records ``a`` and ``b`` differ (empty ones left out)."""
-    return _by_aspect(_differing([provenance(a), provenance(b)]), aspects)
-
-
 @dataclass
 class Comparable:
     """The records that agree with a reference on the asked aspects, and a note for each kind left out."""
