@@ -1,6 +1,7 @@
 """The analyses on the tiny model: properties that must hold whatever the weights are."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -217,8 +218,10 @@ def test_cli_writes_figures_and_numbers(capsys, monkeypatch, tiny_checkpoint, ci
     ]
     code, out, err = run_cli(capsys, monkeypatch, "converge", *common, "--per-class", "1")
     assert code == 0, err
+    assert "embed 1 central patches/image: 10 images in " in err  # the analyses show their progress too
     code, out, err = run_cli(capsys, monkeypatch, "viz", "neighbors", *common, "--per-class", "2", "--queries", "20")
     assert code == 0, err
+    assert re.search(r"^embed \d+ sliding patches/image: 20 images in ", err, re.M)
     assert set(json.loads(out)) == {"embedding", "projection"}
     code, _, err = run_cli(capsys, monkeypatch, "viz", "heatmap", *common, "--images", "0,3", "--query", "0,0")
     assert code == 0, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,7 @@ ASPECTS = {
     "data": ("dataset", "data", "n_train", "n_test"),
     "protocol": ("precision", "store_dtype", "seed", "protocol"),
 }
-# The full standard splits (train, test images) of the datasets the paper's tables use.
+# The full standard splits (train, test images) of the datasets patchbench opens by name.
 FULL_SPLITS = {
     "cifar10": (50_000, 10_000),
     "cifar100": (50_000, 10_000),
@@ -185,25 +186,20 @@ class Comparable:
     notes: list[str] = field(default_factory=list)
 
 
-def comparable(
-    records: Sequence[dict], aspects: Sequence[str], *, reference: dict | None = None, what: str = "the rest"
-) -> Comparable:
-    """Split ``records`` into those agreeing with ``reference`` on every aspect and those left out, with one
+def comparable(records: Sequence[dict], aspects: Sequence[str], *, what: str = "the rest") -> Comparable:
+    """Split ``records`` into those agreeing on every aspect with a reference and those left out, with one
     sentence per reason (``what`` names the records kept, e.g. ``the curve of scale 0.2``).
 
-    The default reference is a record of the largest group that agrees exactly (the newest one on a tie), so a
-    stray run on another subset is what is left out, not the bulk of the results.
+    The reference is a record of the largest group that agrees exactly (the newest one on a tie), so a stray run
+    on another subset is what is left out, not the bulk of the results.
     """
     if not records:
         return Comparable([])
     flat = [provenance(r) for r in records]
-    if reference is None:
-        keys = [_aspect_key(f, aspects) for f in flat]
-        counts = {key: keys.count(key) for key in keys}
-        best = max(range(len(records)), key=lambda i: (counts[keys[i]], record_date(records[i]), i))
-        reference, reference_flat = records[best], flat[best]
-    else:
-        reference_flat = provenance(reference)
+    keys = [_aspect_key(f, aspects) for f in flat]
+    counts = Counter(keys)
+    best = max(range(len(records)), key=lambda i: (counts[keys[i]], record_date(records[i]), i))
+    reference, reference_flat = records[best], flat[best]
     kept: list[dict] = []
     out: dict[str, list[dict]] = {}
     for record, record_flat in zip(records, flat, strict=True):
