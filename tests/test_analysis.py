@@ -1,6 +1,7 @@
 """The analyses on the tiny model: properties that must hold whatever the weights are."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -117,7 +118,7 @@ def test_neighbor_statistics_are_deterministic_across_runs_and_batch_sizes(input
     assert first["chance"] == second["chance"]
 
 
-def _record(scale, rep, acc, *, dataset="cifar10", space="embedding"):
+def _record(scale, rep, acc, *, dataset="cifar10", space="embedding", n_train=10, n_test=5):
     return {
         "model": "m",
         "checkpoint": f"/x/scale{scale[0]}.ckpt",
@@ -129,8 +130,8 @@ def _record(scale, rep, acc, *, dataset="cifar10", space="embedding"):
         "aggregation": "mean",
         "space": space,
         "metrics": {"linear": {"top1": acc}, "knn@20": {"top1": acc - 1}},
-        "n_train": 10,
-        "n_test": 5,
+        "n_train": n_train,
+        "n_test": n_test,
     }
 
 
@@ -142,17 +143,52 @@ def test_scale_table_groups_by_scale_and_representation_newest_wins(tmp_path):
         _record([0.2, 0.2], "16", 72.0),
         _record([0.2, 0.2], "16", 99.0, space="projection"),
     ]
-    table = scales.scale_table(records)
+    table = scales.scale_table(records).table
     assert list(zip(table.scale, table.representation, table.accuracy, strict=True)) == [
         ("0.2", "central", 40.0),
         ("0.2", "16", 72.0),
         ("0.08-1", "central", 80.0),
     ]
     assert table.n_records.tolist() == [1, 2, 1]
-    relabelled = scales.scale_table(records, labels={"scale0.2.ckpt": "small"}, metric="knn@20")
+    relabelled = scales.scale_table(records, labels={"scale0.2.ckpt": "small"}, metric="knn@20").table
     assert "small" in set(relabelled.scale) and relabelled.accuracy.max() == 79.0
     paths = scales.write_scales(table, tmp_path)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def _dated(record: dict, day: int, **over) -> dict:
+    return {**record, "environment": {"date": f"2026-12-{day:02d}T10:00:00+00:00"}, **over}
+
+
+def test_scale_figure_keeps_one_data_split_and_one_checkpoint_per_curve():
+    """Issue 17: one curve was drawn from two checkpoints and two subset sizes under a title naming one subset."""
+    other = "cd" * 32
+    records = [
+        _dated(_record([0.2, 0.2], "central", 24.0), 1),
+        _dated(_record([0.2, 0.2], "1", 70.1, n_train=1000, n_test=1000), 2),  # another subset
+        _dated(_record([0.2, 0.2], "16", 24.0), 3, checkpoint_sha256=other),  # another checkpoint, same scale
+        _dated(_record([0.2, 0.2], "25", 67.0), 4),
+        _dated(_record([0.08, 1.0], "central", 50.0), 5, checkpoint_sha256=other),  # another scale: its own curve
+    ]
+    result = scales.scale_table(records, model="m")
+    assert sorted(zip(result.table.scale, result.table.representation, strict=True)) == [
+        ("0.08-1", "central"),
+        ("0.2", "25"),
+        ("0.2", "central"),
+    ]
+    assert set(result.table.n_train) == {10}
+    notes = " ".join(result.notes)
+    assert "1 record left out: measured on cifar10, train 1,000 / test 1,000 images" in notes
+    assert f"1 record left out: checkpoint {other[:8]}" in notes and "scale 0.2" in notes
+
+
+def test_scale_figure_counts_a_rerun_on_reused_features_once():
+    first = _dated(_record([0.2, 0.2], "16", 70.0), 1)
+    rerun = _dated(_record([0.2, 0.2], "16", 70.0), 2, reused_features=True)
+    result = scales.scale_table([first, rerun])
+    assert result.table.n_records.tolist() == [1] and "1 rerun(s) on reused cached features" in result.notes[0]
+    alone = scales.scale_table([rerun])  # the first run's record is elsewhere: the rerun is all there is
+    assert alone.table.n_records.tolist() == [1] and alone.notes == []
 
 
 def test_scale_table_reads_the_pretraining_crop_and_protocol_1_records():
@@ -160,7 +196,7 @@ def test_scale_table_reads_the_pretraining_crop_and_protocol_1_records():
         "zoo_entry": {"patch_scale": [0.08, 1.0], "pretrain_crop_scale": [0.3, 0.3]}
     }
     old = _record([0.2, 0.2], "central", 50.0)
-    assert sorted(scales.scale_table([new, old]).scale) == ["0.2", "0.3"]
+    assert sorted(scales.scale_table([new, old]).table.scale) == ["0.2", "0.3"]
 
 
 def test_scale_table_errors_say_what_to_do():
@@ -182,8 +218,10 @@ def test_cli_writes_figures_and_numbers(capsys, monkeypatch, tiny_checkpoint, ci
     ]
     code, out, err = run_cli(capsys, monkeypatch, "converge", *common, "--per-class", "1")
     assert code == 0, err
+    assert "embed 1 central patches/image: 10 images in " in err  # the analyses show their progress too
     code, out, err = run_cli(capsys, monkeypatch, "viz", "neighbors", *common, "--per-class", "2", "--queries", "20")
     assert code == 0, err
+    assert re.search(r"^embed \d+ sliding patches/image: 20 images in ", err, re.M)
     assert set(json.loads(out)) == {"embedding", "projection"}
     code, _, err = run_cli(capsys, monkeypatch, "viz", "heatmap", *common, "--images", "0,3", "--query", "0,0")
     assert code == 0, err

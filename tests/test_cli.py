@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,9 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
     assert records[2]["patches"]["n"] == 4 and records[2]["checkpoint_sha256"]
     assert records[0]["metrics"]["knn@20"]["top1"] == rows[0]["knn@20"]
     assert records[2]["timings"]["extraction_train"]["compiled"] is False  # auto: never on a CPU
+    # not a terminal (a pipe, a CI log): every extraction leaves plain lines saying how far and how fast it went
+    assert re.search(r"^train 4 random: 100 images in \d+:\d\d:\d\d \([\d,]+ img/s [\d,]+ patch/s\)$", err, re.M)
+    assert re.search(r"^test central: ", err, re.M)
 
 
 def test_compile_auto_only_for_large_cuda_extractions(monkeypatch):
@@ -215,6 +219,9 @@ def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar
 def test_demo_runs_offline_end_to_end(capsys, monkeypatch, tmp_path):
     code, out, err = run_cli(capsys, monkeypatch, "demo", "--epochs", "1", "--home", str(tmp_path), "--json")
     assert code == 0, err
+    assert re.search(r"^epoch 1/1 done: loss [\d.]+", err, re.M)  # the pretraining reports its progress
+    assert f"results appended to {tmp_path / 'results.jsonl'}" in err and "patchbench report" in err
+    assert len(read_records(tmp_path / "results.jsonl")) == 3
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["patches"] for r in rows] == ["central", 1, 16]
     assert all(r["n_train"] == 1437 and r["n_test"] == 360 for r in rows)

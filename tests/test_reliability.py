@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -71,10 +72,15 @@ def ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch) -> Ctx:
     return Ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch)
 
 
+PROGRESS_LINE = re.compile(r"^[^:]+: ([\d,]+/[\d,]+ images \(|[\d,]+ images in |reused cached features$)")
+
+
 def assert_user_error(code: int, err: str, message: str) -> None:
+    """Exit 2 and one ``error:`` line, last; before it at most the progress lines of work already done."""
     assert code == 2, err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
-    assert "Traceback" not in err and message in err, err
+    *before, last = err.strip().splitlines()
+    assert last.startswith("error: ") and all(PROGRESS_LINE.match(line) for line in before), err
+    assert "Traceback" not in err and message in last, err
 
 
 def assert_nothing_half_done(home: Path) -> None:

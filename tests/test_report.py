@@ -46,6 +46,17 @@ def test_records_sections_hold_a_table_and_the_scale_figure(tmp_path):
     assert sections[1].figures[0][1][:8] == PNG
 
 
+def test_report_of_mixed_records_leaves_the_odd_ones_out_with_a_note(tmp_path):
+    records = [json.loads(line) for line in _records_file(tmp_path).read_text().splitlines()]
+    odd = {**records[0], "representation": "4", "checkpoint_sha256": "cd" * 32}  # same scale, other weights
+    sections = records_sections([*records, odd])
+    frame = sections[0].tables[0][1]
+    assert frame.checkpoint.tolist() == ["abababab"] * 3 + ["cdcdcdcd"]  # the plain table names the weights
+    figure = sections[1]
+    assert "4" not in set(figure.tables[0][1].representation)
+    assert any("left out: checkpoint cdcdcdcd" in p for p in figure.paragraphs)
+
+
 @pytest.fixture(scope="module")
 def report_page(tiny_checkpoint, cifar_dir, tmp_path_factory):
     """One report of the tiny model and its records, shared by the tests that read or render it."""

@@ -6,13 +6,16 @@ import pytest
 
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.results.records import (
+    comparable,
     disagreements,
+    dotted,
     export_rows,
     flatten,
     metric_value,
     read_many,
     representation_key,
     select_records,
+    subset_note,
 )
 from ssl_patchbench.results.store import append_record
 
@@ -135,3 +138,30 @@ def test_results_command_filters_and_exports(capsys, monkeypatch, tmp_path):
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(capsys, monkeypatch, "results")  # nothing stored yet in the isolated home
     assert code == 0 and "no results" in err
+
+
+def test_dotted_flattens_mappings_and_keeps_lists_as_values():
+    nested = {"a": {"b": 1, "c": {"d": None, "e": [1, 2]}}, "f": "x", "g": {}}
+    assert dotted(nested) == {"a.b": 1, "a.c.d": None, "a.c.e": [1, 2], "f": "x"}  # an empty mapping holds nothing
+    assert dotted({}) == {}
+
+
+def test_comparable_keeps_the_largest_agreeing_group_and_says_why_the_rest_is_out():
+    bulk = [record(representation=r) for r in ("central", "1", "16")]
+    stray = record(representation="25", n_train=50, data={**bulk[0]["data"], "train": {"n": 50, "per_class": 5}})
+    stray["environment"] = {"date": "2027-01-01T00:00:00+00:00"}  # newest, yet alone
+    other_seed = record(representation="4", seed=1)
+    found = comparable([*bulk, stray, other_seed], ("data", "protocol"), what="the figure")
+    assert found.kept == bulk and found.left_out == [stray, other_seed]
+    assert found.notes == [
+        "1 record left out: measured on cifar10, train 50 (5/class) / test 100 (10/class) images, unlike the figure",
+        "1 record left out: another protocol (seed), unlike the figure",
+    ]
+    assert comparable(bulk, ("checkpoint",)).notes == []
+
+
+def test_subset_note_knows_the_full_standard_splits():
+    full = record(n_train=50_000, n_test=10_000, data={"train": {"n": 50_000}, "test": {"n": 10_000}})
+    assert subset_note(full) is None
+    assert "the full split is 50,000 / 10,000" in subset_note(record())  # 20 and 10 per class
+    assert "no standard split known" in subset_note(record(dataset="digits"))

@@ -67,10 +67,29 @@ def test_table5_vicreg_row_fills_from_the_shared_checkpoint_and_others_stay_empt
     assert got[("VICReg", "baseline kNN")].diff == pytest.approx(80.0 - 90.8)
     assert got[("VICReg", "baseline linear")].ours == 82.5
     assert got[("VICReg", "enhancement kNN")].ours == 84.25
-    assert got[("VICReg", "enhancement kNN")].text() == "84.25 / 93.1 (-8.85)"
+    assert got[("VICReg", "enhancement kNN")].text() == "84.25† / 93.1 (-8.85)"  # 200/100 images: a subset
     for column in ("baseline kNN", "baseline linear", "enhancement kNN"):
         assert got[("SimCLR", column)].ours is None and got[("BYOL", column)].ours is None
-    assert "subset: train 20/class (n=200), test 10/class (n=100)" in " ".join(got[("VICReg", "baseline kNN")].notes)
+    assert "train 200 (20/class) / test 100 (10/class) images" in " ".join(got[("VICReg", "baseline kNN")].notes)
+
+
+def _folder_data(n_train: int, n_test: int) -> dict:
+    """``data`` of a record from an ImageFolder tree without a per-class option (what materialize.py writes)."""
+    return {
+        s: {"dataset": "cifar10", "source": "imagefolder", "n": n} for s, n in (("train", n_train), ("test", n_test))
+    }
+
+
+def test_a_cell_from_a_smaller_folder_is_marked_and_the_full_split_is_not():
+    """Issue 17: a 1,000-image folder (no --train-per-class) once filled Table 5 as if it were CIFAR-10."""
+    small = shared(data=_folder_data(1000, 1000), n_train=1000, n_test=1000)
+    got = cells(table5([small]))[("VICReg", "baseline kNN")]
+    assert got.subset and got.text().startswith("80.00† / 90.8")
+    assert any("1,000" in note and "50,000 / 10,000" in note for note in got.notes)
+    full = cells(table5([shared(data=_folder_data(50_000, 10_000), n_train=50_000, n_test=10_000)]))
+    cell = full[("VICReg", "baseline kNN")]
+    assert not cell.subset and "†" not in cell.text() and not any("subset" in n for n in cell.notes)
+    assert "†" in R.markdown([table5([small])]) and r"\textsuperscript{\dag}" in R.latex([table5([small])])
 
 
 def test_fill_command_is_one_valid_eval_per_row():
@@ -135,7 +154,7 @@ def test_formats_are_parseable_and_paper_only_has_no_values():
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert rows[0] == "| method | baseline kNN | baseline linear | enhancement kNN |"
     assert all(line.count("|") == 5 for line in rows) and len(rows) == 5  # header, rule, 3 methods
-    assert "80.00 / 90.8 (-10.80)" in md and "fill with: `patchbench eval" in md
+    assert "80.00† / 90.8 (-10.80)" in md and "fill with: `patchbench eval" in md
     data = json.loads(R.json_text([table]))
     vic = next(c for c in data[0]["cells"] if c["row"] == "VICReg" and c["column"] == "baseline linear")
     assert (vic["ours"], vic["paper"], vic["checkpoint_sha256"]) == (82.5, 91.2, SHARED_SHA)
@@ -169,7 +188,7 @@ def test_user_table_spec_needs_no_code(tmp_path, capsys, monkeypatch):
         capsys, monkeypatch, "table", "mine", "--spec", str(spec), "--results", str(results), "--format", "markdown"
     )
     assert code == 0, err
-    assert "| tiny | 60.00 / 50.0 (+10.00) [1] | — [2] |" in out
+    assert "| tiny | 60.00† / 50.0 (+10.00) [1] | — [2] |" in out
     assert "--patches 4 --patch-scale 0.2 --eval knn" in out and f"--results {results}" in out
     code, out, err = run_cli(capsys, monkeypatch, "table", "tabel5")
     assert code == 2 and "did you mean: table5" in err

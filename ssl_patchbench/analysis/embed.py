@@ -17,7 +17,7 @@ from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.features.extract import ExtractSettings, ImageSource, PatchRunner
+from ssl_patchbench.features.extract import ExtractSettings, ImageSource, PatchRunner, ProgressFactory
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import LoadedModel, load_model
 from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
@@ -83,10 +83,17 @@ def check_spaces(model: LoadedModel, spaces: tuple[str, ...]) -> tuple[str, ...]
 
 
 class PatchEmbedder:
-    """Embeds the patches of chosen images: h from the backbone, z = projector(h) on demand."""
+    """Embeds the patches of chosen images: h from the backbone, z = projector(h) on demand; ``progress`` (the
+    CLI's display) is told of every batch."""
 
-    def __init__(self, model: LoadedModel, device: torch.device, max_patches: int | None = None) -> None:
-        self.model, self.device, self.max_patches = model, device, max_patches
+    def __init__(
+        self,
+        model: LoadedModel,
+        device: torch.device,
+        max_patches: int | None = None,
+        progress: ProgressFactory | None = None,
+    ) -> None:
+        self.model, self.device, self.max_patches, self.progress = model, device, max_patches, progress
         self.encoder = Encoder(model, "embedding").to(device).eval()
         if device.type == "cuda":
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
@@ -97,10 +104,14 @@ class PatchEmbedder:
         runner = PatchRunner(self.encoder, spec, ExtractSettings(self.device, "fp32", self.max_patches))
         step = runner.images_per_batch
         batches = [indices[i : i + step] for i in range(0, len(indices), step)]
+        label = f"embed {spec.num_patches} {spec.mode} patches/image"
+        advance = self.progress(label, len(indices), len(indices) * spec.num_patches) if self.progress else None
         out = []
         with exact_fp32():
             for batch, pixels, sizes in ImageSource(split, self.device).iterate(batches):
                 out.append(runner(pixels, sizes, batch).cpu())
+                if advance is not None:
+                    advance(len(batch), len(batch) * spec.num_patches)
         return torch.cat(out) if out else torch.empty(0, spec.num_patches, self.encoder.dim)
 
     @torch.inference_mode()

@@ -14,16 +14,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.results.records import display_date, drop_reused_duplicates, flatten, is_subset
 
 from .. import __version__
 
 _CSS = """
-body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1040px;margin:24px auto;padding:0 16px;
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;
 color:#222;line-height:1.45}
 h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:32px}
 h3{font-size:15px;margin:18px 0 6px}.meta{color:#666;font-size:13px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0 14px}th,td{padding:3px 9px;text-align:right}
-th{border-bottom:2px solid #444;background:#f4f4f4}td{border-bottom:1px solid #e4e4e4}
+th{border-bottom:2px solid #444;background:#f4f4f4}td{border-bottom:1px solid #e4e4e4;white-space:nowrap}
 td:first-child,th:first-child{text-align:left}figure{margin:10px 0 18px}
 figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#444;margin-top:4px}
 .small img{max-width:520px}
@@ -84,63 +85,54 @@ def render_html(title: str, sections: list[Section], meta: dict[str, str] | None
 
 
 def results_frame(records: list[dict]) -> pd.DataFrame:
-    """The results records as one table, a row per evaluation (newest last)."""
+    """The results records as one table, a row per evaluation (newest last), with the checkpoint it measured."""
+    columns = {"model": "model", "checkpoint": "checkpoint", "dataset": "dataset", "representation": "representation"}
+    columns |= {"mode": "mode", "aggregation": "aggregation", "space": "space"}
+    columns |= {"knn@20": "kNN@20", "knn@200": "kNN@200", "linear": "linear", "device": "device"}
     rows = []
-    for r in records:
-        metrics = r.get("metrics") or {}
-        rows.append(
-            {
-                "model": r.get("model"),
-                "dataset": r.get("dataset"),
-                "representation": r.get("representation"),
-                "mode": (r.get("patches") or {}).get("mode"),
-                "aggregation": r.get("aggregation"),
-                "space": r.get("space"),
-                "kNN@20": (metrics.get("knn@20") or {}).get("top1"),
-                "kNN@200": (metrics.get("knn@200") or {}).get("top1"),
-                "linear": (metrics.get("linear") or {}).get("top1"),
-                "train/test": f"{r.get('n_train')}/{r.get('n_test')}",
-                "device": (r.get("environment") or {}).get("device"),
-                "date": str((r.get("environment") or {}).get("date", ""))[:10],
-            }
-        )
+    for record in records:
+        flat = {**flatten(record), "checkpoint": str(record.get("checkpoint_sha256") or "")[:8] or None}
+        row = {name: flat.get(key) for key, name in columns.items()}
+        row["train/test"] = f"{record.get('n_train')}/{record.get('n_test')}" + ("†" if is_subset(record) else "")
+        row["date"] = display_date(record)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def filter_records(records: list[dict], *, model: str | None, checkpoint_sha256: str | None) -> list[dict]:
-    """The records of one model (and checkpoint, when known); all records when no model is given."""
-    if model is None:
-        return records
-    kept = [r for r in records if r.get("model") == model]
-    if checkpoint_sha256:
-        kept = [r for r in kept if r.get("checkpoint_sha256") == checkpoint_sha256]
-    return kept
-
-
 def records_sections(records: list[dict], *, metric: str = "linear") -> list[Section]:
-    """The results table, then the scale figure of each dataset the records hold."""
+    """The results table, then the scale figure of each dataset the records hold (comparable records only)."""
     from .figures import png_bytes
     from .scales import plot_scales, scale_table
 
     if not records:
         return []
-    frame = results_frame(records)
-    sections = [Section("Results records", [f"{len(records)} evaluations, oldest first."], [("Evaluations", frame)])]
+    records, reused = drop_reused_duplicates(records)
+    intro = f"{len(records)} evaluations, oldest first; †: measured on a subset of the dataset's full split."
+    if reused:
+        intro += f" {reused} rerun(s) on reused cached features left out: they measured nothing new."
+    sections = [Section("Results records", [intro], [("Evaluations", results_frame(records))])]
     for dataset in sorted({str(r.get("dataset")) for r in records}):
         try:
-            table = scale_table(records, metric=metric, dataset=dataset)  # records are already one model's when asked
+            scales = scale_table(records, metric=metric, dataset=dataset)  # already one model's records when asked
         except UserError as exc:
             sections[0].paragraphs.append(f"{dataset}: no scale figure ({exc}).")
             continue
-        shown = table[["scale", "representation", "accuracy", "n_records", "n_train", "n_test"]]
+        table = scales.table
+        shown = table[["scale", "representation", "checkpoint_sha256", "accuracy", "n_records", "n_train", "n_test"]]
+        shown = shown.assign(checkpoint_sha256=shown.checkpoint_sha256.str[:8]).rename(
+            columns={"checkpoint_sha256": "checkpoint"}
+        )
         sections.append(
             Section(
                 f"{dataset}: accuracy against pretraining scale and patches (paper Fig. 2)",
-                [f"Metric: {metric} top-1 (%), embedding space, mean aggregation; the newest record of each cell."],
+                [
+                    f"Metric: {metric} top-1 (%), embedding space, mean aggregation; the newest record of each cell, "
+                    "one checkpoint per curve, one data split and protocol per figure.",
+                    *(f"Note: {note}." for note in scales.notes),
+                ],
                 [("Accuracy by pretraining scale and representation", shown)],
                 [("Accuracy against the number of patches averaged", png_bytes(plot_scales(table)))],
-                small_figures=True,
-            )
+            )  # one panel is column-sized, two (several scales) take the page width
         )
     return sections
 

@@ -3,19 +3,27 @@
 Records are grouped by the checkpoint's pretraining scale (``zoo_entry.pretrain_crop_scale``, taken from the
 checkpoint's own metadata where it has some; ``pretrain_scale`` in records of protocol 1; or a label the
 user maps to a model name, checkpoint path or sha256 prefix) and by representation (central, 1, 16, ...).
-When a group holds several records the newest wins, as in the append-only results store.
+One figure holds only records of one data split and protocol, one curve only records of one checkpoint (those
+most records share); the others are left out with a note saying why. When a point holds several records the
+newest wins, as in the append-only results store.
 """
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ssl_patchbench.core.errors import UserError
-
-log = logging.getLogger(__name__)
+from ssl_patchbench.results.records import (
+    comparable,
+    drop_reused_duplicates,
+    is_subset,
+    metric_value,
+    record_date,
+    select_records,
+)
 
 METRICS = ("linear", "knn@20", "knn@200")
 
@@ -52,9 +60,12 @@ def _record_scale(record: dict, mapping: dict[str, str]) -> str:
     return scale_label(entry.get("pretrain_crop_scale") or entry.get("pretrain_scale"))
 
 
-def _metric(record: dict, metric: str) -> float | None:
-    value = (record.get("metrics") or {}).get(metric)
-    return None if value is None else value.get("top1")
+@dataclass
+class ScaleTable:
+    """The figure's points (one row per pretraining scale and representation) and why records were left out."""
+
+    table: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
 
 
 def scale_table(
@@ -65,26 +76,37 @@ def scale_table(
     space: str = "embedding",
     labels: dict[str, str] | None = None,
     model: str | None = None,
-) -> pd.DataFrame:
-    """One row per (pretraining scale, representation): the accuracy of the newest matching record.
+) -> ScaleTable:
+    """One row per (pretraining scale, representation): the accuracy of the newest comparable record.
 
-    Records of several checkpoints with one scale are merged (newest wins) with a warning: pass ``model``.
+    The figure keeps the data split and protocol most of the records share, each curve the checkpoint most
+    of its records share (the newest on a tie); what does not fit is left out with a note. Reruns on reused
+    features count once.
     """
     if metric not in METRICS:
         raise UserError(f"unknown metric {metric!r}: choose {', '.join(METRICS)}")
     if not records:
         raise UserError("no results records found: run `patchbench eval ...` first, or pass --results FILE")
-    rows = [_row(r, metric, labels or {}) for r in records if _keep(r, space, dataset, model)]
-    rows = [row for row in rows if row["accuracy"] is not None]
-    if not rows:
+    chosen = select_records(records, model=model, dataset=dataset, space=space, aggregation="mean")
+    found = [r for r in chosen if metric_value(r, metric) is not None]  # mean-aggregated bags and central views
+    if not found:
         raise UserError(f"no results records with {metric} for space {space}" + (f" on {dataset}" if dataset else ""))
-    frame = pd.DataFrame(rows)
-    datasets = sorted(frame.dataset.unique())
+    datasets = sorted({str(r.get("dataset")) for r in found})
     if len(datasets) > 1:
         raise UserError(f"the records hold several datasets ({', '.join(datasets)}): pick one with --dataset")
-    mixed = frame.groupby("scale").checkpoint_sha256.nunique()
-    for scale in mixed[mixed > 1].index:
-        log.warning("pretraining scale %s holds records of several checkpoints; the newest wins (use --model)", scale)
+    found, reused = drop_reused_duplicates(sorted(found, key=record_date))
+    notes = [f"{reused} rerun(s) on reused cached features counted once"] if reused else []
+    figure = comparable(found, ("data", "protocol"), what="the records shown")
+    notes += figure.notes
+    by_scale: dict[str, list[dict]] = {}
+    for record in figure.kept:
+        by_scale.setdefault(_record_scale(record, labels or {}), []).append(record)
+    kept = []
+    for scale, group in by_scale.items():
+        curve = comparable(group, ("checkpoint",), what=f"the curve of scale {scale}")
+        kept += curve.kept
+        notes += [f"{note}; tell checkpoints apart with --scale-label KEY=LABEL" for note in curve.notes]
+    frame = pd.DataFrame([_row(r, metric, labels or {}) for r in sorted(kept, key=record_date)])
     grouped = frame.groupby(["scale", "representation"], sort=False)
     table = grouped.tail(1).set_index(["scale", "representation"])
     table["n_records"] = grouped.size()
@@ -92,17 +114,7 @@ def scale_table(
     table["_order"] = [
         (_scale_sort(s), _representation_sort(r)) for s, r in zip(table.scale, table.representation, strict=True)
     ]
-    return table.sort_values("_order").drop(columns="_order").reset_index(drop=True)
-
-
-def _keep(record: dict, space: str, dataset: str | None, model: str | None) -> bool:
-    """Bag-of-patches (mean) and central records of the asked space, dataset and model."""
-    return (
-        (model is None or record.get("model") == model)
-        and record.get("space", "embedding") == space
-        and record.get("aggregation", "mean") == "mean"
-        and (dataset is None or record.get("dataset") == dataset)
-    )
+    return ScaleTable(table.sort_values("_order").drop(columns="_order").reset_index(drop=True), notes)
 
 
 def _row(record: dict, metric: str, labels: dict[str, str]) -> dict:
@@ -115,10 +127,11 @@ def _row(record: dict, metric: str, labels: dict[str, str]) -> dict:
         "model": record.get("model"),
         "checkpoint_sha256": record.get("checkpoint_sha256"),
         "metric": metric,
-        "accuracy": _metric(record, metric),
+        "accuracy": metric_value(record, metric),
         "n_train": record.get("n_train"),
         "n_test": record.get("n_test"),
-        "date": (record.get("environment") or {}).get("date"),
+        "subset": is_subset(record),
+        "date": record_date(record) or None,
     }
 
 
@@ -148,15 +161,17 @@ def plot_scales(table: pd.DataFrame):
             rows = table[table.scale == scale].set_index("representation").reindex(reps)
             axes[0].plot(range(len(reps)), rows.accuracy, "-o", color=SERIES_COLORS[i % 8], label=f"scale {scale}")
         _axis(axes[0], reps, "representation (number of patches averaged)", metric)
-        axes[0].legend(title="pretraining crop scale" if len(scales) > 1 else None, loc="lower right")
+        axes[0].legend(title="pretraining crop scale" if len(scales) > 1 else None, loc="best")
         if len(scales) >= 2:
             for j, rep in enumerate(reps):
                 rows = table[table.representation == rep].set_index("scale").reindex(scales)
-                label = rep if rep == "central" else f"{rep} patches"
+                label = rep if rep == "central" else f"{rep} patch" + ("es" if rep != "1" else "")
                 axes[1].plot(range(len(scales)), rows.accuracy, "-o", color=SERIES_COLORS[j % 8], label=label)
             _axis(axes[1], scales, "pretraining crop scale", metric)
-            axes[1].legend(loc="lower right")
-        title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]} train / {table.n_test.iloc[0]} test images"
+            axes[1].legend(loc="best")
+        title = f"{table.dataset.iloc[0]}, {table.n_train.iloc[0]:,} train / {table.n_test.iloc[0]:,} test images"
+        if table.subset.any():
+            title += " (a subset)"
         fig.suptitle(title, fontsize=7)
     return fig
 

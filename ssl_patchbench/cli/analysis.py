@@ -11,10 +11,13 @@ from pathlib import Path
 
 import click
 
-from ssl_patchbench.cli.common import split_csv
+from ssl_patchbench.cli.common import progress, split_csv, stderr
 from ssl_patchbench.core.errors import UserError
 
-_CHECKPOINT_HELP = "Local checkpoint; overrides the zoo source."
+_CHECKPOINT_HELP = "Checkpoint path or URL; overrides the zoo source."
+_TRUST_HELP = "Allow checkpoints that need pickle (can run code: only for files you trust)."
+_OUT_HELP = "Folder for the figures, CSV and JSON files."
+_METRIC_HELP = "Top-1 accuracy of which evaluation."
 
 
 def _model_options(func):
@@ -24,25 +27,31 @@ def _model_options(func):
         click.option("--checkpoint", type=click.Path(dir_okay=False), help=_CHECKPOINT_HELP),
         click.option("--dataset", required=True, help="cifar10, cifar100, stl10, imagenette, folder, digits, ..."),
         click.option("--data-dir", type=click.Path(file_okay=False), help="ImageFolder tree or torchvision root."),
-        click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True),
+        click.option(
+            "--split", type=click.Choice(["train", "test"]), default="test", show_default=True, help="Which split."
+        ),
         click.option("--space", default="auto", show_default=True, help="embedding, projection, or both (auto)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (always float32)."),
         click.option("--max-patches", type=int, help="Patches per forward pass (default: from the device)."),
-        click.option("--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True),
+        click.option(
+            "--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True, help=_OUT_HELP
+        ),
         click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME)."),
-        click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True),
+        click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True, help=_TRUST_HELP),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _setup(o: dict, per_class: int | None):
-    """(inputs, embedder, spaces) from the shared options."""
+def _setup(o: dict, per_class: int | None, factory=None):
+    """(inputs, embedder, spaces) from the shared options; ``factory``: the progress display of the batches."""
     from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
-    from ssl_patchbench.core.devices import resolve_device
+    from ssl_patchbench.core.devices import resolve_device, use_available_cores
 
     device = resolve_device(o["device"])
+    if device.type == "cpu":
+        use_available_cores()
     inputs = open_inputs(
         model=o["model"],
         checkpoint=o["checkpoint"],
@@ -57,7 +66,7 @@ def _setup(o: dict, per_class: int | None):
         spaces = ("embedding", "projection") if inputs.model.projector is not None else ("embedding",)
     else:
         spaces = split_csv(o["space"])
-    return inputs, PatchEmbedder(inputs.model, device, o["max_patches"]), spaces
+    return inputs, PatchEmbedder(inputs.model, device, o["max_patches"], progress=factory), spaces
 
 
 def _all_images(inputs):
@@ -87,20 +96,27 @@ def _window_options(size: int, stride: int):
 @click.option("--per-class", type=int, default=10, show_default=True, help="Images per class (the first ones).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of each image's window order.")
 def converge(per_class: int, patch_size: int, stride: int, seed: int, **o) -> None:
-    """Figure 3a: cosine similarity of the mean of N patch embeddings to the central and all-patch embeddings."""
+    """Figure 3a: how fast the bag of patches converges.
+
+    Cosine similarity of the mean of N patch embeddings to the central and all-patch embeddings.
+    """
     from ssl_patchbench.analysis.converge import run_converge, write_converge
 
-    inputs, embedder, spaces = _setup(o, per_class)
-    result = run_converge(
-        inputs, embedder, images=_all_images(inputs), size=patch_size, stride=stride, spaces=spaces, seed=seed
-    )
+    with progress() as factory:
+        inputs, embedder, spaces = _setup(o, per_class, factory)
+        result = run_converge(
+            inputs, embedder, images=_all_images(inputs), size=patch_size, stride=stride, spaces=spaces, seed=seed
+        )
     click.echo(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     _wrote(write_converge(result, Path(o["out"])))
 
 
 @click.group()
 def viz() -> None:
-    """Figures: patch neighbours, similarity heatmaps, accuracy against scale."""
+    """Figures: neighbours, heatmaps, accuracy by scale.
+
+    Patch neighbours (Fig. 4), similarity heatmaps (Fig. 5), accuracy against pretraining scale (Fig. 2).
+    """
 
 
 @viz.command()
@@ -130,25 +146,29 @@ def neighbors(
     other_images: bool,
     **o,
 ) -> None:
-    """Figure 4: nearest patches in embedding vs projection space, and where they come from (JSON stats)."""
+    """Figure 4: nearest patches, embedding vs projection.
+
+    Nearest patches in embedding vs projection space, and where they come from (JSON stats).
+    """
     from ssl_patchbench.analysis.neighbors import run_neighbors
     from ssl_patchbench.analysis.neighbors_plot import write_neighbors
 
     if queries <= 0 or k <= 0:
         raise UserError(f"--queries and -k must be positive, got {queries} and {k}")
-    inputs, embedder, spaces = _setup(o, per_class)
-    result = run_neighbors(
-        inputs,
-        embedder,
-        images=_all_images(inputs),
-        size=patch_size,
-        stride=stride,
-        spaces=spaces,
-        queries=queries,
-        k=k,
-        seed=seed,
-        other_images=other_images,
-    )
+    with progress() as factory:
+        inputs, embedder, spaces = _setup(o, per_class, factory)
+        result = run_neighbors(
+            inputs,
+            embedder,
+            images=_all_images(inputs),
+            size=patch_size,
+            stride=stride,
+            spaces=spaces,
+            queries=queries,
+            k=k,
+            seed=seed,
+            other_images=other_images,
+        )
     click.echo(json.dumps(result.stats_json()["spaces"], indent=2))
     _wrote(write_neighbors(result, inputs, Path(o["out"]), show=show, show_k=show_k))
 
@@ -159,7 +179,10 @@ def neighbors(
 @click.option("--images", "image_list", help="Image indices in the split (default: first image of 3 classes).")
 @click.option("--query", default="center", show_default=True, help="Query window: center, or ROW,COL in the grid.")
 def heatmap(image_list: str | None, query: str, patch_size: int, stride: int, **o) -> None:
-    """Figure 5: similarity of every window of an image to a query window, embedding vs projection."""
+    """Figure 5: patch similarity heatmaps.
+
+    Similarity of every window of an image to a query window, embedding vs projection.
+    """
     import numpy as np
 
     from ssl_patchbench.analysis.heatmap import run_heatmap, write_heatmap
@@ -197,23 +220,44 @@ def _records(results: str | None, home: str | None) -> tuple[Path, list[dict]]:
 @viz.command()
 @click.option("--results", type=click.Path(dir_okay=False), help="Results JSONL (default HOME/results.jsonl).")
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
-@click.option("--metric", type=click.Choice(["linear", "knn@20", "knn@200"]), default="linear", show_default=True)
+@click.option(
+    "--metric",
+    type=click.Choice(["linear", "knn@20", "knn@200"]),
+    default="linear",
+    show_default=True,
+    help=_METRIC_HELP,
+)
 @click.option("--dataset", help="Dataset of the records to plot (needed when they hold several).")
 @click.option("--model", help="Only the records of this zoo entry.")
-@click.option("--space", type=click.Choice(["embedding", "projection"]), default="embedding", show_default=True)
+@click.option(
+    "--space",
+    type=click.Choice(["embedding", "projection"]),
+    default="embedding",
+    show_default=True,
+    help="Records of backbone or projector features.",
+)
 @click.option("--scale-label", multiple=True, help="KEY=LABEL: pretraining scale of a model, checkpoint or sha256.")
-@click.option("--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True, help=_OUT_HELP
+)
 def scales(results, home, metric, dataset, model, space, scale_label, out) -> None:
-    """Figure 2: accuracy against pretraining scale and number of patches, from stored results records."""
+    """Figure 2: accuracy against pretraining scale.
+
+    Accuracy against pretraining scale and number of patches, from stored results records; one data split and
+    protocol per figure, one checkpoint per curve (what does not fit is left out with a note).
+    """
     from ssl_patchbench.analysis.scales import parse_labels, scale_table, write_scales
 
     path, records = _records(results, home)
     if not records:
         raise UserError(f"no results records in {path}: run `patchbench eval ...` first, or pass --results FILE")
     labels = parse_labels(scale_label)
-    table = scale_table(records, metric=metric, dataset=dataset, space=space, labels=labels, model=model)
-    click.echo(table[["scale", "representation", "accuracy", "n_records"]].to_string(index=False))
-    _wrote(write_scales(table, Path(out)))
+    scales = scale_table(records, metric=metric, dataset=dataset, space=space, labels=labels, model=model)
+    shown = scales.table[["scale", "representation", "accuracy", "n_records"]]
+    click.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    for note in scales.notes:
+        stderr.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    _wrote(write_scales(scales.table, Path(out)))
 
 
 @click.command()
@@ -223,17 +267,29 @@ def scales(results, home, metric, dataset, model, space, scale_label, out) -> No
 @click.option("--dataset", help="Dataset of the image analyses (with --model).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="ImageFolder tree or torchvision root.")
 @click.option("--per-class", type=int, default=10, show_default=True, help="Images per class of the analyses.")
-@click.option("--metric", type=click.Choice(["linear", "knn@20", "knn@200"]), default="linear", show_default=True)
+@click.option(
+    "--metric",
+    type=click.Choice(["linear", "knn@20", "knn@200"]),
+    default="linear",
+    show_default=True,
+    help=_METRIC_HELP,
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
-@click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default="patchbench_report.html", show_default=True)
+@click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True, help=_TRUST_HELP)
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default="patchbench_report.html", show_default=True, help="The HTML file."
+)
 def report(
     results, model, checkpoint, dataset, data_dir, per_class, metric, device, home, trust_checkpoint, out
 ) -> None:
-    """One self-contained HTML page: results records and, with --model, the image analyses."""
-    from ssl_patchbench.analysis.report import filter_records, model_sections, records_sections, render_html
+    """One self-contained HTML report.
+
+    The results records and, with --model, the image analyses, on one page with every figure inline.
+    """
+    from ssl_patchbench.analysis.report import model_sections, records_sections, render_html
     from ssl_patchbench.data.datasets import first_per_class
+    from ssl_patchbench.results.records import select_records
 
     path, records = _records(results, home)
     sections, meta, sha = [], {"results": str(path)}, None
@@ -252,18 +308,19 @@ def report(
             home=home,
             trust_checkpoint=trust_checkpoint,
         )
-        inputs, embedder, _ = _setup(o, per_class)
-        sha = inputs.model.checkpoint_sha256
-        meta.update(model=model, checkpoint=inputs.model.checkpoint, sha256=sha[:12], data=f"{dataset} test")
-        images = _all_images(inputs)
-        sections = model_sections(
-            inputs,
-            embedder,
-            converge_images=images,
-            bank_images=images,
-            heatmap_images=first_per_class(inputs.split.labels, 1)[:3],
-        )
-    kept = filter_records(records, model=model, checkpoint_sha256=sha)
+        with progress() as factory:
+            inputs, embedder, _ = _setup(o, per_class, factory)
+            sha = inputs.model.checkpoint_sha256
+            meta.update(model=model, checkpoint=inputs.model.checkpoint, sha256=sha[:12], data=f"{dataset} test")
+            images = _all_images(inputs)
+            sections = model_sections(
+                inputs,
+                embedder,
+                converge_images=images,
+                bank_images=images,
+                heatmap_images=first_per_class(inputs.split.labels, 1)[:3],
+            )
+    kept = select_records(records, model=model, checkpoint=sha)
     meta["records"] = f"{len(kept)} of {len(records)} in the results file"
     sections = records_sections(kept, metric=metric) + sections
     if not sections:

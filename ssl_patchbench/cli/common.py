@@ -7,15 +7,18 @@ Nothing here imports torch: ``patchbench --help`` and ``patchbench zoo list`` st
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.pipeline.config import EvalConfig, option_fields
@@ -136,35 +139,148 @@ def build_config(options: dict[str, Any]) -> EvalConfig:
     return EvalConfig(**options)
 
 
-class progress:
-    """A rich progress bar per extraction on a terminal, showing images/s and patches/s (on stderr)."""
+def setup_logging(level: int) -> None:
+    """Log records (warnings such as "k=200 exceeds the 100 train rows") through the stderr console, so that they
+    print above a live progress bar instead of being drawn over."""
+    handler = ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
 
-    def __enter__(self):
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} img"),
-            TextColumn("{task.fields[speed]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            transient=False,
-            disable=not stderr.is_terminal,
-        )
-        self.bar.__enter__()
+
+class ConsoleHandler(logging.Handler):
+    """A logging handler that prints on the shared stderr console, as plain text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stderr.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
+@dataclass
+class _Task:
+    """One extraction's counts, and the rates measured from its start (so the first batch already has one)."""
+
+    label: str
+    images: int
+    patches: int
+    start: float
+    done_images: int = 0
+    done_patches: int = 0
+    finished: bool = False
+
+    def add(self, images: int, patches: int) -> None:
+        self.done_images += images
+        self.done_patches += patches
+
+    def rates(self, now: float) -> tuple[float, float]:
+        seconds = max(now - self.start, 1e-9)
+        return self.done_images / seconds, self.done_patches / seconds
+
+    def eta(self, now: float) -> float | None:
+        rate = self.rates(now)[0]
+        return (self.images - self.done_images) / rate if rate > 0 else None
+
+    def status(self, now: float) -> str:
+        image_rate, patch_rate = self.rates(now)
+        return f"{image_rate:,.0f} img/s {patch_rate:,.0f} patch/s"
+
+    def finished_line(self, now: float) -> str:
+        return f"{self.label}: {self.done_images:,} images in {_duration(now - self.start)} ({self.status(now)})"
+
+
+class progress:
+    """The one progress display of the CLI (a context manager giving a ``ProgressFactory``), on stderr.
+
+    On a terminal a live rich bar per extraction with images/s, patches/s and the time left, measured from the
+    start of the extraction and updated per batch; each finished extraction leaves one line. Elsewhere (a pipe,
+    a CI or SLURM log) plain lines: one after the first batch, then one every ``interval`` seconds, then one when
+    done: what, how far, how fast, how long left.
+    """
+
+    def __init__(self, *, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval, self.clock = interval, clock
+        self.live = stderr.is_terminal
+        self.tasks: list[_Task] = []
+
+    def __enter__(self) -> Callable[[str, int, int], Callable[[int, int], None]]:
+        if self.live:
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} img"),
+                TextColumn("{task.fields[status]}"),
+                TextColumn("{task.fields[eta]} left"),
+                console=stderr,
+                transient=True,
+            )
+            self.bar.__enter__()
         return self.factory
 
     def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
+        if self.live:
+            self.bar.__exit__(*exc)
+        for task in self.tasks:  # a share of the work (one rank of several) still ends with its line
+            if exc[0] is None and task.done_images and not task.finished:
+                self._finish(task)
 
-    def factory(self, label: str, images: int, patches: int):
-        task = self.bar.add_task(label, total=images, speed="")
-        per_image = patches / max(images, 1)
+    def _finish(self, task: _Task) -> None:
+        task.finished = True
+        stderr.print(task.finished_line(self.clock()), markup=False, highlight=False, soft_wrap=True)
+
+    def factory(self, label: str, images: int, patches: int) -> Callable[[int, int], None]:
+        """The callback of one extraction of ``images`` images (``patches`` patches in all)."""
+        task = _Task(label, images, patches, start=self.clock())
+        self.tasks.append(task)
+        if images == 0:
+            stderr.print(f"{label}: reused cached features", markup=False, highlight=False)
+            return lambda n_images, n_patches: None
+        return self._live(task) if self.live else self._lines(task)
+
+    def _live(self, task: _Task) -> Callable[[int, int], None]:
+        bar_task = self.bar.add_task(task.label, total=task.images, status="", eta=_duration(None))
 
         def advance(n_images: int, n_patches: int) -> None:
-            self.bar.advance(task, n_images)
-            rate = self.bar.tasks[task].speed or 0.0
-            self.bar.update(task, speed=f"{rate:,.0f} img/s {rate * per_image:,.0f} patch/s")
+            if task.finished:
+                return
+            task.add(n_images, n_patches)
+            now = self.clock()
+            self.bar.update(bar_task, completed=task.done_images, status=task.status(now), eta=_duration(task.eta(now)))
+            if task.done_images >= task.images:
+                self.bar.remove_task(bar_task)
+                self._finish(task)
+
+        return advance
+
+    def _lines(self, task: _Task) -> Callable[[int, int], None]:
+        last: float | None = None
+
+        def advance(n_images: int, n_patches: int) -> None:
+            nonlocal last
+            if task.finished:
+                return
+            task.add(n_images, n_patches)
+            now = self.clock()
+            if task.done_images >= task.images:
+                self._finish(task)
+            elif last is None or now - last >= self.interval:
+                last = now
+                share = 100 * task.done_images / task.images
+                stderr.print(
+                    f"{task.label}: {task.done_images:,}/{task.images:,} images ({share:.0f}%), {task.status(now)}, "
+                    f"{_duration(task.eta(now))} left",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
         return advance
 

@@ -18,7 +18,10 @@ from ssl_patchbench.pipeline.config import EvalConfig
 @click.command("eval")
 @eval_options
 def eval_cmd(as_json: bool, nproc: int, **options) -> None:
-    """Evaluate a checkpoint: kNN and linear probe for each representation."""
+    """Evaluate a checkpoint with kNN and linear probes.
+
+    One kNN and linear-probe evaluation per representation (central view, bags of patches).
+    """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
     run_eval(build_config(options), as_json=as_json)
@@ -95,15 +98,34 @@ def _pct(value: float | None) -> str:
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line per representation.")
 def demo(epochs: int, device: str, home: str | None, as_json: bool) -> None:
-    """Offline end-to-end run: pretrain a tiny VICReg model on scikit-learn digits, then evaluate it."""
+    """Offline end-to-end run on scikit-learn digits.
+
+    Pretrains a tiny VICReg model on scikit-learn digits (no download), then evaluates it.
+    """
+    from ssl_patchbench.cli.pretrain import LineReporter, RichReporter
     from ssl_patchbench.core.paths import home as default_home
     from ssl_patchbench.pretrain.train import pretrain_demo_model
 
     root = Path(home) if home else default_home()
     stderr.print(f"pretraining a tiny VICReg model on scikit-learn digits ({epochs} epochs, offline)...")
-    checkpoint = pretrain_demo_model(root / "demo", epochs=epochs, device=device)
+    if stderr.is_terminal:
+        with RichReporter() as reporter:
+            checkpoint = pretrain_demo_model(root / "demo", epochs=epochs, device=device, reporter=reporter)
+    else:
+        checkpoint = pretrain_demo_model(root / "demo", epochs=epochs, device=device, reporter=LineReporter())
     stderr.print(f"checkpoint: {checkpoint}")
     cfg = EvalConfig(
         model="tiny_cifar", dataset="digits", checkpoint=str(checkpoint), scale=(0.2, 0.2), device=device, home=root
     )
     run_eval(cfg, as_json=as_json)
+    results = root / "results.jsonl"
+    stderr.print(
+        f"results appended to {results}\n"
+        "try next:\n"
+        f"  patchbench results --results {results}   (the stored records)\n"
+        f"  patchbench report --results {results}   (one HTML page with the figures)\n"
+        "  patchbench zoo list   (checkpoints to evaluate with patchbench eval on your own data)",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -12,7 +12,7 @@ import sys
 import click
 
 from ssl_patchbench.cli.analysis import converge, report, viz
-from ssl_patchbench.cli.common import stderr
+from ssl_patchbench.cli.common import setup_logging, stderr
 from ssl_patchbench.cli.evaluate import demo, eval_cmd
 from ssl_patchbench.cli.pretrain import pretrain_cmd
 from ssl_patchbench.cli.report import check, results, table
@@ -25,8 +25,7 @@ from ssl_patchbench.core.errors import UserError
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """Evaluate self-supervised image checkpoints with bags of patch embeddings."""
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging([logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)])
 
 
 for command in (eval_cmd, zoo, demo, table, results, check, pretrain_cmd, converge, viz, report):
@@ -37,6 +36,8 @@ def main() -> None:
     """Entry point: user errors end with one line on stderr and exit code 2, never a traceback."""
     try:
         cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `patchbench` or `patchbench viz` alone: help, not an error
+        click.echo(exc.ctx.get_help())
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

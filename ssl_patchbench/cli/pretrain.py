@@ -99,7 +99,9 @@ def summary(cfg, result, wall: float) -> dict:
 
 
 @click.command("pretrain")
-@click.option("--method", type=click.Choice(["vicreg", "tcr"]), default="vicreg", show_default=True)
+@click.option(
+    "--method", type=click.Choice(["vicreg", "tcr"]), default="vicreg", show_default=True, help="The SSL objective."
+)
 @click.option(
     "--arch",
     default="resnet18_cifar",
@@ -111,28 +113,39 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option("--train-per-class", type=int, help="Keep the first N train images of each class (quick runs).")
 @click.option("--scale", default="0.2", show_default=True, help="Patch area fraction (0.2) or a range (0.08,1.0).")
 @click.option("--num-patches", type=int, default=2, show_default=True, help="Views per image (>2: EMP-SSL mean).")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--epochs", type=int, default=100, show_default=True, help="Epochs of the whole run (hours on a CPU).")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Images per step.")
 @click.option("--lr", type=float, default=0.3, show_default=True, help="LARS learning rate per 256 images.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="LARS weight decay.")
 @click.option("--warmup-epochs", type=float, default=10.0, show_default=True, help="Capped at a tenth of the run.")
-@click.option("--tcr-eps", type=float, default=0.2, show_default=True)
+@click.option("--tcr-eps", type=float, default=0.2, show_default=True, help="Precision epsilon of TCR's coding rate.")
 @click.option("--tcr-lambda", type=float, default=200.0, show_default=True, help="Weight of TCR's invariance term.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.ckpt, config.json.")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue the run found in --out.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on CUDA, fp32 on CPU.",
+)
+@click.option(
+    "--channels-last/--no-channels-last", default=True, show_default=True, help="Channels-last memory (CUDA)."
+)
 @click.option(
     "--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the model and views."
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the views.")
 @click.option("--log-every", type=int, default=50, show_default=True, help="Steps between logged losses (a sync).")
 @click.option("--save-every", type=int, default=1, show_default=True, help="Epochs between checkpoints.")
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--download/--no-download", default=False, show_default=True, help="torchvision download.")
 def pretrain_cmd(scale: str, out: str, resume: bool, compile_: bool, **options) -> None:
-    """I²VICReg / TCR pretraining on fixed-scale patches; prints one JSON line when done."""
+    """I²VICReg / TCR pretraining on fixed-scale patches.
+
+    Prints one JSON line when done.
+    """
     from ssl_patchbench.pretrain.train import PretrainConfig, pretrain
 
     cfg = PretrainConfig(scale=parse_scale(scale), compile=compile_, **options)

@@ -39,14 +39,22 @@ def _results_paths(paths: tuple[str, ...]) -> list[Path]:
 @click.option("--bind", "binds", multiple=True, help="SLOT=MODEL@CKPT: a checkpoint file or sha256 prefix per row.")
 @click.option("--bindings", type=click.Path(dir_okay=False), help="YAML mapping of slot -> MODEL@CKPT.")
 @click.option("--spec", "specs", multiple=True, type=click.Path(dir_okay=False), help="Extra table YAML (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="terminal", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="terminal",
+    show_default=True,
+    help="How to print the tables.",
+)
 @click.option("--paper/--no-paper", default=False, show_default=True, help="The paper's numbers alone.")
 @click.option("--slots/--no-slots", default=False, show_default=True, help="List the slots and their bindings.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
 def table(names, paths, binds, bindings, specs, fmt, paper, slots, output) -> None:
-    """The paper's tables (table1..table5, figure2; all by default) from the stored results.
+    """The paper's tables, filled from stored results.
 
-    Each cell reads ours / paper (ours - paper); an empty cell's footnote is the `patchbench eval` that fills it.
+    table1..table5 and figure2 (all by default). Each cell reads ours / paper (ours - paper); an empty cell's
+    footnote is the `patchbench eval` that fills it.
     """
     from ssl_patchbench.reporting import render as R
     from ssl_patchbench.reporting import tables as T
@@ -120,24 +128,35 @@ def _styled(cell, text: str) -> str:
 @click.command("results")
 @click.option("--results", "paths", multiple=True, type=click.Path(dir_okay=False), help="Results JSONL (repeatable).")
 @click.option("--model", help="Zoo entry name.")
-@click.option("--dataset")
+@click.option("--dataset", help="Dataset name, e.g. cifar10.")
 @click.option("--checkpoint", help="sha256 prefix of the weights.")
 @click.option("--representation", help="central or a patch count.")
-@click.option("--mode", type=click.Choice(["central", "random", "grid", "sliding"]))
+@click.option("--mode", type=click.Choice(["central", "random", "grid", "sliding"]), help="How patches were sampled.")
 @click.option("--aggregation", help="mean, concat, gridpool(K,S).")
-@click.option("--space", type=click.Choice(["embedding", "projection"]))
+@click.option("--space", type=click.Choice(["embedding", "projection"]), help="Backbone or projector features.")
 @click.option("--protocol", help="Records that measured knn, linear or a metric such as knn@200.")
-@click.option("--format", "fmt", type=click.Choice(["terminal", "csv", "json"]), default="terminal", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["terminal", "csv", "json"]),
+    default="terminal",
+    show_default=True,
+    help="A table for people, or every field as CSV or JSON lines.",
+)
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), help="Write a .csv or .parquet file.")
 def results(paths, model, dataset, checkpoint, representation, mode, aggregation, space, protocol, fmt, export_path):
-    """List, filter and export stored results (one row per evaluation)."""
+    """List, filter and export stored results.
+
+    One row per evaluation; a rerun on reused cached features is marked (it measured nothing new).
+    """
     from ssl_patchbench.results.records import export_rows, flatten, read_many, select_records
 
     files = _results_paths(paths)
     records = read_many(p for p in files if p.is_file())
     criteria = dict(model=model, dataset=dataset, checkpoint=checkpoint, representation=representation)
     criteria.update(mode=mode, aggregation=aggregation, space=space, protocol=protocol)
-    rows = [flatten(r) for r in select_records(records, **criteria)]
+    chosen = select_records(records, **criteria)
+    rows = [flatten(r) for r in chosen]
     if export_path:
         stderr.print(f"wrote {len(rows)} results to {export_rows(rows, Path(export_path))}")
         return
@@ -150,19 +169,55 @@ def results(paths, model, dataset, checkpoint, representation, mode, aggregation
     elif not rows:
         stderr.print(f"no results match in {', '.join(map(str, files))}")
     else:
-        stdout.print(_results_table(rows))
+        stdout.print(_results_table(chosen))
 
 
-def _results_table(rows: list[dict]) -> Table:
-    columns = ("date", "model", "checkpoint_sha256", "dataset", "n_train", "n_test", "representation", "mode")
-    columns += ("scale", "aggregation", "knn@20", "knn@200", "linear", "device")
-    grid = Table(title=f"{len(rows)} stored results")
-    for column in columns:
-        grid.add_column("sha256" if column == "checkpoint_sha256" else column, overflow="fold")
-    for r in rows:
-        values = {**r, "date": str(r["date"] or "")[:16], "checkpoint_sha256": str(r["checkpoint_sha256"] or "")[:8]}
-        grid.add_row(*("—" if values.get(c) is None else str(values[c]) for c in columns))
+def _results_table(records: list[dict]) -> Table:
+    """One line per record at 120 columns: the full date, what was measured on what, rounded top-1 numbers.
+
+    A rerun on reused cached features is marked ↺ (not a new measurement), a record of a subset † (sizes shown);
+    a column shrinks (``…``) rather than wrap a row over several lines.
+    """
+    from ssl_patchbench.results.records import display_date, flatten, is_reused, is_subset, metric_names
+
+    rows = [flatten(r) for r in records]
+    metrics = sorted({m for r in records for m in metric_names(r)}, key=lambda m: (m == "linear", len(m), m))
+    reused = sum(map(is_reused, records))
+    title = f"{len(records)} stored results" + (f" ({reused} rerun(s) on reused cached features, ↺)" if reused else "")
+    grid = Table(title=title, box=None, pad_edge=False, collapse_padding=True, header_style="bold underline")
+    for column in ("date", "model", "sha256", "data (train/test)", "patches", "agg", "space", *metrics):
+        fixed = {"date": 16, "sha256": 8}.get(column, len(column) if column in metrics else None)  # never shrink
+        grid.add_column(column, no_wrap=True, justify="right" if column in metrics else "left", min_width=fixed)
+    for record, r in zip(records, rows, strict=True):
+        patches = _patches_text(r) + (" ↺" if is_reused(record) else "")
+        data = f"{r['dataset']} {_count(r['n_train'])}/{_count(r['n_test'])}" + ("†" if is_subset(record) else "")
+        grid.add_row(
+            display_date(record),
+            str(r["model"]),
+            str(r["checkpoint_sha256"] or "")[:8],
+            data,
+            patches,
+            str(r["aggregation"]),
+            str(r["space"]),
+            *("—" if r.get(m) is None else f"{r[m]:.2f}" for m in metrics),
+        )
     return grid
+
+
+def _count(n: int | None) -> str:
+    """``50000`` -> ``50k`` (round thousands from ten thousand up), any other count exact."""
+    if n is None:
+        return "?"
+    return f"{n // 1000}k" if n >= 10_000 and n % 1000 == 0 else str(n)
+
+
+def _patches_text(row: dict) -> str:
+    """``central``, ``16 × 0.2`` (RandomResizedCrop boxes of that scale), ``25 sliding``, ``9 grid``."""
+    if row["mode"] == "central":
+        return "central"
+    if row["scale"] is not None:
+        return f"{row['representation']} × {row['scale']}"
+    return f"{row['representation']} {row['mode']}"
 
 
 # ---------------------------------------------------------------- patchbench check
@@ -177,7 +232,10 @@ def _results_table(rows: list[dict]) -> Table:
 @click.option("--report-dir", type=click.Path(file_okay=False), help="Write check.json, check.md, junit.xml.")
 @eval_options
 def check(baseline, minimums, tolerance, report_dir, as_json, nproc, **options) -> None:
-    """CI gate: evaluate, compare each metric with baseline - tolerance; exit 1 on a regression."""
+    """CI gate: evaluate and fail on a regression.
+
+    Compares each metric with baseline - tolerance; exit 1 on a regression.
+    """
     from ssl_patchbench.reporting.check import load_baselines, run_check, write_reports
 
     if nproc != 1:

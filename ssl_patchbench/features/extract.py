@@ -11,7 +11,6 @@ compiles once per slice size and the last batch of a chunk reuses those kernels.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ssl_patchbench.core.devices import exact_fp32
+from ssl_patchbench.core.devices import available_cores, exact_fp32
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.features.store import StoreWriter
@@ -211,7 +210,7 @@ class ImageSource:
             for indices in batches:
                 yield (indices, *self._slice(indices))
             return
-        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(max_workers=min(16, available_cores())) as pool:
             pending = pool.submit(self._decode, pool, batches[0]) if batches else None
             for i, indices in enumerate(batches):
                 uint8, sizes = pending.result()  # type: ignore[union-attr]

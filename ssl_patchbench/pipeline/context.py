@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ssl_patchbench.core.devices import resolve_device
+from ssl_patchbench.core.devices import resolve_device, use_available_cores
 from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.core.environment import environment
 from ssl_patchbench.core.errors import UserError
@@ -49,6 +49,8 @@ class RunContext:
         device = resolve_device(cfg.device)
         if device.type == "cuda" and ranks.active:
             device = torch.device("cuda", ranks.local_rank)
+        if device.type == "cpu":
+            use_available_cores()
         root = cfg.home or home()
         model = load_model(  # a ViT's readout (--pool, --last-blocks) lands in model.entry, so in zoo_entry
             cfg.model,

@@ -382,7 +382,7 @@ def save_solo_checkpoint(
         torch.save(payload, tmp)
 
 
-def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto") -> Path:
+def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto", reporter: Reporter | None = None) -> Path:
     """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained."""
     path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep.ckpt"
     if path.exists():
@@ -400,6 +400,6 @@ def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto") -> 
     )
     run_dir = Path(out_dir) / f".run_{epochs}ep"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier demo starts over
-    result = pretrain(cfg, run_dir, resume=False)
+    result = pretrain(cfg, run_dir, resume=False, reporter=reporter)
     os.replace(result.checkpoint, path)
     return path

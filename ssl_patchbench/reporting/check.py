@@ -23,6 +23,7 @@ from ssl_patchbench.results.records import (
     disagreements,
     metric_names,
     metric_value,
+    record_date,
     representation_key,
 )
 from ssl_patchbench.results.store import read_records
@@ -131,7 +132,7 @@ def results_baseline(path: Path, *, dataset: str) -> list[Expectation]:
         raise UserError(f"baseline {path} holds no {dataset} results")
     expectations = []
     for key, records in latest.items():
-        record = max(records, key=lambda r: str((r.get("environment") or {}).get("date") or ""))
+        record = max(records, key=record_date)
         source = f"{path.name} ({str(record.get('checkpoint_sha256'))[:8]})"
         for metric in metric_names(record):
             value = metric_value(record, metric)

@@ -14,19 +14,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ssl_patchbench.reporting.tables import (
+    SUBSET_MARK,
     UNBOUND,
     Binding,
     Cell,
     FilledTable,
     TableSpec,
     fill,
-    record_date,
     scale_pair,
 )
-from ssl_patchbench.results.records import aggregation_label
+from ssl_patchbench.results.records import aggregation_label, newest_first, record_date
 
 _PLACEHOLDER = re.compile(r"[^A-Za-z0-9]+")
-LEGEND = "Cells: ours / paper (ours - paper), top-1 %; [n]: notes and the commands that fill empty cells."
+LEGEND = (
+    f"Cells: ours / paper (ours - paper), top-1 %; {SUBSET_MARK}: measured on a subset of the dataset (sizes in its "
+    "note); [n]: notes and the commands that fill empty cells."
+)
 
 
 def build(
@@ -118,7 +121,7 @@ def _checkpoint_arg(selector: dict, binding: Binding, records: Sequence[dict], s
 
 def _data_args(dataset: str, records: Sequence[dict]) -> list[str]:
     """Reuse the data folder and per-class subset of the latest record on this dataset, so cells compare."""
-    latest = next((r for r in sorted(records, key=record_date, reverse=True) if r.get("dataset") == dataset), None)
+    latest = next((r for r in newest_first(records) if r.get("dataset") == dataset), None)
     data = (latest or {}).get("data") or {}
     root = (data.get("train") or {}).get("root")
     args = ["--data-dir", str(Path(root).parent) if root and Path(root).is_dir() else f"{dataset.upper()}_DIR"]
@@ -206,7 +209,13 @@ def _latex_table(table: FilledTable, paper_only: bool) -> str:
 
 
 _TEX = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}"}
-_TEX |= {"^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "—": "---", "⚠": r"(!)"}
+_TEX |= {
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+    "—": "---",
+    "⚠": r"(!)",
+    SUBSET_MARK: r"\textsuperscript{\dag}",
+}
 
 
 def _tex(text: str) -> str:
@@ -228,7 +237,8 @@ def cell_dict(table: FilledTable, cell: Cell, *, paper_only: bool = False) -> di
         "checkpoint_sha256": latest.get("checkpoint_sha256"),
         "n_train": latest.get("n_train"),
         "n_test": latest.get("n_test"),
-        "date": (latest.get("environment") or {}).get("date"),
+        "subset": cell.subset,
+        "date": record_date(latest) or None,
         "sources": sorted({str(r.get("_source")) for r in cell.records if r.get("_source")}),
         "conflicts": cell.conflicts.get("numbers", []),
         "environment_differs": cell.conflicts.get("environment", []),

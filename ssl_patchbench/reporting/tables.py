@@ -16,7 +16,15 @@ import yaml
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import file_sha256
-from ssl_patchbench.results.records import aggregation_label, disagreements, metric_value
+from ssl_patchbench.results.records import (
+    aggregation_label,
+    disagreements,
+    drop_reused_duplicates,
+    is_subset,
+    metric_value,
+    record_date,
+    subset_note,
+)
 
 SPEC_FILE = Path(__file__).with_name("paper_tables.yaml")
 SELECT_KEYS = frozenset(
@@ -24,6 +32,7 @@ SELECT_KEYS = frozenset(
     | {"aggregation", "space", "metric"}
 )
 UNBOUND = ("required", "given")  # checkpoint values that name no weights
+SUBSET_MARK = "†"  # on a cell whose record was measured on less than the dataset's full standard split
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class Cell:
     conflicts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     command: str | None = None
+    subset: bool = False
 
     @property
     def diff(self) -> float | None:
@@ -92,7 +102,7 @@ class Cell:
         """``ours / paper (ours - paper)`` with footnote numbers; ``--paper``: the paper's number alone."""
         if paper_only:
             return "—" if self.paper is None else f"{self.paper:.1f}"
-        ours = "—" if self.ours is None else f"{self.ours:.2f}"
+        ours = "—" if self.ours is None else f"{self.ours:.2f}" + (SUBSET_MARK if self.subset else "")
         text = ours if self.paper is None else f"{ours} / {self.paper:.1f}"
         if self.diff is not None:
             text += f" ({self.diff:+.2f})"
@@ -312,7 +322,7 @@ def fill(spec: TableSpec, records: Sequence[dict], bindings: dict[str, Binding])
 
 
 def _fill_cell(cell: Cell, records: Sequence[dict], binding: Binding) -> None:
-    found = sorted((r for r in records if matches(r, cell.selector)), key=record_date)
+    found, _ = drop_reused_duplicates(sorted((r for r in records if matches(r, cell.selector)), key=record_date))
     if binding.note:
         cell.notes.append(binding.note)
     if not found:
@@ -327,24 +337,10 @@ def _fill_cell(cell: Cell, records: Sequence[dict], binding: Binding) -> None:
     values = [metric_value(r, cell.selector["metric"]) or 0.0 for r in found]
     if not cell.conflicts["numbers"] and max(values) - min(values) > 0.1:
         cell.notes.append(f"⚠ repeated runs differ by {max(values) - min(values):.2f} points; the latest is shown")
-    subset = _subset(found[-1])
-    if subset:
-        cell.notes.append(subset)
-
-
-def record_date(record: dict) -> str:
-    return str((record.get("environment") or {}).get("date") or "")
-
-
-def _subset(record: dict) -> str | None:
-    data = record.get("data") or {}
-    per = {s: (data.get(s) or {}).get("per_class") for s in ("train", "test")}
-    if per["train"] is None and per["test"] is None:
-        return None
-    sizes = {
-        s: f"{per[s]}/class (n={record.get('n_' + s)})" if per[s] else f"all (n={record.get('n_' + s)})" for s in per
-    }
-    return f"{record.get('dataset')} subset: train {sizes['train']}, test {sizes['test']}"
+    note = subset_note(found[-1])
+    if note:
+        cell.subset = is_subset(found[-1])
+        cell.notes.append((f"{SUBSET_MARK} " if cell.subset else "") + note)
 
 
 def _note_mixed_checkpoints(cells: list[Cell]) -> None:

@@ -1,13 +1,17 @@
-"""Typed access to results records: which fields change the numbers, metrics, flat rows, filters, export.
+"""Typed access to results records: which fields change the numbers, dates, metrics, flat rows, filters, which
+records may share a table or a curve, export.
 
-Every reader of records (tables, the CI gate, figures, the report, ``patchbench results``) goes through here.
+Every reader of records (tables, the CI gate, figures, the report, ``patchbench results``) goes through here, so
+they all agree on what a record measured and on which records must not be compared.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssl_patchbench.core.errors import UserError
@@ -55,6 +59,38 @@ def read_many(paths: Iterable[Path]) -> list[dict]:
         for record in read_records(Path(path)):
             records.append({**record, "_source": str(path)})
     return records
+
+
+def record_date(record: dict) -> str:
+    """When a record was measured (ISO 8601 text, sortable; empty when unknown)."""
+    return str((record.get("environment") or {}).get("date") or "")
+
+
+def display_date(record: dict) -> str:
+    """``2026-12-01 19:24`` (UTC, as recorded): the whole date and the minute, for tables people read."""
+    return record_date(record)[:16].replace("T", " ")
+
+
+def newest_first(records: Iterable[dict]) -> list[dict]:
+    """``records`` from the newest to the oldest (the order of the file for equal dates)."""
+    return sorted(records, key=record_date, reverse=True)
+
+
+def is_reused(record: dict) -> bool:
+    """Whether a record was computed from features all reused from an earlier run (not a new measurement)."""
+    return record.get("reused_features") is True
+
+
+def drop_reused_duplicates(records: Sequence[dict]) -> tuple[list[dict], int]:
+    """``records`` without the reruns on reused features that another record already measured, and how many
+    were dropped: the same features under the same protocol give the same numbers, so they count once."""
+    measured = {_measurement(r) for r in records if not is_reused(r)}
+    kept = [r for r in records if not (is_reused(r) and _measurement(r) in measured)]
+    return kept, len(records) - len(kept)
+
+
+def _measurement(record: dict) -> str:
+    return json.dumps([representation_key(record), provenance(record)], sort_keys=True, default=str)
 
 
 def metric_value(record: dict, metric: str) -> float | None:
@@ -112,7 +148,7 @@ def provenance(record: dict) -> dict[str, object]:
         picked["zoo_entry"] = {k: v for k, v in picked["zoo_entry"].items() if k not in DESCRIPTIVE_ZOO_FIELDS}
     if isinstance(picked.get("data"), dict):  # where the files were is not what they are
         picked["data"] = {s: {k: v for k, v in (d or {}).items() if k != "root"} for s, d in picked["data"].items()}
-    return _dotted(picked)
+    return dotted(picked)
 
 
 def measured_with(record: dict) -> dict[str, object]:
@@ -133,6 +169,128 @@ def disagreements(records: list[dict]) -> dict[str, list[str]]:
     }
 
 
+# ---------------------------------------------------------------- which records may be compared
+
+# What two records must agree on to share a curve, a table or a figure; each aspect names record fields.
+ASPECTS = {
+    "checkpoint": ("checkpoint_sha256", "zoo_entry"),
+    "data": ("dataset", "data", "n_train", "n_test"),
+    "protocol": ("precision", "store_dtype", "seed", "protocol"),
+}
+# The full standard splits (train, test images) of the datasets patchbench opens by name.
+FULL_SPLITS = {
+    "cifar10": (50_000, 10_000),
+    "cifar100": (50_000, 10_000),
+    "stl10": (5_000, 8_000),
+    "imagenet": (1_281_167, 50_000),
+    "imagenet100": (126_689, 5_000),
+    "imagenette": (9_469, 3_925),
+}
+
+
+@dataclass
+class Comparable:
+    """The records that agree with a reference on the asked aspects, and a note for each kind left out."""
+
+    kept: list[dict]
+    left_out: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def comparable(records: Sequence[dict], aspects: Sequence[str], *, what: str = "the rest") -> Comparable:
+    """Split ``records`` into those agreeing on every aspect with a reference and those left out, with one
+    sentence per reason (``what`` names the records kept, e.g. ``the curve of scale 0.2``).
+
+    The reference is a record of the largest group that agrees exactly (the newest one on a tie), so a stray run
+    on another subset is what is left out, not the bulk of the results.
+    """
+    if not records:
+        return Comparable([])
+    flat = [provenance(r) for r in records]
+    keys = [_aspect_key(f, aspects) for f in flat]
+    counts = Counter(keys)
+    best = max(range(len(records)), key=lambda i: (counts[keys[i]], record_date(records[i]), i))
+    reference, reference_flat = records[best], flat[best]
+    kept: list[dict] = []
+    out: dict[str, list[dict]] = {}
+    for record, record_flat in zip(records, flat, strict=True):
+        differ = _by_aspect(_differing([reference_flat, record_flat]), aspects)
+        if differ:
+            out.setdefault(_reason(reference, record, differ), []).append(record)
+        else:
+            kept.append(record)
+    notes = [f"{_records(len(left))} left out: {reason}, unlike {what}" for reason, left in out.items()]
+    return Comparable(kept, [r for left in out.values() for r in left], notes)
+
+
+def _records(n: int) -> str:
+    return f"{n} record" + ("s" if n != 1 else "")
+
+
+def _aspect_key(flat: dict[str, object], aspects: Sequence[str]) -> str:
+    fields = {k: v for k, v in flat.items() if k.split(".")[0] in _aspect_fields(aspects)}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+def _aspect_fields(aspects: Sequence[str]) -> set[str]:
+    return {name for aspect in aspects for name in ASPECTS[aspect]}
+
+
+def _by_aspect(fields: list[str], aspects: Sequence[str]) -> dict[str, list[str]]:
+    """Aspect -> the differing dotted fields that belong to it (aspects without any left out)."""
+    out = {}
+    for aspect in aspects:
+        found = [f for f in fields if f.split(".")[0] in ASPECTS[aspect]]
+        if found:
+            out[aspect] = found
+    return out
+
+
+def _reason(reference: dict, record: dict, differ: dict[str, list[str]]) -> str:
+    parts = []
+    if "checkpoint" in differ:
+        sha = str(record.get("checkpoint_sha256") or "?")[:8]
+        parts.append(f"checkpoint {sha}" if "checkpoint_sha256" in differ["checkpoint"] else "another zoo entry")
+    if "data" in differ:
+        mine, theirs = data_sizes(record), data_sizes(reference)
+        parts.append(f"measured on {mine}" if mine != theirs else "measured on other image files")
+    if "protocol" in differ:
+        parts.append(f"another protocol ({', '.join(differ['protocol'])})")
+    return "; ".join(parts)
+
+
+def data_sizes(record: dict) -> str:
+    """``cifar10, train 1,000 / test 1,000 images`` (per class when the run took a per-class subset)."""
+    data = record.get("data") or {}
+    parts = []
+    for split in ("train", "test"):
+        n, per_class = record.get(f"n_{split}"), (data.get(split) or {}).get("per_class")
+        count = "?" if n is None else f"{n:,}"
+        parts.append(f"{split} {count}" + (f" ({per_class}/class)" if per_class else ""))
+    return f"{record.get('dataset')}, {' / '.join(parts)} images"
+
+
+def subset_note(record: dict) -> str | None:
+    """A sentence when ``record`` was not measured on its dataset's full standard split, else None.
+
+    A per-class subset, or sizes unlike the standard split (a folder written by ``materialize.py --per-class``),
+    are subsets; a dataset without a known standard split states its sizes.
+    """
+    full = FULL_SPLITS.get(str(record.get("dataset")))
+    data = record.get("data") or {}
+    per_class = any((data.get(s) or {}).get("per_class") for s in ("train", "test"))
+    if full is None:
+        return f"measured on {data_sizes(record)} (no standard split known)"
+    if not per_class and (record.get("n_train"), record.get("n_test")) == full:
+        return None
+    return f"subset: measured on {data_sizes(record)}; the full split is {full[0]:,} / {full[1]:,}"
+
+
+def is_subset(record: dict) -> bool:
+    """Whether ``record`` was measured on less (or other) than its dataset's full standard split."""
+    return str(record.get("dataset")) in FULL_SPLITS and subset_note(record) is not None
+
+
 def _differing(flat: list[dict[str, object]]) -> list[str]:
     keys = sorted({k for f in flat for k in f})
     differing = []
@@ -143,13 +301,12 @@ def _differing(flat: list[dict[str, object]]) -> list[str]:
     return differing
 
 
-def _dotted(value: object, prefix: str = "") -> dict[str, object]:
-    if isinstance(value, dict) and value:
-        out: dict[str, object] = {}
-        for key, inner in value.items():
-            out.update(_dotted(inner, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: value}
+def dotted(value: dict) -> dict[str, object]:
+    """Nested mappings as one flat mapping with dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); lists stay
+    values and an empty mapping holds no field."""
+    import pandas as pd
+
+    return pd.json_normalize(value, sep=".").to_dict(orient="records")[0] if value else {}
 
 
 def flatten(record: dict) -> dict:
@@ -177,6 +334,7 @@ def flatten(record: dict) -> dict:
         "readout": readout_label(record),
         "seed": record.get("seed"),
         "precision": record.get("precision"),
+        "reused_features": is_reused(record),
     }
     for name in ("knn@20", "knn@200", "linear"):
         row[name] = metric_value(record, name)
@@ -223,11 +381,13 @@ def select_records(
 ) -> list[dict]:
     """Records matching every criterion given: ``checkpoint`` is a sha256 prefix, ``protocol`` an evaluator
     (``knn``, ``linear``) or a metric (``knn@200``) the record measured."""
-    wanted = {"model": model, "dataset": dataset, "representation": representation, "space": space}
+    wanted = {"model": model, "dataset": dataset, "representation": representation}
     agg = aggregation_label(aggregation) if aggregation else None
     kept = []
     for record in records:
         if any(v is not None and str(record.get(k)) != v for k, v in wanted.items()):
+            continue
+        if space and record.get("space", "embedding") != space:  # records from before projections: embedding
             continue
         if agg and aggregation_label(str(record.get("aggregation", "mean"))) != agg:
             continue
