@@ -98,7 +98,7 @@ def extract(
                 progress(len(batch), len(batch) * spec.num_patches)
         for agg, writer in writers.items():
             if chunk in writer.pending_chunks():
-                writer.write_chunk(chunk, torch.cat(rows[agg]).cpu().numpy().astype(writer.features.dtype))
+                writer.write_chunk(chunk, torch.cat(rows[agg]).float().cpu().numpy())  # cast after its checks
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -42,7 +42,8 @@ def load_model(
     if entry.source.timm_pretrained and checkpoint is None:
         return _load_timm_pretrained(entry)
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
-    state = _find_state_dict(load_file(path, trust_pickle=trust_pickle), entry.weights.containers, path)
+    loaded = load_file(path, trust_pickle=trust_pickle)
+    state = _find_state_dict(loaded, entry.weights.containers, path, quantized=entry.quantized)
     backbone_sd, projector_sd = _split(state, entry.weights)
     backbone, dim = build_backbone(entry.arch, stem=entry.stem)
     _load_strict(backbone, backbone_sd, entry.weights.allow_missing, what=f"`{name}` backbone")
@@ -90,8 +91,12 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None, cache_dir: Path) ->
     return path, digest, entry.source.url
 
 
-def _find_state_dict(obj: object, containers: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded file (first container key present), floats cast to float32."""
+def _find_state_dict(
+    obj: object, containers: tuple[str, ...], path: Path, *, quantized: bool = False
+) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded file (first container key present), floats cast to float32.
+
+    Torch-quantized tensors are dequantized when the entry says ``quantized: true`` and refused otherwise."""
     found = next((obj[key] for key in containers if isinstance(obj, dict) and key in obj), None)
     if containers and found is None:
         raise UserError(
@@ -103,7 +108,26 @@ def _find_state_dict(obj: object, containers: tuple[str, ...], path: Path) -> di
         raise UserError(
             f"{path} is not a state dict ({_describe(state)}): check that it is the right checkpoint for this model"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    stray = next((k for k in state if not isinstance(k, str)), None)
+    if stray is not None:
+        raise UserError(
+            f"{path} is not a state dict: key {stray!r} is a {type(stray).__name__}, not a parameter name; "
+            "check that it is the right checkpoint for this model"
+        )
+    packed = next((k for k, v in state.items() if v.is_quantized), None)
+    if packed is not None and not quantized:
+        raise UserError(
+            f"{path} holds quantized weights ('{packed}' is {state[packed].dtype}): set quantized: true in the "
+            "model's zoo entry to evaluate them dequantized, or use the float checkpoint"
+        )
+    return {k: _as_float(v) for k, v in state.items()}
+
+
+def _as_float(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for floating and quantized tensors; integer ones (counters, or weights refused later) as they are."""
+    if tensor.is_quantized:
+        return tensor.dequantize().float()
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _describe(obj: object) -> str:
@@ -170,6 +194,11 @@ def _load_strict(
             "use the zoo entry whose arch matches the checkpoint"
         )
     for key, value in state.items():
+        if expected[key].is_floating_point() and not value.is_floating_point():
+            raise UserError(
+                f"{what} key '{key}' holds {value.dtype} values where the model has float weights (an integer or "
+                "quantized export without its scales would give chance accuracy): use the float checkpoint"
+            )
         if value.shape != expected[key].shape:
             raise UserError(
                 f"{what} key '{key}' has shape {tuple(value.shape)} in the checkpoint but "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import types
@@ -17,9 +18,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ssl_patchbench.core.errors import UserError, did_you_mean
+from ssl_patchbench.core.yamlfile import read_yaml
 from ssl_patchbench.models.sources import cache_path
 
 ZOO_FILE = Path(__file__).with_name("model_zoo.yaml")
@@ -29,6 +29,9 @@ TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 TINY_ARCH = "tiny_cnn"
 TIMM_PREFIX = "timm:"
 STEMS = ("imagenet", "cifar", "tf_same")
+INPUT_SIZES = (8, 1024)  # px: what a zoo entry's model may take (ViTs at 518 px included)
+MAX_RESIZE = 2048
+MAX_WIDTH = 65536  # projector layers
 
 
 def check_arch(arch: str, stem: str = "imagenet") -> None:
@@ -106,6 +109,7 @@ class ZooEntry:
     references: dict[str, float] = field(default_factory=dict)
     license: str | None = None
     needs_checkpoint: bool = False
+    quantized: bool = False  # the file holds torch-quantized tensors (qint8, ...): dequantized to float32 on load
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view, hashed into store keys."""
@@ -142,10 +146,7 @@ def _registry(extra: str | None) -> dict[str, ZooEntry]:
 
 def _parse_file(path: Path) -> list[ZooEntry]:
     """Entries of one zoo file: a top-level `models:` list of mappings."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read zoo file {path} ({str(err).splitlines()[0]}): fix or remove it") from err
+    data = read_yaml(path, "zoo file ")  # size-bounded, alias bombs refused
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise UserError(f"{path}: expected a top-level 'models:' list of entries")
     return [_parse_entry(item, path) for item in data["models"]]
@@ -155,7 +156,7 @@ def _parse_entry(item: object, path: Path) -> ZooEntry:
     """One validated entry; errors name the file, the entry and the field."""
     name = item.get("name") if isinstance(item, dict) else None
     if not isinstance(name, str):
-        raise UserError(f"{path}: every entry needs a 'name' string (got {str(item)[:60]})")
+        raise UserError(f"{path}: every entry needs a 'name' string (got {_short(item)})")
     where = f"{path}: entry '{name}'"
     entry = _build(ZooEntry, item, where, "")
     _validate(entry, where)
@@ -195,12 +196,18 @@ def _coerce(value: object, tp: Any, where: str, name: str) -> Any:
             return tuple(_coerce(v, t, where, f"{name}[{i}]") for i, (v, t) in pairs)
     elif origin is dict and isinstance(value, dict):
         return {_coerce(k, args[0], where, name): _coerce(v, args[1], where, f"{name}.{k}") for k, v in value.items()}
-    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     elif tp in (str, int, bool) and type(value) is tp:
         return value
-    expected = tp.__name__ if tp in (str, int, float, bool) else str(tp)
-    raise UserError(f"{where}, field '{name}': expected {expected}, got {value!r}")
+    expected = {float: "a finite number"}.get(tp) or (tp.__name__ if tp in (str, int, bool) else str(tp))
+    raise UserError(f"{where}, field '{name}': expected {expected}, got {_short(value)}")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate(e: ZooEntry, where: str) -> None:
@@ -235,16 +242,28 @@ def _validate(e: ZooEntry, where: str) -> None:
         (not src.timm_pretrained or e.arch.startswith("timm:"), "source.timm_pretrained", "needs a timm:<name> arch"),
         (pre.interpolation in INTERPOLATIONS, "preprocessing.interpolation", f"use one of {INTERPOLATIONS}"),
         (
-            pre.input_size > 0 and (pre.resize is None or pre.resize >= pre.input_size),
-            "preprocessing.resize",
-            "expected input_size > 0 and resize >= input_size (or null)",
+            INPUT_SIZES[0] <= pre.input_size <= INPUT_SIZES[1],
+            "preprocessing.input_size",
+            f"expected {INPUT_SIZES[0]} to {INPUT_SIZES[1]} px, got {pre.input_size}",
         ),
+        (
+            pre.resize is None or pre.input_size <= pre.resize <= MAX_RESIZE,
+            "preprocessing.resize",
+            f"expected input_size <= resize <= {MAX_RESIZE} px (or null), got {pre.resize}",
+        ),
+        (all(0 <= m <= 1 for m in pre.mean), "preprocessing.mean", "expected values in [0, 1] (of [0, 1] pixels)"),
+        (all(0 < s <= 1 for s in pre.std), "preprocessing.std", "expected values in (0, 1] (of [0, 1] pixels)"),
         (0 < e.pretrain_scale[0] <= e.pretrain_scale[1] <= 1, "pretrain_scale", "expected 0 < min <= max <= 1"),
         (0 < e.pretrain_ratio[0] <= e.pretrain_ratio[1], "pretrain_ratio", "expected 0 < min <= max"),
         (
-            e.projector is None or (e.projector and min(e.projector) > 0),
+            e.projector is None or (e.projector and min(e.projector) > 0 and max(e.projector) <= MAX_WIDTH),
             "projector",
-            "expected a non-empty list of positive widths, or null",
+            f"expected a non-empty list of widths from 1 to {MAX_WIDTH}, or null",
+        ),
+        (
+            all(0 <= v <= 100 for v in e.references.values()),
+            "references",
+            "expected accuracies in % (0 to 100)",
         ),
     ]
     for ok, fld, fix in checks:
