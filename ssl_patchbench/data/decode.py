@@ -74,7 +74,7 @@ def _to_rgb(im: Image.Image, path: str) -> np.ndarray:
         return np.repeat(grey[..., None], 3, axis=-1)
     if im.mode in ("I", "I;16S", "I;32", "I;32S"):
         raise UserError(
-            f"image {shown(path)} is a {im.mode} (32-bit integer) image: patchbench cannot map it to 8 bits "
-            "faithfully; convert the file to 8-bit"
+            f"image {shown(path)} holds signed or 32-bit integers (Pillow mode {im.mode}): patchbench cannot map "
+            "them to 8 bits faithfully; convert the file to 8-bit"
         )
     return np.asarray(im.convert("RGB"))

@@ -95,7 +95,7 @@ def check_storable(rows: np.ndarray, dtype: np.dtype, what: str) -> None:
         )
     info = np.finfo(dtype)
     peak = float(np.abs(values).max(initial=0.0))
-    if peak > info.max:
+    if peak > float(info.max):
         raise UserError(
             f"{what} reach {peak:.3g}, beyond {info.dtype}'s range (±{info.max:.5g}): rerun with --store-dtype float32"
         )

@@ -111,7 +111,7 @@ def _find_state_dict(
     stray = next((k for k in state if not isinstance(k, str)), None)
     if stray is not None:
         raise UserError(
-            f"{path} is not a state dict: key {stray!r} is a {type(stray).__name__}, not a parameter name; "
+            f"{path} is not a state dict: key {stray!r} (of type {type(stray).__name__}) is not a parameter name; "
             "check that it is the right checkpoint for this model"
         )
     packed = next((k for k, v in state.items() if v.is_quantized), None)
