@@ -177,7 +177,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("scale range reversed", lambda c: [*c.tiny(), "--patch-scale", "0.5,0.2"], "patch scale must satisfy"),
     ("scale not a number", lambda c: [*c.tiny(), "--patch-scale", "big"], "'--patch-scale': takes a number or a pair"),
     ("scale with three numbers", lambda c: [*c.tiny(), "--patch-scale", "0.1,0.2,0.3"], "takes a number or a pair"),
-    ("negative seed", lambda c: [*c.tiny(), "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+    ("negative seed", lambda c: [*c.tiny(), "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x"),
     ("zero kNN k", lambda c: [*c.tiny(), "--knn-k", "0"], "'--knn-k': takes positive integers"),
     ("zero temperature", lambda c: [*c.tiny(), "--temperature", "0"], "'--temperature': 0.0 is not in the range x>0.0"),
     ("unknown evaluator", lambda c: [*c.tiny(), "--eval", "svm"], "unknown evaluator 'svm'"),

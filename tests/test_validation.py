@@ -305,7 +305,7 @@ def test_check_refuses_another_model_or_protocol_and_notes_subsets_in_one_senten
     expectation = results_baseline(path, dataset="cifar10", model="resnet18_cifar")[0]
     hotter = record()
     hotter["protocol"] = {**hotter["protocol"], "knn": {**hotter["protocol"]["knn"], "temperature": 0.5}}
-    with pytest.raises(UserError, match="another kNN temperature"):
+    with pytest.raises(UserError, match=r"another experiment: kNN temperature 0\.07, this run 0\.5;"):
         _compare(hotter, 50.0, expectation, 0.2)
     smaller = record(n_train=20, n_test=10, seed=3)
     smaller["data"] = {s: {**d, "n": d["n"] // 10, "per_class": 2} for s, d in smaller["data"].items()}

@@ -14,15 +14,20 @@ Pillow's ``convert("RGB")`` (palette, grey, CMYK; alpha is dropped). File names 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
 
-MAX_PIXELS = 8192 * 8192  # below Pillow's own bomb limit, so Pillow never warns or raises first
+MAX_PIXELS = 8192 * 8192
+# Pillow's own guard is set to the same limit (it raises beyond twice the limit, while opening the file) and its
+# warning silenced: every image above the limit is refused here with one message, whichever check sees it first.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
-_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -33,10 +38,15 @@ def shown(path: str | os.PathLike) -> str:
 def check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
     """Refuse an image of more than ``MAX_PIXELS`` pixels before it is decoded (every decoder calls this)."""
     if width * height > MAX_PIXELS:
-        raise UserError(
-            f"image {shown(path)} is {width}x{height} px, more than the {MAX_PIXELS:,} pixels patchbench decodes "
-            "(a decompression bomb or a huge scan): downscale it or remove it"
-        )
+        raise _too_large(path, f"{width}x{height} px")
+
+
+def _too_large(path: str | os.PathLike, size: str | None) -> UserError:
+    has = f"is {size}, more than" if size else "has more than"
+    return UserError(
+        f"image {shown(path)} {has} the {MAX_PIXELS:,} pixels patchbench decodes "
+        "(a decompression bomb or a huge scan): downscale it or remove it"
+    )
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -45,6 +55,8 @@ def image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             check_pixels(path, *im.size)
             return im.height, im.width
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None) from exc
     except _UNREADABLE as exc:
         raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
 
@@ -55,6 +67,8 @@ def decode(path: str) -> np.ndarray:
         with Image.open(path) as im:
             check_pixels(path, *im.size)
             return _to_rgb(im, path)
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None) from exc
     except _UNREADABLE as exc:
         raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
 
