@@ -247,6 +247,15 @@ def test_integer_weights_and_odd_state_dicts_are_refused(capsys, monkeypatch, ct
         _find_state_dict({3: torch.zeros(1), "a": torch.zeros(1)}, (), Path("x.ckpt"))
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch deprecates quantized tensors
+def test_quantized_tensors_load_only_when_the_entry_says_so():
+    packed = torch.quantize_per_tensor(torch.randn(3, 4), 0.05, 0, torch.qint8)
+    with pytest.raises(UserError, match="set quantized: true"):
+        _find_state_dict({"w": packed}, (), Path("q.ckpt"))
+    loaded = _find_state_dict({"w": packed}, (), Path("q.ckpt"), quantized=True)["w"]
+    assert loaded.dtype == torch.float32 and torch.equal(loaded, packed.int_repr().float() * 0.05)
+
+
 def _entry_without_containers() -> bytes:
     entry = json.loads(json.dumps(registry.get_entry("tiny_cifar").to_dict()))
     entry.update(name="mine", weights={"allow_missing": list(entry["weights"]["allow_missing"])})
