@@ -161,7 +161,8 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
         raise UserError(f"{shown(folder)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     other = "test" if split == "train" else "train"
     if _has_split(root, other):  # pretraining may read a tree that holds a train split only
-        _check_same_classes({split: (folder, set(classes)), other: _classes_with_images(_split_dir(root, other))})
+        other_folder = _split_dir(root, other)
+        _check_same_classes(folder, set(classes), other_folder, _classes_with_images(other_folder))
     paths = [path for cls in classes for path in by_class[cls]]
     labels = [label for label, cls in enumerate(classes) for _ in by_class[cls]]
     relative = "\n".join(os.path.relpath(p, folder) for p in paths)
@@ -189,21 +190,18 @@ def _class_images(folder: Path) -> dict[str, list[str]]:
     return {cls: sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p)) for cls in classes}
 
 
-def _classes_with_images(folder: Path) -> tuple[Path, set[str]]:
-    """``folder`` and the names of its class folders that hold at least one image (stops at the first)."""
-    found = {p.name for p in folder.iterdir() if p.is_dir() and any(_is_image(f) for f in p.rglob("*"))}
-    return folder, found
+def _classes_with_images(folder: Path) -> set[str]:
+    """The names of ``folder``'s class folders that hold at least one image (each search stops at the first)."""
+    return {p.name for p in folder.iterdir() if p.is_dir() and any(_is_image(f) for f in p.rglob("*"))}
 
 
-def _check_same_classes(splits: dict[str, tuple[Path, set[str]]]) -> None:
+def _check_same_classes(folder: Path, names: set[str], other: Path, other_names: set[str]) -> None:
     """Refuse splits whose classes differ: a class with images in one split only is named."""
-    (a, (folder_a, names_a)), (b, (folder_b, names_b)) = splits.items()
-    for split, folder, only in ((a, folder_a, names_a - names_b), (b, folder_b, names_b - names_a)):
+    for here, there, only in ((folder, other, names - other_names), (other, folder, other_names - names)):
         if only:
             listed = ", ".join(repr(shown(c)) for c in sorted(only)[:5]) + (" ..." if len(only) > 5 else "")
-            other = folder_b if split == a else folder_a
             raise UserError(
-                f"class {listed} has images in {shown(folder)} but none in {shown(other)}: both splits must hold "
+                f"class {listed} has images in {shown(here)} but none in {shown(there)}: both splits must hold "
                 "the same classes (add the images or remove the class folder)"
             )
 

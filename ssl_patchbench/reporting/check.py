@@ -34,7 +34,6 @@ _REFUSED = {
     "zoo_entry.arch": "architecture",
     "zoo_entry.stem": "stem",
     "zoo_entry.preprocessing.": "preprocessing",
-    "zoo_entry.weights.": "weights layout",
     "protocol.knn.temperature": "kNN temperature",
     "protocol.knn.weighted": "kNN voting",
     "protocol.linear.": "linear probe",
