@@ -13,6 +13,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,28 @@ def _broken_zoo(ctx: Ctx) -> list[str]:
     return ctx.tiny()
 
 
+def _alias_bomb(ctx: Ctx) -> list[str]:
+    """324 bytes of YAML whose aliases expand to 9**9 items."""
+    text = 'a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+    text += "".join(f"{c}: &{c} [" + ",".join([f"*{chr(ord(c) - 1)}"] * 9) + "]\n" for c in "bcdefghi")
+    ctx.monkeypatch.setenv("PATCHBENCH_ZOO", str(ctx.file("bomb.yaml", text.encode())))
+    return ctx.tiny()
+
+
+def _string_keys_only(ctx: Ctx) -> Path:
+    path = ctx.tmp / "intkey.ckpt"
+    state = torch.load(ctx.ckpt, weights_only=True)
+    torch.save({**state, "state_dict": {**state["state_dict"], 3: torch.zeros(1)}}, path)
+    return path
+
+
+def _test_split_lacking_a_class(ctx: Ctx) -> list[str]:
+    tree = ctx.tmp / "lacking"
+    shutil.copytree(ctx.data, tree)
+    shutil.rmtree(tree / "test" / "airplane")
+    return [*ctx.tiny(), "--dataset", "folder", "--data-dir", str(tree)]
+
+
 def _empty_dir(ctx: Ctx) -> str:
     (ctx.tmp / "empty").mkdir(exist_ok=True)
     return str(ctx.tmp / "empty")
@@ -183,9 +206,13 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("scale range reversed", lambda c: [*c.tiny(), "--patch-scale", "0.5,0.2"], "patch scale must satisfy"),
     ("scale not a number", lambda c: [*c.tiny(), "--patch-scale", "big"], "'--patch-scale': takes a number or a pair"),
     ("scale with three numbers", lambda c: [*c.tiny(), "--patch-scale", "0.1,0.2,0.3"], "takes a number or a pair"),
-    ("negative seed", lambda c: [*c.tiny(), "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range x>=0"),
+    ("negative seed", lambda c: [*c.tiny(), "--seed", "-1"], "Invalid value for '--seed': -1 is not in the range 0<=x"),
     ("zero kNN k", lambda c: [*c.tiny(), "--knn-k", "0"], "'--knn-k': takes positive integers"),
     ("zero temperature", lambda c: [*c.tiny(), "--temperature", "0"], "'--temperature': 0.0 is not in the range x>0.0"),
+    ("temperature not a number", lambda c: [*c.tiny(), "--temperature", "nan"], "'nan' is not a finite number"),
+    ("empty representation list", lambda c: [*c.tiny(), "--aggregate", ""], "--aggregate is empty"),
+    ("unknown store dtype", lambda c: [*c.tiny(), "--store-dtype", "int8"], "'int8' is not one of"),
+    ("seed beyond 64 bits", lambda c: [*c.tiny(), "--seed", str(2**64)], "not in the range 0<=x<=18446744073709551615"),
     ("unknown evaluator", lambda c: [*c.tiny(), "--eval", "svm"], "unknown evaluator 'svm'"),
     ("unknown aggregation", lambda c: [*c.tiny(), "--aggregate", "max"], "unknown aggregation 'max'"),
     ("unknown compile setting", lambda c: [*c.tiny(), "--compile", "yes"], "Invalid value for '--compile': 'yes'"),
@@ -203,6 +230,12 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
         "entry 'mine', field 'source.url'",
     ),
     ("zoo file not YAML", _broken_zoo, "cannot read zoo file"),
+    ("zoo file: alias bomb", _alias_bomb, "its aliases expand to more than 200,000 YAML nodes (an alias bomb?)"),
+    (
+        "zoo entry: input size out of range",
+        lambda c: c.zoo(preprocessing={**get_entry("tiny_cifar").to_dict()["preprocessing"], "input_size": 10**6}),
+        "field 'preprocessing.input_size': expected 8 to 1024 px, got 1000000",
+    ),
     ("checkpoint missing", lambda c: c.tiny(c.tmp / "nope.ckpt"), "checkpoint not found"),
     ("checkpoint truncated", lambda c: c.tiny(_bad_checkpoint(c, "truncated")), "is truncated or corrupt"),
     ("checkpoint corrupt", lambda c: c.tiny(_bad_checkpoint(c, "garbage")), "is truncated or corrupt"),
@@ -223,7 +256,9 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
         lambda c: c.tiny("https://host/../../../etc/x.pth"),
         "refusing https://host/../../../etc/x.pth",
     ),
+    ("state dict with a non-string key", lambda c: c.tiny(_string_keys_only(c)), "key 3 (of type int) is not a"),
     ("weights of another architecture", _wrong_arch, "weights do not fit the architecture"),
+    ("classes differ between splits", _test_split_lacking_a_class, "class 'airplane' has images in"),
     ("unknown device", lambda c: [*c.tiny(), "--device", "tpu"], "unknown device 'tpu'"),
     (
         "cache folder below a regular file",

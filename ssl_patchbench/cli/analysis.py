@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ssl_patchbench.cli.common import progress, split_csv, stderr
+from ssl_patchbench.cli.common import POSITIVE, SEED, out_dir, out_file, progress, split_csv, stderr
 from ssl_patchbench.core.errors import UserError
 
 _CHECKPOINT_HELP = "Checkpoint path or URL; overrides the zoo source."
@@ -32,9 +32,14 @@ def _model_options(func):
         ),
         click.option("--space", default="auto", show_default=True, help="embedding, projection, or both (auto)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (always float32)."),
-        click.option("--max-patches", type=int, help="Patches per forward pass (default: from the device)."),
+        click.option("--max-patches", type=POSITIVE, help="Patches per forward pass (default: from the device)."),
         click.option(
-            "--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True, help=_OUT_HELP
+            "--out",
+            type=click.Path(file_okay=False),
+            default="patchbench_analysis",
+            show_default=True,
+            callback=out_dir,
+            help=_OUT_HELP,
         ),
         click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME)."),
         click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True, help=_TRUST_HELP),
@@ -82,9 +87,11 @@ def _wrote(paths: list[Path]) -> None:
 
 def _window_options(size: int, stride: int):
     def decorate(func):
-        func = click.option("--stride", type=int, default=stride, show_default=True, help="Window stride (px).")(func)
+        func = click.option("--stride", type=POSITIVE, default=stride, show_default=True, help="Window stride (px).")(
+            func
+        )
         return click.option(
-            "--patch-size", type=int, default=size, show_default=True, help="Window side, model-input px."
+            "--patch-size", type=POSITIVE, default=size, show_default=True, help="Window side, model-input px."
         )(func)
 
     return decorate
@@ -93,8 +100,8 @@ def _window_options(size: int, stride: int):
 @click.command()
 @_model_options
 @_window_options(16, 4)
-@click.option("--per-class", type=int, default=10, show_default=True, help="Images per class (the first ones).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of each image's window order.")
+@click.option("--per-class", type=POSITIVE, default=10, show_default=True, help="Images per class (the first ones).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of each image's window order.")
 def converge(per_class: int, patch_size: int, stride: int, seed: int, **o) -> None:
     """Figure 3a: how fast the bag of patches converges.
 
@@ -122,12 +129,12 @@ def viz() -> None:
 @viz.command()
 @_model_options
 @_window_options(16, 4)
-@click.option("--per-class", type=int, default=20, show_default=True, help="Bank images per class.")
-@click.option("--queries", type=int, default=500, show_default=True, help="Query patches for the statistics.")
-@click.option("-k", "--k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
-@click.option("--show", type=int, default=6, show_default=True, help="Queries drawn in the figure.")
-@click.option("--show-k", type=int, default=5, show_default=True, help="Neighbours drawn per query and space.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the query choice.")
+@click.option("--per-class", type=POSITIVE, default=20, show_default=True, help="Bank images per class.")
+@click.option("--queries", type=POSITIVE, default=500, show_default=True, help="Query patches for the statistics.")
+@click.option("-k", "--k", "k", type=POSITIVE, default=10, show_default=True, help="Neighbours per query.")
+@click.option("--show", type=click.IntRange(min=0), default=6, show_default=True, help="Queries drawn in the figure.")
+@click.option("--show-k", type=POSITIVE, default=5, show_default=True, help="Neighbours drawn per query and space.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the query choice.")
 @click.option(
     "--other-images/--any-image",
     default=False,
@@ -238,7 +245,12 @@ def _records(results: str | None, home: str | None) -> tuple[Path, list[dict]]:
 )
 @click.option("--scale-label", multiple=True, help="KEY=LABEL: pretraining scale of a model, checkpoint or sha256.")
 @click.option(
-    "--out", type=click.Path(file_okay=False), default="patchbench_analysis", show_default=True, help=_OUT_HELP
+    "--out",
+    type=click.Path(file_okay=False),
+    default="patchbench_analysis",
+    show_default=True,
+    callback=out_dir,
+    help=_OUT_HELP,
 )
 def scales(results, home, metric, dataset, model, space, scale_label, out) -> None:
     """Figure 2: accuracy against pretraining scale.
@@ -266,7 +278,7 @@ def scales(results, home, metric, dataset, model, space, scale_label, out) -> No
 @click.option("--checkpoint", type=click.Path(dir_okay=False), help=_CHECKPOINT_HELP)
 @click.option("--dataset", help="Dataset of the image analyses (with --model).")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="ImageFolder tree or torchvision root.")
-@click.option("--per-class", type=int, default=10, show_default=True, help="Images per class of the analyses.")
+@click.option("--per-class", type=POSITIVE, default=10, show_default=True, help="Images per class of the analyses.")
 @click.option(
     "--metric",
     type=click.Choice(["linear", "knn@20", "knn@200"]),
@@ -278,7 +290,12 @@ def scales(results, home, metric, dataset, model, space, scale_label, out) -> No
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True, help=_TRUST_HELP)
 @click.option(
-    "--out", type=click.Path(dir_okay=False), default="patchbench_report.html", show_default=True, help="The HTML file."
+    "--out",
+    type=click.Path(dir_okay=False),
+    default="patchbench_report.html",
+    show_default=True,
+    callback=out_file,
+    help="The HTML file.",
 )
 def report(
     results, model, checkpoint, dataset, data_dir, per_class, metric, device, home, trust_checkpoint, out
@@ -326,5 +343,8 @@ def report(
     if not sections:
         raise UserError(f"nothing to report: no results records in {path}; run `patchbench eval` or pass --model")
     title = f"patchbench report: {model}" if model else "patchbench report"
-    Path(out).write_text(render_html(title, sections, meta))
-    _wrote([Path(out)])
+    try:
+        out.write_text(render_html(title, sections, meta))
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    _wrote([out])

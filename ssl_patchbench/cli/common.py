@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.files import ensure_dir
 from ssl_patchbench.pipeline.config import EvalConfig, option_fields
 
 stderr = Console(stderr=True)
@@ -83,6 +84,29 @@ class FiniteFloat(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
+
+
+POSITIVE = click.IntRange(min=1)  # counts, sizes, strides, batch sizes
+SEED = click.IntRange(min=0, max=2**64 - 1)
+POSITIVE_FLOAT = FiniteFloat(min=0.0, min_open=True)
+NON_NEGATIVE_FLOAT = FiniteFloat(min=0.0)
+
+
+def out_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """click callback of an output folder option: created while the options are parsed, so a path below a file
+    or on a read-only mount fails in one line before any work starts."""
+    return None if value is None else ensure_dir(Path(value).expanduser())
+
+
+def out_file(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """click callback of an output file option: its folder is created (or refused) before any work starts."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    ensure_dir(path.parent)
+    return path
 
 
 def _param_type(meta: dict) -> click.ParamType | type | None:

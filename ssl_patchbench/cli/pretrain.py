@@ -14,19 +14,15 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ssl_patchbench.cli.common import stderr
-from ssl_patchbench.core.errors import UserError
-
-
-def parse_scale(value: str) -> tuple[float, float]:
-    """``0.2`` -> fixed-scale patches (0.2, 0.2); ``0.08,1`` -> a RandomResizedCrop range."""
-    try:
-        parts = [float(v) for v in value.replace(":", ",").split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--scale takes a number or a pair like 0.08,1.0, got {value!r}") from None
-    if len(parts) not in (1, 2):
-        raise UserError(f"--scale takes a number or a pair like 0.08,1.0, got {value!r}")
-    return parts[0], parts[-1]
+from ssl_patchbench.cli.common import (
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    SEED,
+    FloatPair,
+    out_dir,
+    stderr,
+)
 
 
 class LineReporter:
@@ -110,17 +106,43 @@ def summary(cfg, result, wall: float) -> dict:
 )
 @click.option("--dataset", required=True, help="cifar10, cifar100, stl10, digits, or an ImageFolder name.")
 @click.option("--data-dir", type=click.Path(file_okay=False), help="ImageFolder tree or torchvision root.")
-@click.option("--train-per-class", type=int, help="Keep the first N train images of each class (quick runs).")
-@click.option("--scale", default="0.2", show_default=True, help="Patch area fraction (0.2) or a range (0.08,1.0).")
-@click.option("--num-patches", type=int, default=2, show_default=True, help="Views per image (>2: EMP-SSL mean).")
-@click.option("--epochs", type=int, default=100, show_default=True, help="Epochs of the whole run (hours on a CPU).")
-@click.option("--batch-size", type=int, default=512, show_default=True, help="Images per step.")
-@click.option("--lr", type=float, default=0.3, show_default=True, help="LARS learning rate per 256 images.")
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="LARS weight decay.")
-@click.option("--warmup-epochs", type=float, default=10.0, show_default=True, help="Capped at a tenth of the run.")
-@click.option("--tcr-eps", type=float, default=0.2, show_default=True, help="Precision epsilon of TCR's coding rate.")
-@click.option("--tcr-lambda", type=float, default=200.0, show_default=True, help="Weight of TCR's invariance term.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run folder: last.ckpt, config.json.")
+@click.option("--train-per-class", type=POSITIVE, help="Keep the first N train images of each class (quick runs).")
+@click.option(
+    "--scale",
+    type=FloatPair(),
+    default="0.2",
+    show_default=True,
+    help="Patch area fraction (0.2) or a range (0.08,1.0).",
+)
+@click.option(
+    "--num-patches",
+    type=click.IntRange(min=2),
+    default=2,
+    show_default=True,
+    help="Views per image (>2: EMP-SSL mean).",
+)
+@click.option(
+    "--epochs", type=POSITIVE, default=100, show_default=True, help="Epochs of the whole run (hours on a CPU)."
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=512, show_default=True, help="Images per step.")
+@click.option("--lr", type=POSITIVE_FLOAT, default=0.3, show_default=True, help="LARS learning rate per 256 images.")
+@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=1e-4, show_default=True, help="LARS weight decay.")
+@click.option(
+    "--warmup-epochs", type=NON_NEGATIVE_FLOAT, default=10.0, show_default=True, help="Capped at a tenth of the run."
+)
+@click.option(
+    "--tcr-eps", type=POSITIVE_FLOAT, default=0.2, show_default=True, help="Precision epsilon of TCR's coding rate."
+)
+@click.option(
+    "--tcr-lambda", type=NON_NEGATIVE_FLOAT, default=200.0, show_default=True, help="Weight of TCR's invariance term."
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    callback=out_dir,
+    help="Run folder: last.ckpt, config.json.",
+)
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue the run found in --out.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option(
@@ -136,9 +158,9 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option(
     "--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the model and views."
 )
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the weights and the views.")
-@click.option("--log-every", type=int, default=50, show_default=True, help="Steps between logged losses (a sync).")
-@click.option("--save-every", type=int, default=1, show_default=True, help="Epochs between checkpoints.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the weights and the views.")
+@click.option("--log-every", type=POSITIVE, default=50, show_default=True, help="Steps between logged losses (a sync).")
+@click.option("--save-every", type=POSITIVE, default=1, show_default=True, help="Epochs between checkpoints.")
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--download/--no-download", default=False, show_default=True, help="torchvision download.")
 def pretrain_cmd(scale: str, out: str, resume: bool, compile_: bool, **options) -> None:
@@ -148,7 +170,7 @@ def pretrain_cmd(scale: str, out: str, resume: bool, compile_: bool, **options) 
     """
     from ssl_patchbench.pretrain.train import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(scale=parse_scale(scale), compile=compile_, **options)
+    cfg = PretrainConfig(scale=scale, compile=compile_, **options)
     start = time.perf_counter()
     if stderr.is_terminal:
         with RichReporter() as reporter:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ssl_patchbench.cli.common import FiniteFloat, build_config, eval_options, progress, stderr, stdout, write_text
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.files import ensure_dir
 
 FORMATS = ("terminal", "markdown", "latex", "csv", "json")
 
@@ -242,6 +243,8 @@ def check(baseline, minimums, tolerance, report_dir, as_json, nproc, **options) 
         raise UserError("patchbench check runs in one process: drop --nproc")
     cfg = build_config(options)
     expectations = load_baselines(baseline, minimums, model=cfg.model, dataset=cfg.dataset)  # before evaluating
+    if report_dir:
+        ensure_dir(Path(report_dir))  # a folder below a file fails now, not after the evaluation
     with progress() as factory:
         report = run_check(cfg, expectations, tolerance=tolerance, progress=factory)
     if report_dir:
@@ -264,9 +267,8 @@ def _print_check(report) -> None:
         numbers = (f"{c.value:.2f}", f"{c.baseline:.2f}", f"{c.floor:.2f}", f"{c.diff:+.2f}")
         grid.add_row(c.representation, c.aggregation, c.metric, *numbers, status, c.source)
     stdout.print(grid)
-    for c in report.comparisons:
-        for note in c.notes:
-            stderr.print(f"note: {c.name}: {note}", markup=False)
+    for note in dict.fromkeys(n for c in report.comparisons for n in c.notes):  # each sentence once
+        stderr.print(f"note: {note}", markup=False, soft_wrap=True)
     if report.passed:
         stdout.print(f"check passed: {len(report.comparisons)} metrics at or above their floor")
     else:

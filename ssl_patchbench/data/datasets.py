@@ -8,6 +8,7 @@ extractor the same thing: images by index, labels, class names, and an identity 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
-from ssl_patchbench.data.decode import decode
+from ssl_patchbench.data.decode import decode, image_size, shown
 
 log = logging.getLogger(__name__)
 
@@ -125,30 +126,53 @@ def _folder_root(name: str, data_dir: str | Path | None) -> Path | None:
     return None
 
 
+def _split_names(split: str) -> tuple[str, ...]:
+    return ("train",) if split == "train" else ("test", "val")
+
+
+def _has_split(root: Path, split: str) -> bool:
+    return any((root / candidate).is_dir() for candidate in _split_names(split))
+
+
 def _split_dir(root: Path, split: str) -> Path:
-    names = ("train",) if split == "train" else ("test", "val")
+    names = _split_names(split)
     for candidate in names:
         if (root / candidate).is_dir():
             return root / candidate
-    raise UserError(f"{root} has no {' or '.join(names)}/ folder for the {split} split")
+    raise UserError(f"{shown(root)} has no {' or '.join(names)}/ folder for the {split} split")
 
 
 def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | None) -> ImageSplit:
-    """An ImageFolder split; small images are decoded once into a cached array."""
+    """An ImageFolder split; small images are decoded once into a cached array.
+
+    Labels are indices into the sorted names of the classes that hold images, and both splits must name the same
+    classes, so a class folder missing from one split never shifts the labels of the other. A class folder
+    without images is ignored with a warning.
+    """
     folder = _split_dir(root, split)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    by_class = _class_images(folder)
+    if not by_class:
+        raise UserError(f"{shown(folder)} holds no class folders (expected {shown(folder)}/<class>/<image>)")
+    empty = sorted(c for c, files in by_class.items() if not files)
+    if empty:
+        log.warning("%s: class folders without images are ignored: %s", shown(folder), ", ".join(map(shown, empty)))
+    classes = sorted(c for c, files in by_class.items() if files)
     if not classes:
-        raise UserError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
-    paths, labels = _list_images(folder, classes)
-    if not paths:
-        raise UserError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    listing = hashlib.sha256("\n".join(os.path.relpath(p, folder) for p in paths).encode()).hexdigest()
+        raise UserError(f"{shown(folder)} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    other = "test" if split == "train" else "train"
+    if _has_split(root, other):  # pretraining may read a tree that holds a train split only
+        other_folder = _split_dir(root, other)
+        _check_same_classes(folder, set(classes), other_folder, _classes_with_images(other_folder))
+    paths = [path for cls in classes for path in by_class[cls]]
+    labels = [label for label, cls in enumerate(classes) for _ in by_class[cls]]
+    relative = "\n".join(os.path.relpath(p, folder) for p in paths)
+    listing = hashlib.sha256(os.fsencode(relative)).hexdigest()  # names of any bytes (undecodable ones included)
     identity = {
         "dataset": name,
         "split": split,
         "source": "imagefolder",
-        "root": str(folder.resolve()),
-        "classes": classes,
+        "root": shown(folder.resolve()),
+        "classes": [shown(c) for c in classes],
         "n": len(paths),
         "files_sha256": listing,
     }
@@ -156,35 +180,63 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
     return _decoded(opened, cache_dir) if cache_dir is not None else opened
 
 
-def _list_images(folder: Path, classes: list[str]) -> tuple[list[str], list[int]]:
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, cls in enumerate(classes):
-        files = sorted(str(p) for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    return paths, labels
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _class_images(folder: Path) -> dict[str, list[str]]:
+    """Class folder name -> its image files (sorted, searched recursively)."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    return {cls: sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p)) for cls in classes}
+
+
+def _classes_with_images(folder: Path) -> set[str]:
+    """The names of ``folder``'s class folders that hold at least one image (each search stops at the first)."""
+    return {p.name for p in folder.iterdir() if p.is_dir() and any(_is_image(f) for f in p.rglob("*"))}
+
+
+def _check_same_classes(folder: Path, names: set[str], other: Path, other_names: set[str]) -> None:
+    """Refuse splits whose classes differ: a class with images in one split only is named."""
+    for here, there, only in ((folder, other, names - other_names), (other, folder, other_names - names)):
+        if only:
+            listed = ", ".join(repr(shown(c)) for c in sorted(only)[:5]) + (" ..." if len(only) > 5 else "")
+            raise UserError(
+                f"class {listed} has images in {shown(here)} but none in {shown(there)}: both splits must hold "
+                "the same classes (add the images or remove the class folder)"
+            )
 
 
 def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
-    """Swap lazy files for one decoded array when every image is small and of one size (cached on disk)."""
-    first = split.image(0)
-    h, w = first.shape[:2]
-    if max(h, w) > _DECODE_CACHE_MAX_SIDE or len(split) * first.nbytes > _DECODE_CACHE_MAX_BYTES:
+    """Swap lazy files for one decoded array when every image is small and of one size (cached on disk).
+
+    Images are decoded straight into an array of the first image's size; the first image of another size ends it
+    (the split stays lazy), so one large image among small ones never makes an array at its size.
+    """
+    h, w = image_size(split.paths[0])  # type: ignore[index]
+    if max(h, w) > _DECODE_CACHE_MAX_SIDE or len(split) * h * w * 3 > _DECODE_CACHE_MAX_BYTES:
         return split
     key = hashlib.sha256(json.dumps(split.identity, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"{key}.npy"
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
         return ImageSplit(split.labels, split.classes, split.identity, array=cached)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(decode, split.paths))  # type: ignore[arg-type]
-    if any(im.shape != first.shape for im in images):
-        return split
-    array = np.stack(images)
+    array = np.empty((len(split), h, w, 3), dtype=np.uint8)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    try:
+        for index, image in enumerate(pool.map(_decode_if_size, split.paths, itertools.repeat((h, w)))):  # type: ignore[arg-type]
+            if image is None:
+                return split
+            array[index] = image
+    finally:
+        pool.shutdown(cancel_futures=True)
     with atomic_path(path) as tmp:
         np.save(tmp, array)
     return ImageSplit(split.labels, split.classes, split.identity, array=array)
+
+
+def _decode_if_size(path: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The decoded image when its header says ``(height, width)`` is ``size``, else None (not decoded)."""
+    return decode(path) if image_size(path) == size else None
 
 
 def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:

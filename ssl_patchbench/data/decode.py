@@ -1,17 +1,94 @@
-"""Image files to RGB uint8 arrays: the one decoder every CPU path uses."""
+"""Image files to RGB uint8 arrays: the one decoder every CPU path uses.
+
+What it refuses rather than guess, each as a :class:`UserError` naming the file:
+
+- more than ``MAX_PIXELS`` pixels (read from the header, before anything is decoded: a decompression bomb);
+- images whose values cannot be mapped to 8 bits faithfully: 32-bit integer images, float images with values
+  outside [0, 1] or not finite.
+
+What it converts: 16-bit images keep their high byte (``v >> 8``, what Pillow does for 16-bit colour PNGs, so
+grey and colour files agree), float images in [0, 1] are scaled by 255 and rounded, everything else goes through
+Pillow's ``convert("RGB")`` (palette, grey, CMYK; alpha is dropped). File names may hold any bytes.
+"""
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import numpy as np
 from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
 
+MAX_PIXELS = 8192 * 8192
+# Pillow's own guard is set to the same limit (it raises beyond twice the limit, while opening the file) and its
+# warning silenced: every image above the limit is refused here with one message, whichever check sees it first.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` printable whatever bytes its name holds (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
+    """Refuse an image of more than ``MAX_PIXELS`` pixels before it is decoded (every decoder calls this)."""
+    if width * height > MAX_PIXELS:
+        raise _too_large(path, f"{width}x{height} px")
+
+
+def _too_large(path: str | os.PathLike, size: str | None) -> UserError:
+    has = f"is {size}, more than" if size else "has more than"
+    return UserError(
+        f"image {shown(path)} {has} the {MAX_PIXELS:,} pixels patchbench decodes "
+        "(a decompression bomb or a huge scan): downscale it or remove it"
+    )
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` from the file's header alone (nothing is decoded); a bomb is refused."""
+    try:
+        with Image.open(path) as im:
+            check_pixels(path, *im.size)
+            return im.height, im.width
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None) from exc
+    except _UNREADABLE as exc:
+        raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
+
 
 def decode(path: str) -> np.ndarray:
     """Decode an image file to RGB uint8 ``[H, W, 3]``."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from exc
+            check_pixels(path, *im.size)
+            return _to_rgb(im, path)
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None) from exc
+    except _UNREADABLE as exc:
+        raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
+
+
+def _to_rgb(im: Image.Image, path: str) -> np.ndarray:
+    if im.mode in _SIXTEEN_BIT:
+        grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+            raise UserError(
+                f"image {shown(path)} holds float values outside [0, 1] (from {values.min():g} to {values.max():g}): "
+                "patchbench cannot map them to 8 bits faithfully; convert the file to 8-bit"
+            )
+        grey = np.round(values * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode in ("I", "I;16S", "I;32", "I;32S"):
+        raise UserError(
+            f"image {shown(path)} holds signed or 32-bit integers (Pillow mode {im.mode}): patchbench cannot map "
+            "them to 8 bits faithfully; convert the file to 8-bit"
+        )
+    return np.asarray(im.convert("RGB"))

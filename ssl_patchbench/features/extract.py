@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images, patches) done since the last call
 ProgressFactory = Callable[[str, int, int], Progress]  # (description, images, patches to do) -> callback
 _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are moved to the GPU once
+_PADDED_MAX_BYTES = 256 << 20  # float32 bytes of a padded group of decoded images (a larger image goes alone)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def extract(
                 progress(len(batch), len(batch) * spec.num_patches)
         for agg, writer in writers.items():
             if chunk in writer.pending_chunks():
-                writer.write_chunk(chunk, torch.cat(rows[agg]).cpu().numpy().astype(writer.features.dtype))
+                writer.write_chunk(chunk, torch.cat(rows[agg]).float().cpu().numpy())  # cast after its checks
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -192,8 +193,9 @@ class ImageSource:
     """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
 
     In-memory splits are moved to the device once (uint8). File-backed splits are decoded by a thread
-    pool one batch ahead of the model, and padded by edge replication to the batch's largest image
-    (boxes never leave an image's own area, so padding is never sampled).
+    pool one batch ahead of the model, and padded by edge replication to the largest image of a group
+    (boxes never leave an image's own area, so padding is never sampled). A batch is cut into consecutive
+    groups of at most ``_PADDED_MAX_BYTES`` padded (as float32), so one large image among small ones goes alone.
     """
 
     def __init__(self, split: ImageSplit, device: torch.device) -> None:
@@ -212,11 +214,12 @@ class ImageSource:
             return
         with ThreadPoolExecutor(max_workers=min(16, available_cores())) as pool:
             pending = pool.submit(self._decode, pool, batches[0]) if batches else None
-            for i, indices in enumerate(batches):
-                uint8, sizes = pending.result()  # type: ignore[union-attr]
+            for i in range(len(batches)):
+                groups = pending.result()  # type: ignore[union-attr]
                 if i + 1 < len(batches):
                     pending = pool.submit(self._decode, pool, batches[i + 1])
-                yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
+                for indices, uint8, sizes in groups:
+                    yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         index = torch.from_numpy(indices)
@@ -227,12 +230,36 @@ class ImageSource:
         sizes = np.tile(batch.shape[1:3], (len(indices), 1))
         return batch.permute(0, 3, 1, 2).float(), sizes
 
-    def _decode(self, pool: ThreadPoolExecutor, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def _decode(
+        self, pool: ThreadPoolExecutor, indices: np.ndarray
+    ) -> list[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
         images = list(pool.map(self.split.image, indices.tolist()))
-        sizes = np.array([im.shape[:2] for im in images])
-        height, width = sizes.max(axis=0)
-        padded = np.stack(
-            [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
-        )
-        tensor = torch.from_numpy(padded)  # pinned here, in a worker thread: to_device then only queues the copy
-        return (tensor.pin_memory() if self.device.type == "cuda" else tensor), sizes
+        all_sizes = np.array([im.shape[:2] for im in images])
+        groups = []
+        for lo, hi in padding_groups(all_sizes, _PADDED_MAX_BYTES):
+            sizes = all_sizes[lo:hi]
+            height, width = sizes.max(axis=0)
+            padded = np.stack(
+                [
+                    np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge")
+                    for im in images[lo:hi]
+                ]
+            )
+            tensor = torch.from_numpy(padded)  # pinned here, in a worker thread: to_device then only queues the copy
+            groups.append((indices[lo:hi], tensor.pin_memory() if self.device.type == "cuda" else tensor, sizes))
+        return groups
+
+
+def padding_groups(sizes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of consecutive images whose float32 RGB copies, padded to the group's largest height and
+    width, take at most ``max_bytes`` (an image larger than that on its own is a group of one)."""
+    groups: list[tuple[int, int]] = []
+    lo, height, width = 0, 0, 0
+    for i, (h, w) in enumerate(sizes.tolist()):
+        grown_h, grown_w = max(height, h), max(width, w)
+        if i > lo and (i - lo + 1) * grown_h * grown_w * 12 > max_bytes:
+            groups.append((lo, i))
+            lo, grown_h, grown_w = i, h, w
+        height, width = grown_h, grown_w
+    groups.append((lo, len(sizes)))
+    return groups

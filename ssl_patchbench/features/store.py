@@ -80,6 +80,37 @@ def _npy_fits(path: Path, shape: tuple[int, int], dtype: str) -> bool:
     return tuple(found_shape) == shape and not fortran and found_dtype == np.dtype(dtype) and size == expected
 
 
+def check_storable(rows: np.ndarray, dtype: np.dtype, what: str) -> None:
+    """Refuse rows that the store's ``dtype`` cannot hold: non-finite values, values beyond its range, and rows that
+    it would round to zeros or to something else (float16 flushes magnitudes below ~6e-8 to zero and keeps ~1e-3
+    relative precision only above ~6e-5).
+
+    A row is lost when the cast changes it by more than 1% of its norm: kNN and the probe would see other
+    features than the model returned."""
+    values = np.asarray(rows)
+    if not np.isfinite(values).all():
+        raise UserError(
+            f"the model returned non-finite (NaN or inf) {what}: its weights are broken or the forward overflowed "
+            "(retry with --precision fp32; check the checkpoint)"
+        )
+    info = np.finfo(dtype)
+    peak = float(np.abs(values).max(initial=0.0))
+    if peak > float(info.max):
+        raise UserError(
+            f"{what} reach {peak:.3g}, beyond {info.dtype}'s range (±{info.max:.5g}): rerun with --store-dtype float32"
+        )
+    if info.bits >= 32:
+        return
+    norms = np.linalg.norm(values, axis=1)
+    error = np.linalg.norm(values.astype(dtype).astype(values.dtype) - values, axis=1)
+    lost = (norms > 0) & (error > 0.01 * norms)
+    if lost.any():
+        raise UserError(
+            f"{what} are too small for {info.dtype} (rows of norm down to {norms[lost].min():.3g} would be stored as "
+            "zeros or rounded beyond 1%): rerun with --store-dtype float32"
+        )
+
+
 def _read_json(path: Path) -> object:
     """Parsed JSON, or None when the file is missing or not JSON (a crash or an edit left it unusable)."""
     try:
@@ -148,9 +179,15 @@ class FeatureStore:
         labels = np.load(self.path / "labels.npy")
         return StoredFeatures(features=features, labels=labels, meta=meta)
 
-    def writer(self, *, labels: np.ndarray, dim: int, dtype: str, chunk_rows: int, meta: dict) -> StoreWriter:
-        """Open for writing (call under :meth:`lock`); resumes the finished chunks of an earlier run."""
-        return StoreWriter(self.path, labels=labels, dim=dim, dtype=dtype, chunk_rows=chunk_rows, meta=meta)
+    def writer(
+        self, *, labels: np.ndarray, dim: int, dtype: str, chunk_rows: int, meta: dict, label: str = "features"
+    ) -> StoreWriter:
+        """Open for writing (call under :meth:`lock`); resumes the finished chunks of an earlier run.
+
+        ``label`` names the representation in errors about the rows (non-finite, beyond the dtype's range)."""
+        return StoreWriter(
+            self.path, labels=labels, dim=dim, dtype=dtype, chunk_rows=chunk_rows, meta=meta, label=label
+        )
 
 
 def _unseal(manifest: Path, inode: int) -> None:
@@ -163,10 +200,21 @@ def _unseal(manifest: Path, inode: int) -> None:
 class StoreWriter:
     """Rows are written chunk by chunk; a chunk counts once its rows are flushed and logged with their hash."""
 
-    def __init__(self, path: Path, *, labels: np.ndarray, dim: int, dtype: str, chunk_rows: int, meta: dict) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        labels: np.ndarray,
+        dim: int,
+        dtype: str,
+        chunk_rows: int,
+        meta: dict,
+        label: str = "features",
+    ) -> None:
         if chunk_rows <= 0:
             raise UserError(f"chunk_rows must be positive, got {chunk_rows}")
         self.path = path
+        self.label = label
         self.rows = len(labels)
         self.chunk_rows = chunk_rows
         self.meta = meta
@@ -252,10 +300,15 @@ class StoreWriter:
         self._done = self._verified_chunks()
 
     def write_chunk(self, chunk: int, rows: np.ndarray) -> None:
-        """Store a whole chunk's rows, flush them, then log the chunk and its hash as done."""
+        """Store a whole chunk's rows, flush them, then log the chunk and its hash as done.
+
+        Pass the rows as computed (float32): they are checked against the store's dtype before the cast
+        (:func:`check_storable`), so nothing is stored as zeros, inf or NaN without a word.
+        """
         start, end = self.chunk_range(chunk)
         if rows.shape != (end - start, self.features.shape[1]):
             raise ValueError(f"chunk {chunk} expects {(end - start, self.features.shape[1])}, got {rows.shape}")
+        check_storable(rows, self.features.dtype, self.label)
         try:
             self.features[start:end] = rows
             self.features.flush()

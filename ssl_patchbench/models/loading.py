@@ -77,7 +77,7 @@ def load_model(
         return _load_timm_pretrained(_as_trained(entry, TrainingInfo(), norm_stats))
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
     raw = load_file(path, trust_pickle=trust_pickle)
-    state = _find_state_dict(raw, entry.weights.containers, path)
+    state = _find_state_dict(raw, entry.weights.containers, path, quantized=entry.quantized)
     layout, info = entry.weights, TrainingInfo()
     if layout.projector_prefix is not None:  # solo-learn's layout: its configuration says the method and data
         info = training_info(raw, path)
@@ -157,8 +157,12 @@ def _resolve(entry: ZooEntry, checkpoint: str | Path | None, cache_dir: Path) ->
     return path, digest, entry.source.url
 
 
-def _find_state_dict(obj: object, containers: tuple[str, ...], path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a loaded file (first container key present), floats cast to float32."""
+def _find_state_dict(
+    obj: object, containers: tuple[str, ...], path: Path, *, quantized: bool = False
+) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded file (first container key present), floats cast to float32.
+
+    Torch-quantized tensors are dequantized when the entry says ``quantized: true`` and refused otherwise."""
     found = next((obj[key] for key in containers if isinstance(obj, dict) and key in obj), None)
     if containers and found is None:
         raise UserError(
@@ -170,7 +174,26 @@ def _find_state_dict(obj: object, containers: tuple[str, ...], path: Path) -> di
         raise UserError(
             f"{path} is not a state dict ({_describe(state)}): check that it is the right checkpoint for this model"
         )
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    stray = next((k for k in state if not isinstance(k, str)), None)
+    if stray is not None:
+        raise UserError(
+            f"{path} is not a state dict: key {stray!r} (of type {type(stray).__name__}) is not a parameter name; "
+            "check that it is the right checkpoint for this model"
+        )
+    packed = next((k for k, v in state.items() if v.is_quantized), None)
+    if packed is not None and not quantized:
+        raise UserError(
+            f"{path} holds quantized weights ('{packed}' is {state[packed].dtype}): set quantized: true in the "
+            "model's zoo entry to evaluate them dequantized, or use the float checkpoint"
+        )
+    return {k: _as_float(v) for k, v in state.items()}
+
+
+def _as_float(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for floating and quantized tensors; integer ones (counters, or weights refused later) as they are."""
+    if tensor.is_quantized:
+        return tensor.dequantize().float()
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _describe(obj: object) -> str:
@@ -237,6 +260,11 @@ def _load_strict(
             "use the zoo entry whose arch matches the checkpoint"
         )
     for key, value in state.items():
+        if expected[key].is_floating_point() and not value.is_floating_point():
+            raise UserError(
+                f"{what} key '{key}' holds {value.dtype} values where the model has float weights (an integer or "
+                "quantized export without its scales would give chance accuracy): use the float checkpoint"
+            )
         if value.shape != expected[key].shape:
             raise UserError(
                 f"{what} key '{key}' has shape {tuple(value.shape)} in the checkpoint but "

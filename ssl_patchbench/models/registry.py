@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import types
@@ -17,9 +18,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ssl_patchbench.core.errors import UserError, did_you_mean
+from ssl_patchbench.core.yamlfile import read_yaml
 from ssl_patchbench.models.sources import cache_path
 
 ZOO_FILE = Path(__file__).with_name("model_zoo.yaml")
@@ -32,6 +32,9 @@ STEMS = ("imagenet", "cifar", "tf_same")
 POOLS = ("cls", "mean", "cls+mean")
 VIT_KEY_MAPS = ("timm", "dinov2")
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads")
+INPUT_SIZES = (8, 1024)  # px: what a zoo entry's model may take (ViTs at 518 px included)
+MAX_RESIZE = 2048
+MAX_WIDTH = 65536  # projector layers
 
 
 def check_arch(arch: str, stem: str = "imagenet") -> None:
@@ -131,6 +134,7 @@ class ZooEntry:
     license: str | None = None
     needs_checkpoint: bool = False
     vit: VitSpec | None = None
+    quantized: bool = False  # the file holds torch-quantized tensors (qint8, ...): dequantized to float32 on load
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able view, hashed into store keys. A CNN has no `vit` block and leaves it out, so the store keys
@@ -182,10 +186,7 @@ def _registry(extra: str | None) -> dict[str, ZooEntry]:
 
 def _parse_file(path: Path) -> list[ZooEntry]:
     """Entries of one zoo file: a top-level `models:` list of mappings."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read zoo file {path} ({str(err).splitlines()[0]}): fix or remove it") from err
+    data = read_yaml(path, "zoo file ")  # size-bounded, alias bombs refused
     if not isinstance(data, dict) or not isinstance(data.get("models"), list):
         raise UserError(f"{path}: expected a top-level 'models:' list of entries")
     return [_parse_entry(item, path) for item in data["models"]]
@@ -195,7 +196,7 @@ def _parse_entry(item: object, path: Path) -> ZooEntry:
     """One validated entry; errors name the file, the entry and the field."""
     name = item.get("name") if isinstance(item, dict) else None
     if not isinstance(name, str):
-        raise UserError(f"{path}: every entry needs a 'name' string (got {str(item)[:60]})")
+        raise UserError(f"{path}: every entry needs a 'name' string (got {_short(item)})")
     where = f"{path}: entry '{name}'"
     if "pretrain_scale" in item:
         raise UserError(
@@ -240,12 +241,18 @@ def _coerce(value: object, tp: Any, where: str, name: str) -> Any:
             return tuple(_coerce(v, t, where, f"{name}[{i}]") for i, (v, t) in pairs)
     elif origin is dict and isinstance(value, dict):
         return {_coerce(k, args[0], where, name): _coerce(v, args[1], where, f"{name}.{k}") for k, v in value.items()}
-    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+    elif tp is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     elif tp in (str, int, bool) and type(value) is tp:
         return value
-    expected = tp.__name__ if tp in (str, int, float, bool) else str(tp)
-    raise UserError(f"{where}, field '{name}': expected {expected}, got {value!r}")
+    expected = {float: "a finite number"}.get(tp) or (tp.__name__ if tp in (str, int, bool) else str(tp))
+    raise UserError(f"{where}, field '{name}': expected {expected}, got {_short(value)}")
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _validate(e: ZooEntry, where: str) -> None:
@@ -280,10 +287,17 @@ def _validate(e: ZooEntry, where: str) -> None:
         (not src.timm_pretrained or e.arch.startswith("timm:"), "source.timm_pretrained", "needs a timm:<name> arch"),
         (pre.interpolation in INTERPOLATIONS, "preprocessing.interpolation", f"use one of {INTERPOLATIONS}"),
         (
-            pre.input_size > 0 and (pre.resize is None or pre.resize >= pre.input_size),
-            "preprocessing.resize",
-            "expected input_size > 0 and resize >= input_size (or null)",
+            INPUT_SIZES[0] <= pre.input_size <= INPUT_SIZES[1],
+            "preprocessing.input_size",
+            f"expected {INPUT_SIZES[0]} to {INPUT_SIZES[1]} px, got {pre.input_size}",
         ),
+        (
+            pre.resize is None or pre.input_size <= pre.resize <= MAX_RESIZE,
+            "preprocessing.resize",
+            f"expected input_size <= resize <= {MAX_RESIZE} px (or null), got {pre.resize}",
+        ),
+        (all(0 <= m <= 1 for m in pre.mean), "preprocessing.mean", "expected values in [0, 1] (of [0, 1] pixels)"),
+        (all(0 < s <= 1 for s in pre.std), "preprocessing.std", "expected values in (0, 1] (of [0, 1] pixels)"),
         (0 < e.patch_scale[0] <= e.patch_scale[1] <= 1, "patch_scale", "expected 0 < min <= max <= 1"),
         (
             e.pretrain_crop_scale is None or 0 < e.pretrain_crop_scale[0] <= e.pretrain_crop_scale[1] <= 1,
@@ -292,9 +306,14 @@ def _validate(e: ZooEntry, where: str) -> None:
         ),
         (0 < e.pretrain_ratio[0] <= e.pretrain_ratio[1], "pretrain_ratio", "expected 0 < min <= max"),
         (
-            e.projector is None or (e.projector and min(e.projector) > 0),
+            e.projector is None or (e.projector and min(e.projector) > 0 and max(e.projector) <= MAX_WIDTH),
             "projector",
-            "expected a non-empty list of positive widths, or null",
+            f"expected a non-empty list of widths from 1 to {MAX_WIDTH}, or null",
+        ),
+        (
+            all(0 <= v <= 100 for v in e.references.values()),
+            "references",
+            "expected accuracies in % (0 to 100)",
         ),
     ]
     if e.vit is not None:

@@ -13,6 +13,7 @@ import torch
 
 from ssl_patchbench.core.distributed import from_environment, shutdown
 from ssl_patchbench.data.datasets import ImageSplit
+from ssl_patchbench.evaluators.inputs import check_usable_features
 from ssl_patchbench.evaluators.knn import knn_classify
 from ssl_patchbench.evaluators.probe import linear_probe
 from ssl_patchbench.features.extract import ProgressFactory, extract
@@ -138,6 +139,7 @@ def _extract_into(
                 dtype=ctx.cfg.store_dtype,
                 chunk_rows=ctx.cfg.chunk_rows,
                 meta={**materials[agg], "key": store.key},
+                label=_features_label(split, spec, agg),
             )
             for agg, store in stores.items()
         }
@@ -175,12 +177,19 @@ def _extract_into(
         writer.seal(extra)
 
 
+def _features_label(split: str, spec: PatchSpec, agg: Aggregation) -> str:
+    """How errors about stored rows name them: ``train features of representation 16 (mean)``."""
+    return f"{split} features of representation {spec.label} ({agg.label})"
+
+
 def _evaluate_one(
     ctx: RunContext, spec: PatchSpec, agg: Aggregation, train: StoredFeatures, test: StoredFeatures
 ) -> RepresentationResult:
     cfg = ctx.cfg
     x_train = torch.from_numpy(np.array(train.features))  # stored dtype (float16); evaluators cast per tile
     x_test = torch.from_numpy(np.array(test.features))
+    for split, features in (("train", x_train), ("test", x_test)):
+        check_usable_features(features, _features_label(split, spec, agg))  # before anything is recorded
     y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     num_classes = len(ctx.splits["train"].classes)
     timings: dict[str, float] = {}

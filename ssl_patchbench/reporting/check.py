@@ -23,13 +23,32 @@ from ssl_patchbench.results.records import (
     disagreements,
     metric_names,
     metric_value,
+    provenance,
     record_date,
     representation_key,
 )
 from ssl_patchbench.results.store import read_records
 
-# Baseline fields that make a comparison apples-to-oranges when they differ (the checkpoint may differ).
-_COMPARABLE = ("dataset", "data.", "n_train", "n_test", "protocol.", "seed", "precision", "store_dtype", "patches.")
+# Baseline fields that make it another experiment (another model or protocol): such a baseline is refused.
+# The checkpoint is what a check varies, so the entry's source and the weights' hash may differ.
+_REFUSED = {
+    "zoo_entry.arch": "architecture",
+    "zoo_entry.stem": "stem",
+    "zoo_entry.preprocessing.": "preprocessing",
+    "protocol.knn.temperature": "kNN temperature",
+    "protocol.knn.weighted": "kNN voting",
+    "protocol.linear.": "linear probe",
+}
+# Baseline fields that make the numbers less comparable but not another experiment: one note, no failure.
+_NOTED = {
+    "data.": "images",
+    "n_train": "images",
+    "n_test": "images",
+    "seed": "patch seed",
+    "patches.": "patch settings",
+    "precision": "forward precision",
+    "store_dtype": "store dtype",
+}
 _ZOO_PROBES = {"linear": "linear", "knn": "knn@20"}
 
 
@@ -120,16 +139,26 @@ class CheckReport:
 # ---------------------------------------------------------------- baselines
 
 
-def results_baseline(path: Path, *, dataset: str) -> list[Expectation]:
-    """The latest record of each representation of ``dataset`` in a results JSONL, one expectation per metric."""
+def results_baseline(path: Path, *, dataset: str, model: str | None = None) -> list[Expectation]:
+    """The latest record of each representation of ``dataset`` (and ``model``) in a results JSONL, one expectation
+    per metric. A baseline that holds only other datasets or other models is refused, naming what it holds."""
     if not path.is_file():
         raise UserError(f"baseline {path} does not exist: give a results JSONL (patchbench eval --results FILE), zoo")
+    records = read_records(path)
+    same_data = [r for r in records if r.get("dataset") == dataset]
+    if not same_data:
+        held = _names(r.get("dataset") for r in records)
+        raise UserError(f"baseline {path} holds no {dataset} results (it holds: {held}): use a baseline of {dataset}")
+    same = [r for r in same_data if model is None or r.get("model") == model]
+    if not same:
+        held = _names(r.get("model") for r in same_data)
+        raise UserError(
+            f"baseline {path} holds {dataset} results of model {held}, not {model}: a check compares checkpoints "
+            "of one zoo entry; use a baseline measured with --model " + str(model)
+        )
     latest: dict[tuple, list[dict]] = {}
-    for record in read_records(path):
-        if record.get("dataset") == dataset:
-            latest.setdefault(representation_key(record), []).append(record)
-    if not latest:
-        raise UserError(f"baseline {path} holds no {dataset} results")
+    for record in same:
+        latest.setdefault(representation_key(record), []).append(record)
     expectations = []
     for key, records in latest.items():
         record = max(records, key=record_date)
@@ -139,6 +168,10 @@ def results_baseline(path: Path, *, dataset: str) -> list[Expectation]:
             if value is not None:
                 expectations.append(Expectation(metric, value, source, key=key, record=record))
     return expectations
+
+
+def _names(values) -> str:
+    return ", ".join(sorted({str(v) for v in values})) or "nothing readable"
 
 
 def zoo_baseline(model: str, *, dataset: str) -> list[Expectation]:
@@ -178,7 +211,7 @@ def load_baselines(baseline: str | None, minimums: Sequence[str], *, model: str,
     if baseline == "zoo":
         expectations += zoo_baseline(model, dataset=dataset)
     elif baseline:
-        expectations += results_baseline(Path(baseline).expanduser(), dataset=dataset)
+        expectations += results_baseline(Path(baseline).expanduser(), dataset=dataset, model=model)
     if not expectations:
         raise UserError("nothing to check against: give --baseline FILE|zoo and/or --min METRIC=VALUE")
     return expectations
@@ -211,9 +244,15 @@ def _compare(record: dict, value: float, expectation: Expectation, tolerance: fl
     notes = ()
     if expectation.record is not None:
         differ = disagreements([expectation.record, record])["numbers"]
-        differ = [d for d in differ if d.startswith(_COMPARABLE)]
-        if differ:
-            notes = (f"baseline measured with a different {', '.join(differ[:5])}",)
+        refused = [d for d in differ if d.startswith(tuple(_REFUSED))]
+        if refused:
+            raise UserError(
+                f"baseline {expectation.source} is another experiment: {_refusal(expectation.record, record, refused)}"
+                "; use a baseline measured with the same zoo entry and protocol"
+            )
+        noted = _kinds(differ, _NOTED)
+        if noted:
+            notes = (_subset_note(expectation.record, record, noted),)
     return Comparison(
         representation=str(record.get("representation")),
         mode=str((record.get("patches") or {}).get("mode")),
@@ -224,6 +263,45 @@ def _compare(record: dict, value: float, expectation: Expectation, tolerance: fl
         floor=round(floor, 4),
         source=expectation.source,
         notes=notes,
+    )
+
+
+def _refusal(baseline: dict, record: dict, fields: list[str]) -> str:
+    """``kNN temperature 0.5, this run 0.07; preprocessing input_size 64, this run 32`` for the fields that differ."""
+    ours, theirs = provenance(record), provenance(baseline)
+    parts = []
+    for name in fields[:4]:
+        prefix = next(p for p in _REFUSED if name.startswith(p))
+        detail = name.removeprefix(prefix)
+        label = _REFUSED[prefix] + (f" {detail}" if detail else "")
+        parts.append(f"{label} {theirs.get(name)}, this run {ours.get(name)}")
+    return "; ".join(parts) + (f"; and {len(fields) - 4} more" if len(fields) > 4 else "")
+
+
+def _kinds(fields: list[str], names: dict[str, str]) -> list[str]:
+    """The plain names of the kinds of ``fields`` (dotted record fields) listed in ``names``, once each."""
+    found = [label for prefix, label in names.items() for f in fields if f == prefix or f.startswith(prefix)]
+    return list(dict.fromkeys(found))
+
+
+def _subset_note(baseline: dict, record: dict, kinds: list[str]) -> str:
+    """One sentence: what differs between the baseline and this run, and that it does not fail the check."""
+    values = {"patch seed": "seed", "forward precision": "precision", "store dtype": "store_dtype"}
+    parts = []
+    for kind in kinds:
+        if kind == "images":
+            parts.append(
+                f"images ({baseline.get('n_train')} train / {baseline.get('n_test')} test, this run "
+                f"{record.get('n_train')} / {record.get('n_test')})"
+            )
+        elif kind in values:
+            parts.append(f"{kind} ({baseline.get(values[kind])}, this run {record.get(values[kind])})")
+        else:
+            parts.append(kind)
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (
+        f"the baseline differs from this run in its {listed}: the numbers are not strictly comparable, "
+        "but this alone does not fail the check"
     )
 
 
@@ -263,7 +341,7 @@ def markdown(report: CheckReport) -> str:
             f"| {c.representation} | {c.aggregation} | {c.metric} | {c.value:.2f} | {c.baseline:.2f} | {c.floor:.2f} "
             f"| {c.diff:+.2f} | {status} | {c.source} |"
         )
-    notes = sorted({f"{c.name}: {n}" for c in report.comparisons for n in c.notes})
+    notes = list(dict.fromkeys(n for c in report.comparisons for n in c.notes))  # each sentence once
     return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else [])) + "\n"
 
 

@@ -11,11 +11,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
+from typing import Any
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import file_sha256
+from ssl_patchbench.core.yamlfile import read_yaml
 from ssl_patchbench.results.records import (
     aggregation_label,
     disagreements,
@@ -135,8 +135,11 @@ def load_tables(extra: Iterable[Path] = ()) -> tuple[list[TableSpec], dict[str, 
     raw_bindings: dict = {}
     for path in (SPEC_FILE, *extra):
         data = _read_yaml(Path(path))
-        tables.extend(_table(item, path) for item in data.get("tables") or [])
-        raw_bindings.update(data.get("bindings") or {})
+        items = _typed(data.get("tables") or [], list, f"{path}, 'tables'", "a list of tables")
+        tables.extend(
+            _table(_typed(item, dict, f"{path}, table {i + 1}", "a mapping"), path) for i, item in enumerate(items)
+        )
+        raw_bindings.update(_typed(data.get("bindings") or {}, dict, f"{path}, 'bindings'", "a mapping of slots"))
     ids = [t.id for t in tables]
     if len(set(ids)) != len(ids):
         raise UserError(f"a table id is defined twice: {', '.join(sorted({i for i in ids if ids.count(i) > 1}))}")
@@ -144,20 +147,37 @@ def load_tables(extra: Iterable[Path] = ()) -> tuple[list[TableSpec], dict[str, 
 
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.expanduser().read_text())
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    data = read_yaml(path.expanduser())  # size-bounded, alias bombs refused
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping with 'tables' and/or 'bindings'")
     return data
 
 
+def _typed(value: object, kind: type, where: str, expected: str) -> Any:
+    """``value`` when it is a ``kind``, else a UserError naming where it is and what was expected."""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise UserError(f"{where}: expected {expected}, got {str(value)[:60]!r}")
+    return value
+
+
+def _labelled(items: object, where: str, what: str) -> list[dict]:
+    """A non-empty list of mappings, each with a ``label`` (text or number)."""
+    items = _typed(items, list, f"{where}, '{what}'", f"a non-empty list of {what}")
+    for i, item in enumerate(items):
+        _typed(item, dict, f"{where}, {what} {i + 1}", "a mapping with a label")
+        _typed(item.get("label"), (str, int, float), f"{where}, {what} {i + 1}, 'label'", "text")
+    if not items:
+        raise UserError(f"{where}: '{what}' is empty; give at least one")
+    return items
+
+
 def _table(item: dict, path: Path) -> TableSpec:
     where = f"{path}: table {item.get('id', '?')}"
-    groups = item.get("groups") or [{"label": None, "select": {}}]
+    _typed(item.get("id"), (str, int), f"{where}, 'id'", "a table id")
+    groups = _labelled(item["groups"], where, "groups") if item.get("groups") else [{"label": None, "select": {}}]
+    groups = [{**g, "label": None if g["label"] is None else str(g["label"])} for g in groups]
+    _labelled(item.get("columns"), where, "columns")
+    _labelled(item.get("rows"), where, "rows")
     columns = tuple(
         Column(str(c["label"]), g["label"], {**_select(g.get("select"), where), **_select(c.get("select"), where)})
         for g in groups
@@ -182,7 +202,7 @@ def _table(item: dict, path: Path) -> TableSpec:
 
 
 def _select(select: dict | None, where: str) -> dict:
-    select = dict(select or {})
+    select = dict(_typed(select or {}, dict, f"{where}, 'select'", "a mapping of selector keys"))
     unknown = set(select) - SELECT_KEYS
     if unknown:
         raise UserError(f"{where}: unknown selector keys {sorted(unknown)}; known: {sorted(SELECT_KEYS)}")
@@ -197,11 +217,20 @@ def _paper(row: dict, groups: list[dict], item: dict, where: str) -> dict:
     if paper is None:
         return {g["label"]: [None] * n for g in groups}
     by_group = paper if isinstance(paper, dict) else {groups[0]["label"]: paper}
-    if set(by_group) != {g["label"] for g in groups} or any(len(v) != n for v in by_group.values()):
+    by_group = {None if k is None else str(k): v for k, v in by_group.items()}
+    numbers = all(isinstance(v, list) and len(v) == n and all(_is_number(x) for x in v) for v in by_group.values())
+    if set(by_group) != {g["label"] for g in groups} or not numbers:
         raise UserError(
-            f"{where}: row {row['label']} needs {n} paper numbers for each of {[g['label'] for g in groups]}"
+            f"{where}: row {row['label']} needs {n} paper numbers (or null) for each of {[g['label'] for g in groups]}"
         )
     return by_group
+
+
+def _is_number(value: object) -> bool:
+    """A paper number: null, or a finite accuracy from 0 to 100."""
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 100
 
 
 # ---------------------------------------------------------------- bindings: slot -> checkpoint
@@ -227,9 +256,14 @@ def parse_binding(text: str) -> tuple[str, Binding]:
 
 
 def binding_from(value: str | dict) -> Binding:
-    """A binding from ``MODEL@CKPT`` text or a ``{model, checkpoint, note}`` mapping."""
+    """A binding from ``MODEL@CKPT`` text or a ``{model, checkpoint, note}`` mapping (text values only)."""
     if isinstance(value, dict):
+        unknown = set(value) - {"model", "checkpoint", "note"}
+        if unknown or not all(isinstance(v, str | None) for v in value.values()):
+            raise UserError(f"binding {str(value)[:80]!r}: expected text values for model, checkpoint and note only")
         model, ckpt, note = value.get("model"), value.get("checkpoint"), value.get("note")
+    elif not isinstance(value, str):
+        raise UserError(f"binding {value!r}: expected MODEL@CHECKPOINT text or a mapping with model, checkpoint, note")
     else:
         model, _, ckpt = str(value).partition("@")
         note = None
@@ -255,7 +289,8 @@ def resolve_bindings(tables: Sequence[TableSpec], raw: dict) -> dict[str, Bindin
 def load_bindings(path: Path, tables: Sequence[TableSpec]) -> dict[str, Binding]:
     """A user's bindings file: ``slot: MODEL@CKPT`` lines (or the same under a ``bindings:`` key)."""
     data = _read_yaml(path)
-    return resolve_bindings(tables, data.get("bindings", data))
+    raw = _typed(data.get("bindings", data), dict, f"{path}, 'bindings'", "a mapping of slots")
+    return resolve_bindings(tables, raw)
 
 
 def _slot_name(slot: str, known: dict[str, str]) -> str:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.files import ensure_dir, write_error
+from ssl_patchbench.results.schema import record_problem
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,23 @@ def _last_byte(path: Path) -> bytes:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Every complete record, oldest first; a line that is not a JSON object (cut by a crash) is skipped."""
-    if not path.exists():
-        return []
+    """Every valid record, oldest first. A line that is not a JSON object (cut by a crash) or whose fields do not
+    have the schema's types (``results.schema``) is skipped with a warning naming the file and line."""
+    try:
+        if not path.is_file():
+            return []
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise UserError(f"cannot read results file {path}: {exc.strerror or exc}") from exc
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
-        if isinstance(record, dict):
+        problem = record_problem(record) if isinstance(record, dict) else "not a complete record"
+        if problem is None:
             records.append(record)
         elif line.strip():
-            log.warning("%s:%d is not a complete record; skipped", path, number)
+            log.warning("%s:%d skipped: %s", path, number, problem)
     return records
