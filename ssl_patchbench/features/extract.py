@@ -11,18 +11,18 @@ compiles once per slice size and the last batch of a chunk reuses those kernels.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.batches import all_jpeg, nvjpeg_batches, process_batches
 from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.features.store import StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -38,6 +38,8 @@ _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are move
 
 @dataclass(frozen=True)
 class ExtractStats:
+    """One pass over a split: the images it covered, the patches it forwarded and its wall time."""
+
     images: int
     patches: int
     seconds: float
@@ -48,6 +50,7 @@ class ExtractSettings:
     """How every extraction of a run executes (none of it changes the numbers beyond float rounding).
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
+    ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one).
     """
 
     device: torch.device
@@ -55,6 +58,16 @@ class ExtractSettings:
     max_patches: int | None = None
     compile_model: bool = False
     shard: tuple[int, int] = (0, 1)
+    decode_workers: int | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One representation a pass fills: its spec, one store writer per aggregation, and how its forwards run."""
+
+    spec: PatchSpec
+    writers: dict[Aggregation, StoreWriter]
+    settings: ExtractSettings
 
 
 def default_max_patches(device: torch.device, input_size: int) -> int:
@@ -73,35 +86,100 @@ def extract(
     progress: Progress | None = None,
 ) -> ExtractStats:
     """Fill the writers' pending chunks with the aggregated representation of ``split`` under ``spec``."""
+    return extract_pass(encoder, split, [Target(spec, writers, settings)], progress=progress)
+
+
+def nested_groups(specs: list[PatchSpec]) -> list[list[PatchSpec]]:
+    """Specs that share forwards, the largest first: random bags that differ only in their count (patch ``j``
+    does not depend on the count, so a smaller bag is a prefix of the largest). Every other spec is alone."""
+    groups: dict[PatchSpec, list[PatchSpec]] = {}
+    for spec in specs:
+        groups.setdefault(replace(spec, n=1) if spec.mode == "random" else spec, []).append(spec)
+    return [sorted(members, key=lambda s: -s.num_patches) for members in groups.values()]
+
+
+def extract_pass(
+    encoder: Encoder, split: ImageSplit, targets: list[Target], *, progress: Progress | None = None
+) -> ExtractStats:
+    """Fill every target's pending chunks in one pass over ``split``: each batch of images is decoded once and
+    cut into every representation; nested random bags run the model once, on the largest bag."""
+    if not targets:
+        return ExtractStats(0, 0, 0.0)
+    settings = targets[0].settings
     device = settings.device
     encoder = encoder.to(device).eval()
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    first = next(iter(writers.values()))
-    runner = PatchRunner(encoder, spec, settings, max_images=first.chunk_rows)
+    by_spec = {t.spec: t for t in targets}
+    writers = [w for t in targets for w in t.writers.values()]
+    first = writers[0]
+    if any(w.chunk_rows != first.chunk_rows or w.rows != first.rows for w in writers):
+        raise ValueError("the stores of one pass must share their rows and chunking")
+    groups = [
+        (members, PatchRunner(encoder, members[0], by_spec[members[0]].settings, max_images=first.chunk_rows))
+        for members in nested_groups(list(by_spec))
+    ]
     rank, world = settings.shard
-    chunks = sorted(c for c in set().union(*(w.pending_chunks() for w in writers.values())) if c % world == rank)
-    images = ImageSource(split, device)
-    start = time.perf_counter()
-    done_images = 0
+    pending = {id(w): set(w.pending_chunks()) for w in writers}
+    chunks = sorted(c for c in set().union(*pending.values()) if c % world == rank)
+    plan: list[tuple[int, np.ndarray]] = []  # (chunk, image indices) per decoded batch
     for chunk in chunks:
+        active = [runner for members, runner in groups if _needs(members, by_spec, pending, chunk)]
         lo, hi = first.chunk_range(chunk)
-        rows: dict[Aggregation, list[torch.Tensor]] = {agg: [] for agg in writers}
-        for batch, pixels, sizes in images.iterate(list(_batches(lo, hi, runner.images_per_batch))):
-            patch_features = runner(pixels, sizes, batch)
-            for agg in writers:
-                rows[agg].append(agg(patch_features, spec))  # stays on the device: no sync per batch
-            done_images += len(batch)
-            if progress is not None:
-                progress(len(batch), len(batch) * spec.num_patches)
-        for agg, writer in writers.items():
-            if chunk in writer.pending_chunks():
-                writer.write_chunk(chunk, torch.cat(rows[agg]).cpu().numpy().astype(writer.features.dtype))
+        plan.extend((chunk, b) for b in _batches(lo, hi, max(r.images_per_batch for r in active)))
+    images = ImageSource(split, device, workers=settings.decode_workers)
+    start = time.perf_counter()
+    done_images = forwarded = 0
+    rows: dict[int, list[torch.Tensor]] = defaultdict(list)  # per writer: the chunk's rows so far
+    decoded = images.iterate([indices for _, indices in plan])
+    for step, ((chunk, _), (batch, pixels, sizes)) in enumerate(zip(plan, decoded, strict=True)):
+        patches = 0
+        for members, runner in groups:
+            todo = [s for s in members if _needs([s], by_spec, pending, chunk)]
+            if not todo:
+                continue
+            for lo in range(0, len(batch), runner.images_per_batch):
+                part = slice(lo, lo + runner.images_per_batch)
+                features = runner(pixels[part], sizes[part], batch[part])
+                for spec in todo:
+                    for agg, writer in by_spec[spec].writers.items():
+                        if chunk in pending[id(writer)]:  # stays on the device: no sync per batch
+                            rows[id(writer)].append(agg(features[:, : spec.num_patches], spec))
+            patches += len(batch) * runner.spec.num_patches
+        done_images += len(batch)
+        forwarded += patches
+        if progress is not None:
+            progress(len(batch), patches)
+        if step + 1 == len(plan) or plan[step + 1][0] != chunk:
+            _write_chunk(chunk, targets, pending, rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return ExtractStats(images=done_images, patches=done_images * spec.num_patches, seconds=seconds)
+    return ExtractStats(images=done_images, patches=forwarded, seconds=time.perf_counter() - start)
+
+
+def planned_patches(targets: list[Target]) -> int:
+    """Patches a pass forwards over all ranks: per group of nested bags, its largest bag on every pending chunk."""
+    by_spec = {t.spec: t for t in targets}
+    total = 0
+    for members in nested_groups(list(by_spec)):
+        writers = [w for spec in members for w in by_spec[spec].writers.values()]
+        chunks = set().union(*(w.pending_chunks() for w in writers))
+        images = sum(writers[0].chunk_range(c)[1] - writers[0].chunk_range(c)[0] for c in chunks)
+        total += images * members[0].num_patches
+    return total
+
+
+def _needs(members: list[PatchSpec], by_spec: dict[PatchSpec, Target], pending: dict, chunk: int) -> bool:
+    return any(chunk in pending[id(w)] for spec in members for w in by_spec[spec].writers.values())
+
+
+def _write_chunk(chunk: int, targets: list[Target], pending: dict, rows: dict) -> None:
+    for target in targets:
+        for writer in target.writers.values():
+            if chunk in pending[id(writer)]:
+                parts = rows.pop(id(writer))
+                writer.write_chunk(chunk, torch.cat(parts).cpu().numpy().astype(writer.features.dtype))
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -189,16 +267,23 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
+def decoder(split: ImageSplit, device: torch.device) -> str:
+    """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
+    if split.array is not None:
+        return "memory"
+    return "nvjpeg" if device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
+
+
 class ImageSource:
     """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
 
-    In-memory splits are moved to the device once (uint8). File-backed splits are decoded by a thread
-    pool one batch ahead of the model, and padded by edge replication to the batch's largest image
-    (boxes never leave an image's own area, so padding is never sampled).
+    In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model:
+    JPEG folders by nvJPEG on CUDA, everything else by one process per core (:mod:`ssl_patchbench.data.batches`),
+    each batch padded to its largest image (boxes never leave an image's own area, so padding is never sampled).
     """
 
-    def __init__(self, split: ImageSplit, device: torch.device) -> None:
-        self.split, self.device = split, device
+    def __init__(self, split: ImageSplit, device: torch.device, *, workers: int | None = None) -> None:
+        self.split, self.device, self.workers = split, device, workers
         self.resident: torch.Tensor | None = None
         if split.array is not None:
             array = torch.from_numpy(np.ascontiguousarray(split.array))
@@ -206,18 +291,20 @@ class ImageSource:
             self.resident = array.to(device) if fits else array
 
     def iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batch while this one runs."""
+        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batches while this one runs."""
         if self.resident is not None:
             for indices in batches:
                 yield (indices, *self._slice(indices))
             return
-        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-            pending = pool.submit(self._decode, pool, batches[0]) if batches else None
-            for i, indices in enumerate(batches):
-                uint8, sizes = pending.result()  # type: ignore[union-attr]
-                if i + 1 < len(batches):
-                    pending = pool.submit(self._decode, pool, batches[i + 1])
-                yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
+        paths = self.split.paths or []
+        if decoder(self.split, self.device) == "nvjpeg":
+            for indices, (pixels, sizes) in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
+                yield indices, pixels.float(), sizes
+            return
+        pin = self.device.type == "cuda"
+        decoded = process_batches(paths, batches, workers=self.workers, pin=pin)
+        for indices, (uint8, sizes) in zip(batches, decoded, strict=True):
+            yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         index = torch.from_numpy(indices)
@@ -227,13 +314,3 @@ class ImageSource:
             batch = to_device(self.resident[index], self.device)  # type: ignore[index]
         sizes = np.tile(batch.shape[1:3], (len(indices), 1))
         return batch.permute(0, 3, 1, 2).float(), sizes
-
-    def _decode(self, pool: ThreadPoolExecutor, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-        images = list(pool.map(self.split.image, indices.tolist()))
-        sizes = np.array([im.shape[:2] for im in images])
-        height, width = sizes.max(axis=0)
-        padded = np.stack(
-            [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
-        )
-        tensor = torch.from_numpy(padded)  # pinned here, in a worker thread: to_device then only queues the copy
-        return (tensor.pin_memory() if self.device.type == "cuda" else tensor), sizes

@@ -14,6 +14,7 @@ from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.core.environment import environment
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, resolve_precision
 from ssl_patchbench.models.encoder import Encoder
@@ -115,7 +116,8 @@ class RunContext:
         return {**{k: identity[k] for k in FEATURE_FIELDS}, "data": identity["data"][split]}
 
     def settings(self, spec: PatchSpec) -> ExtractSettings:
-        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels)."""
+        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels); the
+        ranks of one host share its cores for decoding."""
         patches = spec.num_patches * sum(len(data) for data in self.splits.values())
         return ExtractSettings(
             device=self.device,
@@ -123,6 +125,7 @@ class RunContext:
             max_patches=self.cfg.max_patches,
             compile_model=compiles(self.cfg.compile, self.device, patches),
             shard=(self.ranks.rank, self.ranks.world),
+            decode_workers=max(1, decode_workers() // self.ranks.world) if self.ranks.active else None,
         )
 
 
