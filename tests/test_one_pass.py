@@ -1,6 +1,7 @@
 """One pass per split (every representation cut from one decoded copy; nested bags share forwards) and the
 multi-process decoder (same features as decoding in this process; padding of mixed sizes never read)."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ from ssl_patchbench.features.extract import ExtractSettings, Target, extract, ex
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
+from ssl_patchbench.results.store import read_records
 from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
+
+from .clitools import model_args, run_cli
 
 CPU = torch.device("cpu")
 SLIDING = PatchSpec(mode="sliding", size=16, stride=8, out_size=32)
@@ -149,3 +153,22 @@ def test_jpeg_header_gives_pils_size_and_components(mixed_split, tmp_path):
             expected = (im.height, im.width, len(im.getbands()))
         assert jpeg_header(Path(path).read_bytes()) == expected
     assert jpeg_header(b"\x89PNG\r\n\x1a\n....") is None
+
+
+def test_a_rerun_on_complete_stores_is_marked_reused_and_claims_no_extraction(
+    capsys, monkeypatch, caplog, tiny_checkpoint, cifar_dir, tmp_path
+):
+    args = ["eval", *model_args(tiny_checkpoint, cifar_dir), "--patches", "central,2,4", "--eval", "knn"]
+    args += ["--train-per-class", "3", "--test-per-class", "2", "--home", str(tmp_path), "--json"]
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    first, second = read_records(tmp_path / "results.jsonl")[:3], read_records(tmp_path / "results.jsonl")[3:]
+    assert [r["representation"] for r in second] == ["central", "2", "4"]
+    for old, new in zip(first, second, strict=True):
+        assert not old["reused_features"] and new["reused_features"]
+        assert old["timings"]["extraction_train"]["pass"]["representations"] == ["central", "2", "4"]
+        assert old["timings"]["extraction_train"]["pass"]["forwarded_patches"] == 30 * (1 + 4)  # 2 nests in 4
+        assert new["timings"]["extraction_train"] is None and new["timings"]["extraction_test"] is None
+        assert new["metrics"] == old["metrics"]
+    assert caplog.text.count("reused cached features") == 3
