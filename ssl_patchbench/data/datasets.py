@@ -21,6 +21,7 @@ from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.decode import decode
+from ssl_patchbench.data.subsets import folder_classes
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _split_dir(root: Path, split: str) -> Path:
 def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | None) -> ImageSplit:
     """An ImageFolder split; small images are decoded once into a cached array."""
     folder = _split_dir(root, split)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = folder_classes(folder, name)
     if not classes:
         raise UserError(f"{folder} holds no class folders (expected {folder}/<class>/<image>)")
     paths, labels = _list_images(folder, classes)

@@ -16,4 +16,5 @@ def decode(path: str) -> np.ndarray:
     except OSError as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
 
+
 MAX_PIXELS = 89_478_485  # PIL's default decompression-bomb limit; the GPU decoder refuses larger images too
