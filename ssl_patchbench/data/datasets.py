@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.batches import process_batches
 from ssl_patchbench.data.decode import decode
 from ssl_patchbench.data.subsets import folder_classes
 
@@ -32,6 +32,7 @@ SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _DECODE_CACHE_MAX_SIDE = 96  # ImageFolder trees of images this small are decoded once into an array
 _DECODE_CACHE_MAX_BYTES = 8 << 30
+_DECODE_BATCH = 1024  # images per batch a decoding process hands back
 
 
 @dataclass
@@ -168,7 +169,8 @@ def _list_images(folder: Path, classes: list[str]) -> tuple[list[str], list[int]
 
 
 def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
-    """Swap lazy files for one decoded array when every image is small and of one size (cached on disk)."""
+    """Swap lazy files for one decoded array when every image is small and of one size (cached on disk); the
+    files are decoded by one process per core."""
     first = split.image(0)
     h, w = first.shape[:2]
     if max(h, w) > _DECODE_CACHE_MAX_SIDE or len(split) * first.nbytes > _DECODE_CACHE_MAX_BYTES:
@@ -178,14 +180,19 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
         return ImageSplit(split.labels, split.classes, split.identity, array=cached)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        images = list(pool.map(decode, split.paths))  # type: ignore[arg-type]
-    if any(im.shape != first.shape for im in images):
-        return split
-    array = np.stack(images)
+    parts = []
+    for pixels, sizes in process_batches(split.paths or [], _ranges(len(split), _DECODE_BATCH)):
+        if (sizes != (h, w)).any():
+            return split
+        parts.append(pixels.numpy())
+    array = np.concatenate(parts)
     with atomic_path(path) as tmp:
         np.save(tmp, array)
     return ImageSplit(split.labels, split.classes, split.identity, array=array)
+
+
+def _ranges(n: int, step: int) -> list[np.ndarray]:
+    return [np.arange(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -50,7 +50,8 @@ class ExtractSettings:
     """How every extraction of a run executes (none of it changes the numbers beyond float rounding).
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
-    ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one).
+    ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one);
+    ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG (False: by the CPU processes).
     """
 
     device: torch.device
@@ -59,6 +60,7 @@ class ExtractSettings:
     compile_model: bool = False
     shard: tuple[int, int] = (0, 1)
     decode_workers: int | None = None
+    gpu_decode: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def extract_pass(
         active = [runner for members, runner in groups if _needs(members, by_spec, pending, chunk)]
         lo, hi = first.chunk_range(chunk)
         plan.extend((chunk, b) for b in _batches(lo, hi, max(r.images_per_batch for r in active)))
-    images = ImageSource(split, device, workers=settings.decode_workers)
+    images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
     rows: dict[int, list[torch.Tensor]] = defaultdict(list)  # per writer: the chunk's rows so far
@@ -267,11 +269,11 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
-def decoder(split: ImageSplit, device: torch.device) -> str:
+def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = True) -> str:
     """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
     if split.array is not None:
         return "memory"
-    return "nvjpeg" if device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
+    return "nvjpeg" if gpu_decode and device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
 
 
 class ImageSource:
@@ -282,8 +284,10 @@ class ImageSource:
     each batch padded to its largest image (boxes never leave an image's own area, so padding is never sampled).
     """
 
-    def __init__(self, split: ImageSplit, device: torch.device, *, workers: int | None = None) -> None:
-        self.split, self.device, self.workers = split, device, workers
+    def __init__(
+        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = True
+    ) -> None:
+        self.split, self.device, self.workers, self.gpu_decode = split, device, workers, gpu_decode
         self.resident: torch.Tensor | None = None
         if split.array is not None:
             array = torch.from_numpy(np.ascontiguousarray(split.array))
@@ -297,7 +301,7 @@ class ImageSource:
                 yield (indices, *self._slice(indices))
             return
         paths = self.split.paths or []
-        if decoder(self.split, self.device) == "nvjpeg":
+        if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
             for indices, (pixels, sizes) in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
                 yield indices, pixels.float(), sizes
             return
