@@ -172,3 +172,20 @@ def test_a_rerun_on_complete_stores_is_marked_reused_and_claims_no_extraction(
         assert new["timings"]["extraction_train"] is None and new["timings"]["extraction_test"] is None
         assert new["metrics"] == old["metrics"]
     assert caplog.text.count("reused cached features") == 3
+
+
+def test_batches_that_straddle_chunks_and_a_resumed_gap_give_the_same_rows(encoder, split, tmp_path):
+    spec = PatchSpec(mode="random", n=5, scale=(0.2, 0.5), seed=4)
+    reference = _writers(encoder, split, spec, ("mean",), tmp_path, "ref", chunk_rows=8)
+    extract(encoder, split, spec, reference, ExtractSettings(device=CPU))
+    expected = _features(reference)["mean"]
+    straddling = _writers(encoder, split, spec, ("mean",), tmp_path, "odd", chunk_rows=7)  # batches of 3 images
+    extract(encoder, split, spec, straddling, ExtractSettings(device=CPU, max_patches=15))
+    np.testing.assert_allclose(_features(straddling)["mean"], expected, atol=1e-5, rtol=1e-5)
+    damaged = next(iter(straddling.values())).features
+    damaged[7:14] = 0  # chunk 1 of 0..2 damaged: reopened, it is a stretch of one chunk between two done ones
+    damaged.flush()
+    resumed = _writers(encoder, split, spec, ("mean",), tmp_path, "odd", chunk_rows=7)
+    assert next(iter(resumed.values())).pending_chunks() == [1]
+    extract(encoder, split, spec, resumed, ExtractSettings(device=CPU, max_patches=15))
+    np.testing.assert_allclose(_features(resumed)["mean"], expected, atol=1e-5, rtol=1e-5)

@@ -3,9 +3,9 @@
 The work per batch: uint8 images on the device, every box of the batch cut and resized in one op,
 normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of at most
 ``max_patches``, then aggregated. Memory is O(batch x patches x d) whatever the dataset size, and the
-forward slice halves itself on CUDA out-of-memory. With ``compile_model`` the encoder runs under
-``torch.compile`` with static shapes: every slice is padded to the run's one full slice size, so a model
-compiles once per slice size and the last batch of a chunk reuses those kernels.
+forward slice halves itself on CUDA out-of-memory. On CUDA and with ``compile_model`` every slice is padded
+to the run's one full slice size (static shapes), so a model compiles and cuDNN autotunes once per slice
+size and the last batch reuses those kernels. One pass serves every representation of a split.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
@@ -100,11 +99,37 @@ def nested_groups(specs: list[PatchSpec]) -> list[list[PatchSpec]]:
     return [sorted(members, key=lambda s: -s.num_patches) for members in groups.values()]
 
 
+@dataclass(frozen=True)
+class _Stretch:
+    """Consecutive pending chunks, and the groups (indices into the pass's nested groups) that need any of them."""
+
+    chunks: list[int]
+    groups: list[int]
+
+
+def _stretches(groups: list[list[Target]], shard: tuple[int, int]) -> list[_Stretch]:
+    """The pending chunks of this rank in runs of consecutive chunks (a rank's chunks are never consecutive
+    when there are several ranks: each chunk is then a run of its own)."""
+    rank, world = shard
+    needs = [set().union(*(w.pending_chunks() for t in targets for w in t.writers.values())) for targets in groups]
+    chunks = sorted(c for c in set().union(*needs) if c % world == rank)
+    runs: list[list[int]] = []
+    for chunk in chunks:
+        if runs and runs[-1][-1] == chunk - 1:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return [_Stretch(run, [g for g, need in enumerate(needs) if need.intersection(run)]) for run in runs]
+
+
 def extract_pass(
     encoder: Encoder, split: ImageSplit, targets: list[Target], *, progress: Progress | None = None
 ) -> ExtractStats:
     """Fill every target's pending chunks in one pass over ``split``: each batch of images is decoded once and
-    cut into every representation; nested random bags run the model once, on the largest bag."""
+    cut into every representation; nested random bags run the model once, on the largest bag.
+
+    Batches run on across the chunks of a stretch of consecutive pending chunks (a chunk is written once its
+    last row is done), so that every batch but a stretch's last has one size."""
     if not targets:
         return ExtractStats(0, 0, 0.0)
     settings = targets[0].settings
@@ -118,70 +143,85 @@ def extract_pass(
     first = writers[0]
     if any(w.chunk_rows != first.chunk_rows or w.rows != first.rows for w in writers):
         raise ValueError("the stores of one pass must share their rows and chunking")
-    groups = [
-        (members, PatchRunner(encoder, members[0], by_spec[members[0]].settings, max_images=first.chunk_rows))
-        for members in nested_groups(list(by_spec))
-    ]
-    rank, world = settings.shard
-    pending = {id(w): set(w.pending_chunks()) for w in writers}
-    chunks = sorted(c for c in set().union(*pending.values()) if c % world == rank)
-    plan: list[tuple[int, np.ndarray]] = []  # (chunk, image indices) per decoded batch
-    for chunk in chunks:
-        active = [runner for members, runner in groups if _needs(members, by_spec, pending, chunk)]
-        lo, hi = first.chunk_range(chunk)
-        plan.extend((chunk, b) for b in _batches(lo, hi, max(r.images_per_batch for r in active)))
+    members = nested_groups(list(by_spec))
+    groups = [[by_spec[spec] for spec in group] for group in members]
+    runners = [PatchRunner(encoder, g[0], by_spec[g[0]].settings, max_images=first.chunk_rows) for g in members]
+    stretches = _stretches(groups, settings.shard)
+    plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
+    for stretch in stretches:
+        per_group = [runners[g].images_per_batch for g in stretch.groups]
+        size = max(per_group) - max(per_group) % min(per_group)  # whole batches of every group but one
+        lo, hi = first.chunk_range(stretch.chunks[0])[0], first.chunk_range(stretch.chunks[-1])[1]
+        plan.extend((stretch, b) for b in _batches(lo, hi, size))
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
-    rows: dict[int, list[torch.Tensor]] = defaultdict(list)  # per writer: the chunk's rows so far
-    decoded = images.iterate([indices for _, indices in plan])
-    for step, ((chunk, _), (batch, pixels, sizes)) in enumerate(zip(plan, decoded, strict=True)):
+    rows: dict[int, _Rows] = {}
+    written = 0
+    for (stretch, _), (batch, pixels, sizes) in zip(plan, images.iterate([b for _, b in plan]), strict=True):
+        active = [t for g in stretch.groups for t in groups[g]]
+        if int(batch[0]) == first.chunk_range(stretch.chunks[0])[0]:  # a stretch begins
+            rows = {id(w): _Rows() for t in active for w in t.writers.values()}
+            written = 0
         patches = 0
-        for members, runner in groups:
-            todo = [s for s in members if _needs([s], by_spec, pending, chunk)]
-            if not todo:
-                continue
+        for g in stretch.groups:
+            runner = runners[g]
             for lo in range(0, len(batch), runner.images_per_batch):
                 part = slice(lo, lo + runner.images_per_batch)
                 features = runner(pixels[part], sizes[part], batch[part])
-                for spec in todo:
-                    for agg, writer in by_spec[spec].writers.items():
-                        if chunk in pending[id(writer)]:  # stays on the device: no sync per batch
-                            rows[id(writer)].append(agg(features[:, : spec.num_patches], spec))
+                for target in groups[g]:
+                    n = target.spec.num_patches
+                    for agg, writer in target.writers.items():  # stays on the device: no sync per batch
+                        rows[id(writer)].add(agg(features[:, :n], target.spec))
             patches += len(batch) * runner.spec.num_patches
         done_images += len(batch)
         forwarded += patches
         if progress is not None:
             progress(len(batch), patches)
-        if step + 1 == len(plan) or plan[step + 1][0] != chunk:
-            _write_chunk(chunk, targets, pending, rows)
+        while written < len(stretch.chunks) and first.chunk_range(stretch.chunks[written])[1] <= int(batch[-1]) + 1:
+            _write_chunk(stretch.chunks[written], active, rows)
+            written += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return ExtractStats(images=done_images, patches=forwarded, seconds=time.perf_counter() - start)
 
 
-def planned_patches(targets: list[Target]) -> int:
-    """Patches a pass forwards over all ranks: per group of nested bags, its largest bag on every pending chunk."""
-    by_spec = {t.spec: t for t in targets}
-    total = 0
-    for members in nested_groups(list(by_spec)):
-        writers = [w for spec in members for w in by_spec[spec].writers.values()]
-        chunks = set().union(*(w.pending_chunks() for w in writers))
-        images = sum(writers[0].chunk_range(c)[1] - writers[0].chunk_range(c)[0] for c in chunks)
-        total += images * members[0].num_patches
-    return total
+class _Rows:
+    """One store's aggregated rows of a stretch, in row order, handed out chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.parts.append(rows)
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` rows (the rest stays for the next chunk)."""
+        rows = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.parts = [rows[count:]] if len(rows) > count else []
+        return rows[:count]
 
 
-def _needs(members: list[PatchSpec], by_spec: dict[PatchSpec, Target], pending: dict, chunk: int) -> bool:
-    return any(chunk in pending[id(w)] for spec in members for w in by_spec[spec].writers.values())
-
-
-def _write_chunk(chunk: int, targets: list[Target], pending: dict, rows: dict) -> None:
+def _write_chunk(chunk: int, targets: list[Target], rows: dict[int, _Rows]) -> None:
     for target in targets:
         for writer in target.writers.values():
-            if chunk in pending[id(writer)]:
-                parts = rows.pop(id(writer))
-                writer.write_chunk(chunk, torch.cat(parts).cpu().numpy().astype(writer.features.dtype))
+            lo, hi = writer.chunk_range(chunk)
+            done = rows[id(writer)].take(hi - lo)
+            if chunk in writer.pending_chunks():  # a complete store's rows of a shared stretch are dropped
+                writer.write_chunk(chunk, done.cpu().numpy().astype(writer.features.dtype))
+
+
+def planned_patches(targets: list[Target]) -> int:
+    """Patches one process forwards for these targets: per group of nested bags, its largest bag on every image
+    of a stretch of pending chunks that the group needs."""
+    by_spec = {t.spec: t for t in targets}
+    groups = [[by_spec[spec] for spec in group] for group in nested_groups(list(by_spec))]
+    first = next(iter(targets[0].writers.values()))
+    total = 0
+    for stretch in _stretches(groups, (0, 1)):
+        images = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in stretch.chunks)
+        total += images * sum(groups[g][0].spec.num_patches for g in stretch.groups)
+    return total
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -223,7 +263,9 @@ class PatchRunner:
         self.max_patches = max_patches or default_max_patches(self.device, spec.out_size)
         self.images_per_batch = max(1, min(self.max_patches // spec.num_patches, max_images or sys.maxsize))
         self.forward = encoder.compiled() if settings.compile_model else encoder
-        self.pad_slices = settings.compile_model  # static shapes: one compilation serves every slice
+        # static shapes: one compilation, and on CUDA one cuDNN autotuning (about 1.5 s for a ResNet-50 slice of
+        # 2k patches, more than the padded patches cost), serves every slice
+        self.pad_slices = settings.compile_model or self.device.type == "cuda"
 
     @property
     def slice_patches(self) -> int:
