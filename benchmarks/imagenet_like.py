@@ -191,35 +191,87 @@ def run_eval(name: str, checkpoint: Path, data: Path, home: Path, *extra: str, p
     return mine
 
 
-def emit_profile(name: str, path: Path, wall: float, top: int = 30) -> None:
+def emit_profile(name: str, path: Path, wall: float, top: int = 25) -> None:
+    """The package's own functions by cumulative time (imports are measured apart, by ``imports``)."""
     import pstats
 
     stats = pstats.Stats(str(path)).stats  # (file, line, function) -> (calls, ..., total time, cumulative time)
-    ranked = sorted(stats.items(), key=lambda item: item[1][3], reverse=True)[:top]
+    ours = [(key, value) for key, value in stats.items() if "ssl_patchbench" in key[0] and key[2] != "<module>"]
+    ranked = sorted(ours, key=lambda item: item[1][3], reverse=True)[:top]
     rows = [[f"{Path(f).name}:{line}:{fn}", round(cum, 2)] for (f, line, fn), (_, _, _, cum, _) in ranked]
     emit(measurement="overhead_profile", run=name, wall_seconds=round(wall, 1), cumulative_seconds=rows)
 
 
+def imports() -> None:
+    """Seconds to import what an ``eval`` imports (torch, torchvision, timm and the package), in a fresh process."""
+    code = (
+        "import time; t = time.perf_counter(); import ssl_patchbench.pipeline.evaluate; print(time.perf_counter() - t)"
+    )
+    seconds = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    code = "import time; t = time.perf_counter(); import torch; torch.zeros(1, device='cuda')"
+    code += "; print(time.perf_counter() - t)"
+    cuda = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    emit(measurement="imports", eval_imports_seconds=round(seconds, 2), torch_and_cuda_init_seconds=round(cuda, 2))
+
+
+def decoders(data: Path) -> None:
+    """The eval's two decoders alone (no model): batches of the central view's slice size, as eval reads them."""
+    from ssl_patchbench.data.datasets import open_split
+    from ssl_patchbench.features.extract import ImageSource
+
+    split = open_split("imagenet", "train", data_dir=data)
+    size = default_max_patches(torch.device("cuda"), 224)
+    batches = [np.arange(i, min(i + size, len(split))) for i in range(0, len(split), size)]
+    for gpu in (True, False):
+        source = ImageSource(split, torch.device("cuda"), gpu_decode=gpu)
+        start = time.perf_counter()
+        for _ in source.iterate(batches):
+            pass
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        emit(
+            measurement="eval_decoder",
+            decoder="nvjpeg" if gpu else "processes",
+            images_per_s=round(len(split) / seconds),
+        )
+
+
+def bf16_noise(checkpoint: Path, data: Path) -> None:
+    """The yardstick for nvjpeg_vs_pil: the same PIL-decoded central features in bf16 and in fp32."""
+    _compare(
+        checkpoint,
+        data,
+        "bf16_vs_fp32",
+        {"precision": "bf16", "gpu_decode": False},
+        {"precision": "fp32", "gpu_decode": False},
+    )
+
+
 def nvjpeg_vs_pil(checkpoint: Path, data: Path) -> None:
+    _compare(checkpoint, data, "nvjpeg_vs_pil", {"gpu_decode": True}, {"gpu_decode": False})
+
+
+def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settings: dict) -> None:
+    """Central features of the val split under two extraction settings, compared row by row."""
     from ssl_patchbench.data.datasets import open_split
 
     model = load_model("vicreg_rn50", checkpoint=checkpoint)
     encoder = Encoder(model, "embedding")
     split = open_split("imagenet", "test", data_dir=data)
     spec = PatchSpec(mode="central", out_size=224, resize=256)
-    got = {}
+    got = []
     with tempfile.TemporaryDirectory() as tmp:
-        for gpu in (True, False):
-            writer = FeatureStore(Path(tmp), f"gpu{gpu}").writer(
+        for number, extra in enumerate((a_settings, b_settings)):
+            writer = FeatureStore(Path(tmp), str(number)).writer(
                 labels=split.labels, dim=encoder.dim, dtype="float32", chunk_rows=4096, meta={}
             )
-            settings = ExtractSettings(device=torch.device("cuda"), gpu_decode=gpu)
+            settings = ExtractSettings(device=torch.device("cuda"), **extra)
             extract(encoder, split, spec, {Aggregation(): writer}, settings)
-            got[gpu] = np.array(writer.features)
-    a, b = got[True], got[False]
+            got.append(np.array(writer.features))
+    a, b = got
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     emit(
-        measurement="nvjpeg_vs_pil",
+        measurement=name,
         images=len(a),
         min_cosine=float(cosine.min()),
         mean_cosine=float(cosine.mean()),
@@ -294,7 +346,10 @@ def main() -> None:
     state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
     torch.save(state, checkpoint)
     steps = {
+        "imports": imports,
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
+        "bf16_noise": lambda: bf16_noise(checkpoint, data),
+        "eval_decoder": lambda: decoders(data),
         "pil_decode": lambda: pil_decode(paths["train"]),
         "gpu_decode": lambda: gpu_decode(paths["train"]),
         "model_only": lambda: model_only(checkpoint, compiled=False),
