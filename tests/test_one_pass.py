@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.batches import jpeg_header
+from ssl_patchbench.data.batches import join_padded, jpeg_header, pad_chw, pad_numpy
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore
@@ -189,3 +189,22 @@ def test_batches_that_straddle_chunks_and_a_resumed_gap_give_the_same_rows(encod
     assert next(iter(resumed.values())).pending_chunks() == [1]
     extract(encoder, split, spec, resumed, ExtractSettings(device=CPU, max_patches=15))
     np.testing.assert_allclose(_features(resumed)["mean"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch():
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(5, 9), (8, 4), (3, 3), (7, 10), (6, 2)]]
+    expected, sizes = pad_numpy(images)  # np.pad(mode="edge") of each image to the largest
+    height, width = sizes.max(axis=0)
+    for i, image in enumerate(images):  # independent check of the reference: every pad pixel is its edge's
+        padded = expected[i].numpy()
+        np.testing.assert_array_equal(padded[: image.shape[0], : image.shape[1]], image)
+        np.testing.assert_array_equal(
+            padded[:, image.shape[1] :], np.repeat(padded[:, image.shape[1] - 1 :][:, :1], width - image.shape[1], 1)
+        )
+    joined, joined_sizes = join_padded([pad_numpy(images[:2]), pad_numpy(images[2:3]), pad_numpy(images[3:])])
+    np.testing.assert_array_equal(joined.numpy(), expected.numpy())
+    np.testing.assert_array_equal(joined_sizes, sizes)
+    chw, _ = pad_chw([torch.from_numpy(im).permute(2, 0, 1) for im in images])
+    np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
+    assert (height, width) == (8, 10)

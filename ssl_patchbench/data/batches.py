@@ -30,7 +30,8 @@ from ssl_patchbench.data.decode import MAX_PIXELS, decode
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-_AHEAD = 2  # decoded batches waiting for the model
+_AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
+_PIECE = 32  # images one decoding process hands back at a time
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
@@ -82,24 +83,50 @@ def decode_workers() -> int:
 
 
 def process_batches(
-    paths: Sequence[str], batches: Sequence[np.ndarray], *, workers: int | None = None, pin: bool = False
+    paths: Sequence[str], batches: Sequence[np.ndarray], *, workers: int | None = None
 ) -> Iterator[Batch]:
-    """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one)."""
+    """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one).
+
+    Each process decodes pieces of at most ``_PIECE`` images (a batch of two thousand is thus shared by every
+    core, not decoded by one), and the pieces are joined here, edge-padded to the batch's largest image."""
     workers = decode_workers() if workers is None else workers
-    workers = min(workers, len(batches))
+    pieces = [[indices[i : i + _PIECE] for i in range(0, len(indices), _PIECE)] for indices in batches]
+    flat = [piece.tolist() for batch in pieces for piece in batch]
+    workers = min(workers, len(flat))
     loader = torch.utils.data.DataLoader(
         _Files(paths),
-        batch_sampler=[b.tolist() for b in batches],
+        batch_sampler=flat,
         num_workers=workers,
         collate_fn=_collate,
-        pin_memory=pin,
         prefetch_factor=_AHEAD if workers else None,
         multiprocessing_context=_fork() if workers else None,
     )
-    for item in loader:
-        if isinstance(item, UserError):
-            raise item
-        yield item
+    decoded = iter(loader)
+    for batch in pieces:
+        parts = [next(decoded) for _ in batch]
+        for part in parts:
+            if isinstance(part, UserError):
+                raise part
+        yield join_padded(parts)
+
+
+def join_padded(parts: Sequence[Batch]) -> Batch:
+    """Edge-padded ``[b, h, w, 3]`` pieces -> one ``[B, H, W, 3]`` batch, each piece edge-padded further (an
+    edge-padded image padded again by its last row and column is the image edge-padded once)."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = np.concatenate([s for _, s in parts])
+    height, width = (int(v) for v in sizes.max(axis=0))
+    out = torch.empty((len(sizes), height, width, 3), dtype=torch.uint8)
+    start = 0
+    for pixels, _ in parts:
+        b, h, w = pixels.shape[:3]
+        rows = out[start : start + b]
+        rows[:, :h, :w] = pixels
+        rows[:, :h, w:] = pixels[:, :, w - 1 : w]
+        rows[:, h:] = rows[:, h - 1 : h]
+        start += b
+    return out, sizes
 
 
 def _fork() -> multiprocessing.context.BaseContext | None:

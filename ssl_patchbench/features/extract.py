@@ -347,8 +347,7 @@ class ImageSource:
             for indices, (pixels, sizes) in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
                 yield indices, pixels.float(), sizes
             return
-        pin = self.device.type == "cuda"
-        decoded = process_batches(paths, batches, workers=self.workers, pin=pin)
+        decoded = process_batches(paths, batches, workers=self.workers)
         for indices, (uint8, sizes) in zip(batches, decoded, strict=True):
             yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
 
