@@ -10,8 +10,9 @@ Measured, one JSON line each:
 - ``pil_decode``: PIL (``data.decode.decode``) in one process per core, every train file;
 - ``gpu_decode``: ``torchvision.io.decode_jpeg(device="cuda")`` in batches of 256, the files already in memory;
 - ``model_only``: the compiled encoder (bf16, channels_last) on ready 224 px batches of the eval's slice size;
-- ``eval``: ``patchbench eval`` as a user runs it (a fresh process and cache): central, 16, 48, central+16+48
-  in one call, and a rerun on complete stores; wall seconds and the stores' extraction rates;
+- ``eval``: ``patchbench eval --decode gpu`` as a user runs it (a fresh process and cache): central, 16, 48,
+  central+16+48 in one call, a rerun on complete stores, and central with the default (PIL) decoder; wall
+  seconds and the stores' extraction rates;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
@@ -345,6 +346,7 @@ def main() -> None:
 
     state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
     torch.save(state, checkpoint)
+    gpu = ("--decode", "gpu")
     steps = {
         "imports": imports,
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
@@ -353,14 +355,17 @@ def main() -> None:
         "pil_decode": lambda: pil_decode(paths["train"]),
         "gpu_decode": lambda: gpu_decode(paths["train"]),
         "model_only": lambda: model_only(checkpoint, compiled=False),
-        "central": lambda: run_eval("central", checkpoint, data, args.root / "home_c", "--patches", "central"),
+        "central": lambda: run_eval("central", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu),
         "central rerun": lambda: run_eval(
-            "central rerun", checkpoint, data, args.root / "home_c", "--patches", "central", profile=True
+            "central rerun", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu, profile=True
         ),
-        "16": lambda: run_eval("16", checkpoint, data, args.root / "home_16", "--patches", "16"),
-        "48": lambda: run_eval("48", checkpoint, data, args.root / "home_48", "--patches", "48"),
+        "central cpu": lambda: run_eval(
+            "central cpu", checkpoint, data, args.root / "home_cpu", "--patches", "central"
+        ),
+        "16": lambda: run_eval("16", checkpoint, data, args.root / "home_16", "--patches", "16", *gpu),
+        "48": lambda: run_eval("48", checkpoint, data, args.root / "home_48", "--patches", "48", *gpu),
         "central+16+48": lambda: run_eval(
-            "central+16+48", checkpoint, data, args.root / "home_all", "--patches", "central,16,48"
+            "central+16+48", checkpoint, data, args.root / "home_all", "--patches", "central,16,48", *gpu
         ),
         "user_baseline": lambda: user_baseline(checkpoint, data, args.baseline_images),
         "model_only_compiled": lambda: model_only(checkpoint, compiled=True),

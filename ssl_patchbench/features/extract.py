@@ -50,7 +50,8 @@ class ExtractSettings:
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
     ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one);
-    ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG (False: by the CPU processes).
+    ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG, not by PIL in processes (its pixels differ
+    slightly: the run context then records the decoder in the data identity, so its stores are apart).
     """
 
     device: torch.device
@@ -59,7 +60,7 @@ class ExtractSettings:
     compile_model: bool = False
     shard: tuple[int, int] = (0, 1)
     decode_workers: int | None = None
-    gpu_decode: bool = True
+    gpu_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,7 +312,7 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
-def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = True) -> str:
+def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False) -> str:
     """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
     if split.array is not None:
         return "memory"
@@ -321,13 +322,14 @@ def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = True)
 class ImageSource:
     """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
 
-    In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model:
-    JPEG folders by nvJPEG on CUDA, everything else by one process per core (:mod:`ssl_patchbench.data.batches`),
-    each batch padded to its largest image (boxes never leave an image's own area, so padding is never sampled).
+    In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model
+    (:mod:`ssl_patchbench.data.batches`): by one process per core, or, with ``gpu_decode``, JPEG folders on CUDA
+    by nvJPEG; each batch padded to its largest image (boxes never leave an image's own area, so padding is
+    never sampled).
     """
 
     def __init__(
-        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = True
+        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = False
     ) -> None:
         self.split, self.device, self.workers, self.gpu_decode = split, device, workers, gpu_decode
         self.resident: torch.Tensor | None = None
