@@ -43,9 +43,10 @@ def test_eval_json_rows_and_results_record(capsys, monkeypatch, tiny_checkpoint,
     assert records[2]["patches"]["n"] == 4 and records[2]["checkpoint_sha256"]
     assert records[0]["metrics"]["knn@20"]["top1"] == rows[0]["knn@20"]
     assert records[2]["timings"]["extraction_train"]["compiled"] is False  # auto: never on a CPU
-    # not a terminal (a pipe, a CI log): every extraction leaves plain lines saying how far and how fast it went
-    assert re.search(r"^train 4 random: 100 images in \d+:\d\d:\d\d \([\d,]+ img/s [\d,]+ patch/s\)$", err, re.M)
-    assert re.search(r"^test central: ", err, re.M)
+    # not a terminal (a pipe, a CI log): every pass leaves plain lines saying how far and how fast it went
+    pattern = r"^train central \+ 1 \+ 4: 100 images in \d+:\d\d:\d\d \([\d,]+ img/s [\d,]+ patch/s\)$"
+    assert re.search(pattern, err, re.M)
+    assert re.search(r"^test central \+ 1 \+ 4: ", err, re.M)
 
 
 def test_compile_auto_only_for_large_cuda_extractions(monkeypatch):

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import shutil
@@ -32,16 +33,19 @@ def _args(checkpoint, data_dir, home) -> list[str]:
     ]
 
 
-def _interrupt(store, keep: set[int]) -> None:
-    """Make a sealed store look like a run killed after finishing only the chunks in ``keep``."""
+def _interrupt(store, keep: set[int]) -> int:
+    """Make a sealed store look like a run killed after finishing only the chunks in ``keep`` (logged as the
+    writer logs them: chunk and the sha256 of its rows); returns how many rows are left to extract."""
     (store / "meta.json").unlink()
-    (store / "chunks.log").write_text("".join(f"{c}\n" for c in sorted(keep)))
     features = np.load(store / "features.npy", mmap_mode="r+")
     rows = np.ones(len(features), dtype=bool)
     for chunk in keep:
         rows[chunk * 16 : (chunk + 1) * 16] = False
     features[rows] = 0
     features.flush()
+    digests = {c: hashlib.sha256(np.ascontiguousarray(features[c * 16 : (c + 1) * 16]).tobytes()) for c in keep}
+    (store / "chunks.log").write_text("".join(f"{c} {digests[c].hexdigest()}\n" for c in sorted(keep)))
+    return int(rows.sum())
 
 
 def _metrics(rows: list[dict]) -> list[dict]:
@@ -57,8 +61,7 @@ def test_two_gloo_ranks_resume_a_one_process_store_and_match_it(
     shutil.copytree(single, multi)
     (multi / "results.jsonl").unlink()
     stores = sorted((multi / "features").glob("*/"))
-    for store in stores:
-        _interrupt(store, keep={0, 2})  # a killed one-process run; two ranks now finish it
+    left = {store: _interrupt(store, keep={0, 2}) for store in stores}  # a killed one-process run; two ranks finish it
 
     env = {**os.environ, "PATCHBENCH_HOME": str(multi), "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
@@ -76,6 +79,10 @@ def test_two_gloo_ranks_resume_a_one_process_store_and_match_it(
     for store in stores:
         reference = single / "features" / store.name
         np.testing.assert_array_equal(np.load(store / "features.npy"), np.load(reference / "features.npy"))
-        assert json.loads((store / "meta.json").read_text())["extraction"]["processes"] == 2
+        extraction = json.loads((store / "meta.json").read_text())["extraction"]
+        assert extraction["processes"] == 2
+        assert extraction["images"] == left[store]  # the kept chunks were resumed, not extracted again
+        logged = [int(line.split()[0]) for line in (store / "chunks.log").read_text().splitlines()]
+        assert sorted(logged) == list(range(-(-len(np.load(store / "labels.npy")) // 16)))  # each chunk once
     records = read_records(multi / "results.jsonl")
     assert len(records) == 2  # written once, by rank 0

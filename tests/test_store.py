@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -73,3 +74,18 @@ def test_key_changes_with_any_material():
     assert store_key(base) == store_key(json.loads(json.dumps(base)))
     assert store_key(base) != store_key({**base, "seed": 1})
     assert store_key(base) != store_key({**base, "patches": {"n": 256}})
+
+
+def test_sealed_store_is_checked_by_its_fingerprint_and_hashed_whole_only_when_it_changed(tmp_path, monkeypatch):
+    import ssl_patchbench.features.store as store_module
+
+    rows, labels = np.random.rand(64, 3).astype(np.float16), np.zeros(64, dtype=int)
+    store = FeatureStore(tmp_path, "k")
+    _fill(store, rows, labels, chunk_rows=16).seal()
+    hashed = []
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    assert store.is_complete() and hashed == []  # size, mtime and sampled blocks as sealed: no full hash
+    features = store.path / "features.npy"
+    os.utime(features, ns=(features.stat().st_atime_ns, features.stat().st_mtime_ns + 10**9))  # touched
+    assert store.is_complete() and hashed == ["features.npy"]  # same bytes: still sealed

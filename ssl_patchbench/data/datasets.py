@@ -8,7 +8,6 @@ extractor the same thing: images by index, labels, class names, and an identity 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -18,10 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.batches import process_batches
 from ssl_patchbench.data.decode import decode, image_size, shown
+from ssl_patchbench.data.subsets import folder_classes
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _DECODE_CACHE_MAX_SIDE = 96  # ImageFolder trees of images this small are decoded once into an array
 _DECODE_CACHE_MAX_BYTES = 8 << 30
+_DECODE_BATCH = 1024  # images per batch a decoding process hands back
 
 
 @dataclass
@@ -55,6 +58,14 @@ class ImageSplit:
         if self.array is not None:
             return self.array[index]
         return decode(self.paths[index])  # type: ignore[index]
+
+    def sizes(self, indices: np.ndarray) -> np.ndarray:
+        """``[B, 2]`` (height, width) of images ``indices``, from the arrays or the file headers (not decoded)."""
+        if self.array is not None:
+            return np.tile(self.array.shape[1:3], (len(indices), 1))
+        with ThreadPoolExecutor(max_workers=min(8, available_cores())) as pool:  # header reads wait on the disk
+            found = list(pool.map(image_size, [self.paths[i] for i in indices]))  # type: ignore[index]
+        return np.array(found, dtype=np.int64).reshape(-1, 2)
 
     def subset(self, per_class: int | None) -> ImageSplit:
         """Keep the first ``per_class`` images of each class, in dataset order."""
@@ -150,7 +161,7 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
     without images is ignored with a warning.
     """
     folder = _split_dir(root, split)
-    by_class = _class_images(folder)
+    by_class = _class_images(folder, folder_classes(folder, name))
     if not by_class:
         raise UserError(f"{shown(folder)} holds no class folders (expected {shown(folder)}/<class>/<image>)")
     empty = sorted(c for c, files in by_class.items() if not files)
@@ -162,7 +173,8 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
     other = "test" if split == "train" else "train"
     if _has_split(root, other):  # pretraining may read a tree that holds a train split only
         other_folder = _split_dir(root, other)
-        _check_same_classes(folder, set(classes), other_folder, _classes_with_images(other_folder))
+        other_classes = _classes_with_images(other_folder, folder_classes(other_folder, name))
+        _check_same_classes(folder, set(classes), other_folder, other_classes)
     paths = [path for cls in classes for path in by_class[cls]]
     labels = [label for label, cls in enumerate(classes) for _ in by_class[cls]]
     relative = "\n".join(os.path.relpath(p, folder) for p in paths)
@@ -184,15 +196,14 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 
 
-def _class_images(folder: Path) -> dict[str, list[str]]:
+def _class_images(folder: Path, classes: list[str]) -> dict[str, list[str]]:
     """Class folder name -> its image files (sorted, searched recursively)."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     return {cls: sorted(str(p) for p in (folder / cls).rglob("*") if _is_image(p)) for cls in classes}
 
 
-def _classes_with_images(folder: Path) -> set[str]:
-    """The names of ``folder``'s class folders that hold at least one image (each search stops at the first)."""
-    return {p.name for p in folder.iterdir() if p.is_dir() and any(_is_image(f) for f in p.rglob("*"))}
+def _classes_with_images(folder: Path, classes: list[str]) -> set[str]:
+    """The ``classes`` of ``folder`` that hold at least one image (each search stops at the first)."""
+    return {c for c in classes if any(_is_image(f) for f in (folder / c).rglob("*"))}
 
 
 def _check_same_classes(folder: Path, names: set[str], other: Path, other_names: set[str]) -> None:
@@ -220,23 +231,17 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
         return ImageSplit(split.labels, split.classes, split.identity, array=cached)
-    array = np.empty((len(split), h, w, 3), dtype=np.uint8)
-    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-    try:
-        for index, image in enumerate(pool.map(_decode_if_size, split.paths, itertools.repeat((h, w)))):  # type: ignore[arg-type]
-            if image is None:
-                return split
-            array[index] = image
-    finally:
-        pool.shutdown(cancel_futures=True)
+    if (split.sizes(np.arange(len(split))) != (h, w)).any():  # headers only: a larger image is never decoded here
+        return split
+    batches = process_batches(split.paths or [], _ranges(len(split), _DECODE_BATCH))
+    array = np.concatenate([pixels.numpy() for pixels, _ in batches])
     with atomic_path(path) as tmp:
         np.save(tmp, array)
     return ImageSplit(split.labels, split.classes, split.identity, array=array)
 
 
-def _decode_if_size(path: str, size: tuple[int, int]) -> np.ndarray | None:
-    """The decoded image when its header says ``(height, width)`` is ``size``, else None (not decoded)."""
-    return decode(path) if image_size(path) == size else None
+def _ranges(n: int, step: int) -> list[np.ndarray]:
+    return [np.arange(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _load_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -3,9 +3,9 @@
 The work per batch: uint8 images on the device, every box of the batch cut and resized in one op,
 normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of at most
 ``max_patches``, then aggregated. Memory is O(batch x patches x d) whatever the dataset size, and the
-forward slice halves itself on CUDA out-of-memory. With ``compile_model`` the encoder runs under
-``torch.compile`` with static shapes: every slice is padded to the run's one full slice size, so a model
-compiles once per slice size and the last batch of a chunk reuses those kernels.
+forward slice halves itself on CUDA out-of-memory. On CUDA and with ``compile_model`` every slice is padded
+to the run's one full slice size (static shapes), so a model compiles and cuDNN autotunes once per slice
+size and the last batch reuses those kernels. One pass serves every representation of a split.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from ssl_patchbench.core.devices import available_cores, exact_fp32
+from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.batches import all_jpeg, nvjpeg_batches, process_batches
 from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.features.store import StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -38,6 +38,8 @@ _PADDED_MAX_BYTES = 256 << 20  # float32 bytes of a padded group of decoded imag
 
 @dataclass(frozen=True)
 class ExtractStats:
+    """One pass over a split: the images it covered, the patches it forwarded and its wall time."""
+
     images: int
     patches: int
     seconds: float
@@ -48,6 +50,9 @@ class ExtractSettings:
     """How every extraction of a run executes (none of it changes the numbers beyond float rounding).
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
+    ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one);
+    ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG, not by PIL in processes (its pixels differ
+    slightly: the run context then records the decoder in the data identity, so its stores are apart).
     """
 
     device: torch.device
@@ -55,6 +60,17 @@ class ExtractSettings:
     max_patches: int | None = None
     compile_model: bool = False
     shard: tuple[int, int] = (0, 1)
+    decode_workers: int | None = None
+    gpu_decode: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """One representation a pass fills: its spec, one store writer per aggregation, and how its forwards run."""
+
+    spec: PatchSpec
+    writers: dict[Aggregation, StoreWriter]
+    settings: ExtractSettings
 
 
 def default_max_patches(device: torch.device, input_size: int) -> int:
@@ -73,35 +89,141 @@ def extract(
     progress: Progress | None = None,
 ) -> ExtractStats:
     """Fill the writers' pending chunks with the aggregated representation of ``split`` under ``spec``."""
+    return extract_pass(encoder, split, [Target(spec, writers, settings)], progress=progress)
+
+
+def nested_groups(specs: list[PatchSpec]) -> list[list[PatchSpec]]:
+    """Specs that share forwards, the largest first: random bags that differ only in their count (patch ``j``
+    does not depend on the count, so a smaller bag is a prefix of the largest). Every other spec is alone."""
+    groups: dict[PatchSpec, list[PatchSpec]] = {}
+    for spec in specs:
+        groups.setdefault(replace(spec, n=1) if spec.mode == "random" else spec, []).append(spec)
+    return [sorted(members, key=lambda s: -s.num_patches) for members in groups.values()]
+
+
+@dataclass(frozen=True)
+class _Stretch:
+    """Consecutive pending chunks, and the groups (indices into the pass's nested groups) that need any of them."""
+
+    chunks: list[int]
+    groups: list[int]
+
+
+def _stretches(groups: list[list[Target]], shard: tuple[int, int]) -> list[_Stretch]:
+    """The pending chunks of this rank in runs of consecutive chunks (a rank's chunks are never consecutive
+    when there are several ranks: each chunk is then a run of its own)."""
+    rank, world = shard
+    needs = [set().union(*(w.pending_chunks() for t in targets for w in t.writers.values())) for targets in groups]
+    chunks = sorted(c for c in set().union(*needs) if c % world == rank)
+    runs: list[list[int]] = []
+    for chunk in chunks:
+        if runs and runs[-1][-1] == chunk - 1:
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return [_Stretch(run, [g for g, need in enumerate(needs) if need.intersection(run)]) for run in runs]
+
+
+def extract_pass(
+    encoder: Encoder, split: ImageSplit, targets: list[Target], *, progress: Progress | None = None
+) -> ExtractStats:
+    """Fill every target's pending chunks in one pass over ``split``: each batch of images is decoded once and
+    cut into every representation; nested random bags run the model once, on the largest bag.
+
+    Batches run on across the chunks of a stretch of consecutive pending chunks (a chunk is written once its
+    last row is done), so that every batch but a stretch's last has one size."""
+    if not targets:
+        return ExtractStats(0, 0, 0.0)
+    settings = targets[0].settings
     device = settings.device
     encoder = encoder.to(device).eval()
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    first = next(iter(writers.values()))
-    runner = PatchRunner(encoder, spec, settings, max_images=first.chunk_rows)
-    rank, world = settings.shard
-    chunks = sorted(c for c in set().union(*(w.pending_chunks() for w in writers.values())) if c % world == rank)
-    images = ImageSource(split, device)
+    by_spec = {t.spec: t for t in targets}
+    writers = [w for t in targets for w in t.writers.values()]
+    first = writers[0]
+    if any(w.chunk_rows != first.chunk_rows or w.rows != first.rows for w in writers):
+        raise ValueError("the stores of one pass must share their rows and chunking")
+    members = nested_groups(list(by_spec))
+    groups = [[by_spec[spec] for spec in group] for group in members]
+    runners = [PatchRunner(encoder, g[0], by_spec[g[0]].settings, max_images=first.chunk_rows) for g in members]
+    stretches = _stretches(groups, settings.shard)
+    plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
+    for stretch in stretches:
+        per_group = [runners[g].images_per_batch for g in stretch.groups]
+        size = max(per_group) - max(per_group) % min(per_group)  # whole batches of every group but one
+        lo, hi = first.chunk_range(stretch.chunks[0])[0], first.chunk_range(stretch.chunks[-1])[1]
+        plan.extend((stretch, part) for b in _batches(lo, hi, size) for part in _bounded(split, b))
+    images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
-    done_images = 0
-    for chunk in chunks:
-        lo, hi = first.chunk_range(chunk)
-        rows: dict[Aggregation, list[torch.Tensor]] = {agg: [] for agg in writers}
-        for batch, pixels, sizes in images.iterate(list(_batches(lo, hi, runner.images_per_batch))):
-            patch_features = runner(pixels, sizes, batch)
-            for agg in writers:
-                rows[agg].append(agg(patch_features, spec))  # stays on the device: no sync per batch
-            done_images += len(batch)
-            if progress is not None:
-                progress(len(batch), len(batch) * spec.num_patches)
-        for agg, writer in writers.items():
-            if chunk in writer.pending_chunks():
-                writer.write_chunk(chunk, torch.cat(rows[agg]).float().cpu().numpy())  # cast after its checks
+    done_images = forwarded = 0
+    rows: dict[int, _Rows] = {}
+    written = 0
+    for (stretch, _), (batch, pixels, sizes) in zip(plan, images.iterate([b for _, b in plan]), strict=True):
+        active = [t for g in stretch.groups for t in groups[g]]
+        if int(batch[0]) == first.chunk_range(stretch.chunks[0])[0]:  # a stretch begins
+            rows = {id(w): _Rows() for t in active for w in t.writers.values()}
+            written = 0
+        patches = 0
+        for g in stretch.groups:
+            runner = runners[g]
+            for lo in range(0, len(batch), runner.images_per_batch):
+                part = slice(lo, lo + runner.images_per_batch)
+                features = runner(pixels[part], sizes[part], batch[part])
+                for target in groups[g]:
+                    n = target.spec.num_patches
+                    for agg, writer in target.writers.items():  # stays on the device: no sync per batch
+                        rows[id(writer)].add(agg(features[:, :n], target.spec))
+            patches += len(batch) * runner.spec.num_patches
+        done_images += len(batch)
+        forwarded += patches
+        if progress is not None:
+            progress(len(batch), patches)
+        while written < len(stretch.chunks) and first.chunk_range(stretch.chunks[written])[1] <= int(batch[-1]) + 1:
+            _write_chunk(stretch.chunks[written], active, rows)
+            written += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    return ExtractStats(images=done_images, patches=done_images * spec.num_patches, seconds=seconds)
+    return ExtractStats(images=done_images, patches=forwarded, seconds=time.perf_counter() - start)
+
+
+class _Rows:
+    """One store's aggregated rows of a stretch, in row order, handed out chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.parts.append(rows)
+
+    def take(self, count: int) -> torch.Tensor:
+        """The next ``count`` rows (the rest stays for the next chunk)."""
+        rows = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.parts = [rows[count:]] if len(rows) > count else []
+        return rows[:count]
+
+
+def _write_chunk(chunk: int, targets: list[Target], rows: dict[int, _Rows]) -> None:
+    for target in targets:
+        for writer in target.writers.values():
+            lo, hi = writer.chunk_range(chunk)
+            done = rows[id(writer)].take(hi - lo)
+            if chunk in writer.pending_chunks():  # a complete store's rows of a shared stretch are dropped
+                writer.write_chunk(chunk, done.float().cpu().numpy())  # float32: checked before the store's cast
+
+
+def planned_patches(targets: list[Target]) -> int:
+    """Patches one process forwards for these targets: per group of nested bags, its largest bag on every image
+    of a stretch of pending chunks that the group needs."""
+    by_spec = {t.spec: t for t in targets}
+    groups = [[by_spec[spec] for spec in group] for group in nested_groups(list(by_spec))]
+    first = next(iter(targets[0].writers.values()))
+    total = 0
+    for stretch in _stretches(groups, (0, 1)):
+        images = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in stretch.chunks)
+        total += images * sum(groups[g][0].spec.num_patches for g in stretch.groups)
+    return total
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -143,7 +265,9 @@ class PatchRunner:
         self.max_patches = max_patches or default_max_patches(self.device, spec.out_size)
         self.images_per_batch = max(1, min(self.max_patches // spec.num_patches, max_images or sys.maxsize))
         self.forward = encoder.compiled() if settings.compile_model else encoder
-        self.pad_slices = settings.compile_model  # static shapes: one compilation serves every slice
+        # static shapes: one compilation, and on CUDA one cuDNN autotuning (about 1.5 s for a ResNet-50 slice of
+        # 2k patches, more than the padded patches cost), serves every slice
+        self.pad_slices = settings.compile_model or self.device.type == "cuda"
 
     @property
     def slice_patches(self) -> int:
@@ -189,17 +313,26 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
+def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False) -> str:
+    """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
+    if split.array is not None:
+        return "memory"
+    return "nvjpeg" if gpu_decode and device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
+
+
 class ImageSource:
     """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
 
-    In-memory splits are moved to the device once (uint8). File-backed splits are decoded by a thread
-    pool one batch ahead of the model, and padded by edge replication to the largest image of a group
-    (boxes never leave an image's own area, so padding is never sampled). A batch is cut into consecutive
-    groups of at most ``_PADDED_MAX_BYTES`` padded (as float32), so one large image among small ones goes alone.
+    In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model
+    (:mod:`ssl_patchbench.data.batches`): by one process per core, or, with ``gpu_decode``, JPEG folders on CUDA
+    by nvJPEG; each batch padded to its largest image (boxes never leave an image's own area, so padding is
+    never sampled).
     """
 
-    def __init__(self, split: ImageSplit, device: torch.device) -> None:
-        self.split, self.device = split, device
+    def __init__(
+        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = False
+    ) -> None:
+        self.split, self.device, self.workers, self.gpu_decode = split, device, workers, gpu_decode
         self.resident: torch.Tensor | None = None
         if split.array is not None:
             array = torch.from_numpy(np.ascontiguousarray(split.array))
@@ -207,19 +340,19 @@ class ImageSource:
             self.resident = array.to(device) if fits else array
 
     def iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batch while this one runs."""
+        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batches while this one runs."""
         if self.resident is not None:
             for indices in batches:
                 yield (indices, *self._slice(indices))
             return
-        with ThreadPoolExecutor(max_workers=min(16, available_cores())) as pool:
-            pending = pool.submit(self._decode, pool, batches[0]) if batches else None
-            for i in range(len(batches)):
-                groups = pending.result()  # type: ignore[union-attr]
-                if i + 1 < len(batches):
-                    pending = pool.submit(self._decode, pool, batches[i + 1])
-                for indices, uint8, sizes in groups:
-                    yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
+        paths = self.split.paths or []
+        if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
+            for indices, (pixels, sizes) in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
+                yield indices, pixels.float(), sizes
+            return
+        decoded = process_batches(paths, batches, workers=self.workers)
+        for indices, (uint8, sizes) in zip(batches, decoded, strict=True):
+            yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         index = torch.from_numpy(indices)
@@ -230,24 +363,13 @@ class ImageSource:
         sizes = np.tile(batch.shape[1:3], (len(indices), 1))
         return batch.permute(0, 3, 1, 2).float(), sizes
 
-    def _decode(
-        self, pool: ThreadPoolExecutor, indices: np.ndarray
-    ) -> list[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        images = list(pool.map(self.split.image, indices.tolist()))
-        all_sizes = np.array([im.shape[:2] for im in images])
-        groups = []
-        for lo, hi in padding_groups(all_sizes, _PADDED_MAX_BYTES):
-            sizes = all_sizes[lo:hi]
-            height, width = sizes.max(axis=0)
-            padded = np.stack(
-                [
-                    np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge")
-                    for im in images[lo:hi]
-                ]
-            )
-            tensor = torch.from_numpy(padded)  # pinned here, in a worker thread: to_device then only queues the copy
-            groups.append((indices[lo:hi], tensor.pin_memory() if self.device.type == "cuda" else tensor, sizes))
-        return groups
+
+def _bounded(split: ImageSplit, batch: np.ndarray) -> list[np.ndarray]:
+    """``batch`` cut into consecutive parts whose padded float32 copy fits ``_PADDED_MAX_BYTES``: one large image
+    among small ones goes alone instead of padding the whole batch to its size (file sizes from the headers)."""
+    if split.paths is None:
+        return [batch]
+    return [batch[lo:hi] for lo, hi in padding_groups(split.sizes(batch), _PADDED_MAX_BYTES)]
 
 
 def padding_groups(sizes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:

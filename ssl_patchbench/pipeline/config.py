@@ -111,6 +111,14 @@ class EvalConfig:
         numbers=True,
         choices=("auto", "bf16", "fp16", "fp32"),
     )
+    decode: str = _opt(
+        "cpu",
+        "Image-file decoder: cpu (PIL, one process per core) or gpu (nvJPEG for JPEG folders on CUDA: faster, its "
+        "pixels differ slightly from PIL's, so its stores and records are kept apart).",
+        "choice",
+        numbers=True,
+        choices=("cpu", "gpu"),
+    )
     seed: int = _opt(0, "Seed of the patch boxes.", "int", numbers=True, min=0, max=2**64 - 1)
     knn_ks: tuple[int, ...] = _opt((20, 200), "Neighbour counts of the kNN.", "ints", numbers=True, option="--knn-k")
     temperature: float = _opt(0.07, "kNN vote temperature.", "float", numbers=True, min=0.0, min_open=True)

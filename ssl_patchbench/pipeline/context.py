@@ -14,8 +14,9 @@ from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.core.environment import environment
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
+from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, resolve_precision
+from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, resolve_precision
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import LoadedModel, load_model
 from ssl_patchbench.pipeline.config import EvalConfig
@@ -93,7 +94,7 @@ class RunContext:
             "checkpoint_sha256": self.model.checkpoint_sha256,
             "zoo_entry": entry,
             "dataset": cfg.dataset,
-            "data": {split: data.identity for split, data in self.splits.items()},
+            "data": {split: self.data_identity(split) for split in self.splits},
             "n_train": len(self.splits["train"]),
             "n_test": len(self.splits["test"]),
             "patches": spec.to_dict(),
@@ -117,13 +118,21 @@ class RunContext:
         assert tuple(found) == NUMBER_FIELDS, "identity() and results.NUMBER_FIELDS must name the same fields"
         return found
 
+    def data_identity(self, split: str) -> dict:
+        """The split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's)."""
+        data = self.splits[split]
+        if decoder(data, self.device, gpu_decode=self.cfg.decode == "gpu") == "nvjpeg":
+            return {**data.identity, "decoder": "nvjpeg"}
+        return data.identity
+
     def store_material(self, split: str, spec: PatchSpec, agg: Aggregation) -> dict:
         """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
         identity = self.identity(spec, agg)
         return {**{k: identity[k] for k in FEATURE_FIELDS}, "data": identity["data"][split]}
 
     def settings(self, spec: PatchSpec) -> ExtractSettings:
-        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels)."""
+        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels); the
+        ranks of one host share its cores for decoding."""
         patches = spec.num_patches * sum(len(data) for data in self.splits.values())
         return ExtractSettings(
             device=self.device,
@@ -131,6 +140,8 @@ class RunContext:
             max_patches=self.cfg.max_patches,
             compile_model=compiles(self.cfg.compile, self.device, patches),
             shard=(self.ranks.rank, self.ranks.world),
+            decode_workers=max(1, decode_workers() // self.ranks.world) if self.ranks.active else None,
+            gpu_decode=self.cfg.decode == "gpu",
         )
 
 

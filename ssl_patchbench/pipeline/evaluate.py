@@ -16,7 +16,7 @@ from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.evaluators.inputs import check_usable_features
 from ssl_patchbench.evaluators.knn import knn_classify
 from ssl_patchbench.evaluators.probe import linear_probe
-from ssl_patchbench.features.extract import ProgressFactory, extract
+from ssl_patchbench.features.extract import ProgressFactory, Target, decoder, extract_pass, planned_patches
 from ssl_patchbench.features.store import FeatureStore, StoredFeatures, StoreWriter, store_key
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.context import RunContext
@@ -41,6 +41,7 @@ class RepresentationResult:
     dim: int = 0
     images_per_s: float = 0.0
     patches_per_s: float = 0.0
+    reused_features: bool = False
     record: dict = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -58,6 +59,7 @@ class RepresentationResult:
             dim=self.dim,
             images_per_s=round(self.images_per_s, 1),
             patches_per_s=round(self.patches_per_s, 1),
+            reused_features=self.reused_features,
         )
         return row
 
@@ -71,23 +73,28 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
         shutdown()
 
 
+Representation = tuple[PatchSpec, Aggregation]
+
+
 def _evaluate(ctx: RunContext) -> list[RepresentationResult]:
     aggregations = [Aggregation.parse(a) for a in ctx.cfg.aggregations]
-    specs = representations(ctx.cfg, ctx.model.entry)
+    specs = list(dict.fromkeys(representations(ctx.cfg, ctx.model.entry)))  # a repeated token is one spec
     for spec, data in itertools.product(specs, ctx.splits.values()):
         _check_fits(spec, data)
-    results = []
+    wanted: list[Representation] = []
     for spec in specs:
         aggs = [Aggregation()] if spec.mode == "central" else aggregations
         for agg in aggs:
             agg.check(spec)
-        stored = {split: _features(ctx, split, spec, aggs) for split in ctx.splits}
-        if not ctx.ranks.is_main:
-            continue
-        for agg in aggs:
-            result = _evaluate_one(ctx, spec, agg, stored["train"][agg], stored["test"][agg])
-            append_record(ctx.cfg.results_path or ctx.root / "results.jsonl", result.record)
-            results.append(result)
+        wanted.extend((spec, agg) for agg in aggs)
+    stored = {split: _features(ctx, split, wanted) for split in ctx.splits}
+    if not ctx.ranks.is_main:
+        return []
+    results = []
+    for rep in wanted:
+        result = _evaluate_one(ctx, *rep, stored["train"][rep], stored["test"][rep])
+        append_record(ctx.cfg.results_path or ctx.root / "results.jsonl", result.record)
+        results.append(result)
     return results
 
 
@@ -98,83 +105,105 @@ def _check_fits(spec: PatchSpec, split: ImageSplit) -> None:
         spec.boxes(np.zeros(1, dtype=np.int64), np.array([height]), np.array([width]))
 
 
-def _features(
-    ctx: RunContext, split: str, spec: PatchSpec, aggs: list[Aggregation]
-) -> dict[Aggregation, StoredFeatures]:
-    """Stored features of one split for each aggregation, extracting (or resuming) what is missing.
+@dataclass(frozen=True)
+class SplitFeatures:
+    """One split's sealed features of one representation, and whether this run extracted any of them."""
 
-    Rank 0 decides what is missing and holds the locks; every rank extracts its share of the chunks.
-    """
-    materials = {agg: ctx.store_material(split, spec, agg) for agg in aggs}
-    stores = {agg: FeatureStore(ctx.root / "features", store_key(m)) for agg, m in materials.items()}
+    stored: StoredFeatures
+    extracted: bool
+
+
+def _features(ctx: RunContext, split: str, wanted: list[Representation]) -> dict[Representation, SplitFeatures]:
+    """Stored features of one split for every representation, extracting (or resuming) what is missing in one
+    pass over the images. Rank 0 decides what is missing and holds the locks; every rank extracts its share."""
+    materials = {rep: ctx.store_material(split, *rep) for rep in wanted}
+    stores = {rep: FeatureStore(ctx.root / "features", store_key(m)) for rep, m in materials.items()}
     ranks = ctx.ranks
     with ExitStack() as stack:
-        todo: list[Aggregation] = []
+        todo: list[int] = []
         if ranks.is_main:
-            missing = [agg for agg, store in stores.items() if not store.is_complete()]  # each store hashed once
-            for agg in sorted(missing, key=lambda a: stores[a].key):  # one lock order: no deadlock between runs
-                stack.enter_context(stores[agg].lock())
-            todo = [agg for agg in missing if not stores[agg].is_complete()]
-        labels = ranks.broadcast([agg.label for agg in todo])
-        todo = [agg for agg in aggs if agg.label in labels]
+            missing = [rep for rep, store in stores.items() if not store.is_complete()]  # each store hashed once
+            for rep in sorted(missing, key=lambda r: stores[r].key):  # one lock order: no deadlock between runs
+                stack.enter_context(stores[rep].lock())
+            todo = [wanted.index(rep) for rep in missing if not stores[rep].is_complete()]
+        todo = ranks.broadcast(todo)  # type: ignore[assignment]
         if todo:
-            _extract_into(ctx, split, spec, {a: stores[a] for a in todo}, materials)
-    return {agg: store.load() for agg, store in stores.items()} if ranks.is_main else {}
+            _extract_into(ctx, split, {wanted[i]: stores[wanted[i]] for i in todo}, materials)
+    if not ranks.is_main:
+        return {}
+    return {rep: SplitFeatures(store.load(), wanted.index(rep) in todo) for rep, store in stores.items()}
 
 
 def _extract_into(
     ctx: RunContext,
     split: str,
-    spec: PatchSpec,
-    stores: dict[Aggregation, FeatureStore],
-    materials: dict[Aggregation, dict],
+    stores: dict[Representation, FeatureStore],
+    materials: dict[Representation, dict],
 ) -> None:
     data, ranks = ctx.splits[split], ctx.ranks
 
-    def open_writers() -> dict[Aggregation, StoreWriter]:
+    def open_writers() -> dict[Representation, StoreWriter]:
         return {
-            agg: store.writer(
+            (spec, agg): store.writer(
                 labels=data.labels,
                 dim=agg.output_dim(ctx.encoder.dim, spec),
                 dtype=ctx.cfg.store_dtype,
                 chunk_rows=ctx.cfg.chunk_rows,
-                meta={**materials[agg], "key": store.key},
+                meta={**materials[(spec, agg)], "key": store.key},
                 label=_features_label(split, spec, agg),
             )
-            for agg, store in stores.items()
+            for (spec, agg), store in stores.items()
         }
 
     writers = open_writers() if ranks.is_main else {}  # rank 0 lays the files out first
     ranks.barrier()
     writers = writers or open_writers()
     ranks.barrier()  # every rank has opened (and tidied the chunk log) before anyone appends to it
+    by_spec: dict[PatchSpec, dict[Aggregation, StoreWriter]] = {}
+    for (spec, agg), writer in writers.items():
+        by_spec.setdefault(spec, {})[agg] = writer
+    targets = [Target(spec, aggs, ctx.settings(spec)) for spec, aggs in by_spec.items()]
     first = next(iter(writers.values()))
-    remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in first.pending_chunks())
-    label = f"{split} {spec.label}{'' if spec.mode == 'central' else ' ' + spec.mode}"
-    callback = ctx.progress(label, remaining, remaining * spec.num_patches) if ctx.progress else None
-    settings = ctx.settings(spec)
+    pending = set().union(*(w.pending_chunks() for w in writers.values()))
+    remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in pending)
+    forwards = planned_patches(targets)
+    label = f"{split} {' + '.join(_label(spec) for spec in by_spec)}"
+    callback = ctx.progress(label, remaining, forwards) if ctx.progress else None
     start = time.perf_counter()
-    stats = extract(ctx.encoder, data, spec, writers, settings, progress=callback)
+    stats = extract_pass(ctx.encoder, data, targets, progress=callback)
     ranks.barrier()
     if not ranks.is_main:
         return
-    for writer in writers.values():
-        writer.refresh()  # the chunks the other ranks wrote
     seconds = time.perf_counter() - start if ranks.active else stats.seconds
-    extra = {
-        "extraction": {
-            "images": remaining,
-            "patches": remaining * spec.num_patches,
-            "seconds": round(seconds, 3),
-            "images_per_s": remaining / seconds if seconds > 0 else 0.0,
-            "patches_per_s": remaining * spec.num_patches / seconds if seconds > 0 else 0.0,
-            "device": ctx.environment["device"],
-            "processes": ranks.world,
-            "compiled": settings.compile_model,
-        }
+    shared = {
+        "representations": [_label(spec) for spec in by_spec],
+        "images": remaining,
+        "forwarded_patches": forwards,
+        "forwarded_patches_per_s": forwards / seconds if seconds > 0 else 0.0,
+        "decoder": decoder(data, ctx.device, gpu_decode=ctx.cfg.decode == "gpu"),
     }
-    for writer in writers.values():
-        writer.seal(extra)
+    for target in targets:
+        patches = remaining * target.spec.num_patches
+        extra = {
+            "extraction": {
+                "images": remaining,
+                "patches": patches,
+                "seconds": round(seconds, 3),
+                "images_per_s": remaining / seconds if seconds > 0 else 0.0,
+                "patches_per_s": patches / seconds if seconds > 0 else 0.0,
+                "device": ctx.environment["device"],
+                "processes": ranks.world,
+                "compiled": target.settings.compile_model,
+                "pass": shared,
+            }
+        }
+        for writer in target.writers.values():
+            writer.refresh()  # the chunks the other ranks wrote
+            writer.seal(extra)
+
+
+def _label(spec: PatchSpec) -> str:
+    return spec.label if spec.mode in ("central", "random") else f"{spec.label} {spec.mode}"
 
 
 def _features_label(split: str, spec: PatchSpec, agg: Aggregation) -> str:
@@ -183,9 +212,10 @@ def _features_label(split: str, spec: PatchSpec, agg: Aggregation) -> str:
 
 
 def _evaluate_one(
-    ctx: RunContext, spec: PatchSpec, agg: Aggregation, train: StoredFeatures, test: StoredFeatures
+    ctx: RunContext, spec: PatchSpec, agg: Aggregation, train_split: SplitFeatures, test_split: SplitFeatures
 ) -> RepresentationResult:
     cfg = ctx.cfg
+    train, test = train_split.stored, test_split.stored
     x_train = torch.from_numpy(np.array(train.features))  # stored dtype (float16); evaluators cast per tile
     x_test = torch.from_numpy(np.array(test.features))
     for split, features in (("train", x_train), ("test", x_test)):
@@ -222,7 +252,10 @@ def _evaluate_one(
             "n_iter": probe.n_iter,
         }
         timings["probe_seconds"] = probe.seconds
-    speed = train.meta.get("extraction", {})
+    reused = not (train_split.extracted or test_split.extracted)
+    if reused:
+        log.warning("%s %s: reused cached features (no extraction in this run)", spec.label, agg.label)
+    speed = train.meta.get("extraction", {}) if train_split.extracted else {}
     result = RepresentationResult(
         spec=spec,
         aggregation=agg,
@@ -233,18 +266,23 @@ def _evaluate_one(
         dim=x_train.shape[1],
         images_per_s=speed.get("images_per_s", 0.0),
         patches_per_s=speed.get("patches_per_s", 0.0),
+        reused_features=reused,
     )
-    return replace(result, record=_record(ctx, result, timings, train, test))
+    return replace(result, record=_record(ctx, result, timings, train_split, test_split))
 
 
 def _record(
     ctx: RunContext,
     result: RepresentationResult,
     timings: dict[str, float],
-    train: StoredFeatures,
-    test: StoredFeatures,
+    train: SplitFeatures,
+    test: SplitFeatures,
 ) -> dict:
-    """The results record: the identity of the numbers, the numbers, and where and how fast they were measured."""
+    """The results record: the identity of the numbers, the numbers, and where and how fast they were measured.
+
+    Extraction timings are this run's only: a split whose features were read from a complete store has none
+    (``reused_features`` is true when no split was extracted), so no extraction is ever counted twice.
+    """
     return {
         **ctx.identity(result.spec, result.aggregation),
         "model": ctx.model.entry.name,
@@ -252,11 +290,12 @@ def _record(
         "representation": result.spec.label,
         "metrics": {**{f"knn@{k}": m for k, m in result.knn.items()}, "linear": result.linear},
         "dim": result.dim,
+        "reused_features": result.reused_features,
         "timings": {
             **timings,
-            "extraction_train": train.meta.get("extraction"),
-            "extraction_test": test.meta.get("extraction"),
+            "extraction_train": train.stored.meta.get("extraction") if train.extracted else None,
+            "extraction_test": test.stored.meta.get("extraction") if test.extracted else None,
         },
-        "feature_stores": {"train": train.meta.get("key"), "test": test.meta.get("key")},
+        "feature_stores": {"train": train.stored.meta.get("key"), "test": test.stored.meta.get("key")},
         "environment": ctx.environment,
     }

@@ -1,0 +1,383 @@
+"""ImageNet-scale input (issue 13): an ImageNet-like JPEG ImageFolder, and in one run the decode ceilings, what
+``patchbench eval`` does on it, the compiled model alone, and the baseline a user would write.
+
+    python benchmarks/imagenet_like.py --root DIR [--train 12000 --val 1200 --classes 10] [--out results.jsonl]
+
+The folder: photo-like JPEGs (gradients + smooth noise at several scales + grain), 280-420 x 330-470 px (about
+350x400 on average), quality 90, about 110 KB each: ImageNet's size and byte statistics. The model: a random
+ResNet-50 saved as VICReg's file (a torchvision state dict without ``fc.*``); speed does not depend on weights.
+Measured, one JSON line each:
+- ``pil_decode``: PIL (``data.decode.decode``) in one process per core, every train file;
+- ``gpu_decode``: ``torchvision.io.decode_jpeg(device="cuda")`` in batches of 256, the files already in memory;
+- ``model_only``: the compiled encoder (bf16, channels_last) on ready 224 px batches of the eval's slice size;
+- ``eval``: ``patchbench eval --decode gpu`` as a user runs it (a fresh process and cache): central, 16, 48,
+  central+16+48 in one call, a rerun on complete stores, and central with the default (PIL) decoder; wall
+  seconds and the stores' extraction rates;
+- ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
+- ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
+  ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import emit
+from PIL import Image
+
+from ssl_patchbench.data.batches import decode_workers
+from ssl_patchbench.data.decode import decode
+from ssl_patchbench.features.extract import ExtractSettings, default_max_patches, extract
+from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import load_model
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
+
+_OCTAVES = ((64, 0.9), (16, 0.6), (4, 1.1), (2, 1.1))  # (cell px, amplitude) of the smooth noise layers
+_GRAIN = 26.0
+
+
+def photo(seed: int) -> tuple[bytes, tuple[int, int]]:
+    """One photo-like JPEG (quality 90), 280-420 px high and 330-470 px wide (350x400 on average)."""
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(280, 421)), int(rng.integers(330, 471))
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    slope = rng.uniform(-1, 1, (2, 3))
+    image = 128 + 60 * (xx[..., None] * slope[0] + yy[..., None] * slope[1])
+    for cell, amplitude in _OCTAVES:
+        gh, gw = h // cell + 2, w // cell + 2
+        coarse = ((rng.normal(0, 1, (gh, gw, 3)) + 4) * 32).clip(0, 255).astype(np.uint8)
+        layer = Image.fromarray(coarse).resize((gw * cell, gh * cell), Image.BICUBIC)
+        image += (np.asarray(layer, dtype=np.float32)[:h, :w] - 128) * amplitude
+    image += rng.normal(0, _GRAIN, (h, w, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue(), (h, w)
+
+
+def _write(job: tuple[str, int]) -> tuple[int, int, int]:
+    path, seed = job
+    data, (h, w) = photo(seed)
+    Path(path).write_bytes(data)
+    return len(data), h, w
+
+
+def write_folder(root: Path, train: int, val: int, classes: int) -> dict[str, list[str]]:
+    jobs, paths = [], {"train": [], "val": []}
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            folder = root / split / f"n{i % classes:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = str(folder / f"{split}_{i:07d}.JPEG")
+            jobs.append((path, (0 if split == "train" else 1 << 32) + i))
+            paths[split].append(path)
+    start = time.perf_counter()
+    with Pool(decode_workers()) as pool:
+        stats = np.array(pool.map(_write, jobs, chunksize=64))
+    emit(
+        measurement="dataset",
+        train=train,
+        val=val,
+        classes=classes,
+        mean_kb=round(stats[:, 0].mean() / 1e3, 1),
+        mean_height=round(stats[:, 1].mean(), 1),
+        mean_width=round(stats[:, 2].mean(), 1),
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return paths
+
+
+def _decoded_size(path: str) -> tuple[int, ...]:
+    return decode(path).shape
+
+
+def pil_decode(paths: list[str]) -> None:
+    workers = decode_workers()
+    with Pool(workers) as pool:
+        pool.map(_decoded_size, paths[: workers * 8])  # workers started and warm
+        start = time.perf_counter()
+        pool.map(_decoded_size, paths, chunksize=64)
+        seconds = time.perf_counter() - start
+    emit(measurement="pil_decode", processes=workers, images=len(paths), images_per_s=round(len(paths) / seconds))
+
+
+def gpu_decode(paths: list[str], batch: int = 256) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    decode_jpeg(data[:batch], mode=ImageReadMode.RGB, device="cuda")  # nvJPEG handles created
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(data), batch):
+        decode_jpeg(data[i : i + batch], mode=ImageReadMode.RGB, device="cuda")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    emit(measurement="gpu_decode", batch=batch, images=len(paths), images_per_s=round(len(paths) / seconds))
+
+
+def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30) -> None:
+    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding").cuda().eval()
+    encoder = encoder.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    size = default_max_patches(torch.device("cuda"), 224)
+    x = torch.rand(size, 3, 224, 224, device="cuda").mul(255).contiguous(memory_format=torch.channels_last)
+    forward = encoder.compiled() if compiled else encoder
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        start = time.perf_counter()
+        forward(x)
+        torch.cuda.synchronize()
+        first_seconds = time.perf_counter() - start
+        for _ in range(3):
+            forward(x)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(iters):
+            forward(x)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    emit(
+        measurement="model_only",
+        compiled=compiled,
+        batch=size,
+        patches_per_s=round(size * iters / seconds),
+        first_call_seconds=round(first_seconds, 1),
+    )
+
+
+def run_eval(name: str, checkpoint: Path, data: Path, home: Path, *extra: str, profile: bool = False) -> list[dict]:
+    """``patchbench eval`` in a fresh process, as a user runs it; its records and wall seconds (``profile``: under
+    cProfile, whose top entries by cumulative time are emitted too)."""
+    profiler = ["-m", "cProfile", "-o", str(home / "eval.prof")] if profile else []
+    command = [sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", "vicreg_rn50", "--checkpoint"]
+    command += [str(checkpoint), "--dataset", "imagenet", "--data-dir", str(data), "--eval", "knn", "--json"]
+    command += ["--home", str(home), *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        emit(measurement="eval", run=name, error=done.stderr[-2000:])
+        return []
+    if profile:
+        emit_profile(name, home / "eval.prof", wall)
+    records = [json.loads(line) for line in (home / "results.jsonl").read_text().splitlines()]
+    mine = records[-len(done.stdout.splitlines()) :]
+    for record in mine:
+        train, test = (record["timings"].get(f"extraction_{s}") or {} for s in ("train", "test"))
+        emit(
+            measurement="eval",
+            run=name,
+            wall_seconds=round(wall, 1),
+            representation=record["representation"],
+            reused_features=record["reused_features"],
+            train_images_per_s=round(train.get("images_per_s", 0)),
+            train_patches_per_s=round(train.get("patches_per_s", 0)),
+            train_seconds=train.get("seconds"),
+            test_seconds=test.get("seconds"),
+            forwarded_patches_per_s=round((train.get("pass") or {}).get("forwarded_patches_per_s", 0)),
+            decoder=(train.get("pass") or {}).get("decoder"),
+            compiled=train.get("compiled"),
+            knn_seconds=round(record["timings"].get("knn_seconds", 0), 2),
+        )
+    return mine
+
+
+def emit_profile(name: str, path: Path, wall: float, top: int = 25) -> None:
+    """The package's own functions by cumulative time (imports are measured apart, by ``imports``)."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # (file, line, function) -> (calls, ..., total time, cumulative time)
+    ours = [(key, value) for key, value in stats.items() if "ssl_patchbench" in key[0] and key[2] != "<module>"]
+    ranked = sorted(ours, key=lambda item: item[1][3], reverse=True)[:top]
+    rows = [[f"{Path(f).name}:{line}:{fn}", round(cum, 2)] for (f, line, fn), (_, _, _, cum, _) in ranked]
+    emit(measurement="overhead_profile", run=name, wall_seconds=round(wall, 1), cumulative_seconds=rows)
+
+
+def imports() -> None:
+    """Seconds to import what an ``eval`` imports (torch, torchvision, timm and the package), in a fresh process."""
+    code = (
+        "import time; t = time.perf_counter(); import ssl_patchbench.pipeline.evaluate; print(time.perf_counter() - t)"
+    )
+    seconds = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    code = "import time; t = time.perf_counter(); import torch; torch.zeros(1, device='cuda')"
+    code += "; print(time.perf_counter() - t)"
+    cuda = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    emit(measurement="imports", eval_imports_seconds=round(seconds, 2), torch_and_cuda_init_seconds=round(cuda, 2))
+
+
+def decoders(data: Path) -> None:
+    """The eval's two decoders alone (no model): batches of the central view's slice size, as eval reads them."""
+    from ssl_patchbench.data.datasets import open_split
+    from ssl_patchbench.features.extract import ImageSource
+
+    split = open_split("imagenet", "train", data_dir=data)
+    size = default_max_patches(torch.device("cuda"), 224)
+    batches = [np.arange(i, min(i + size, len(split))) for i in range(0, len(split), size)]
+    for gpu in (True, False):
+        source = ImageSource(split, torch.device("cuda"), gpu_decode=gpu)
+        start = time.perf_counter()
+        for _ in source.iterate(batches):
+            pass
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        emit(
+            measurement="eval_decoder",
+            decoder="nvjpeg" if gpu else "processes",
+            images_per_s=round(len(split) / seconds),
+        )
+
+
+def bf16_noise(checkpoint: Path, data: Path) -> None:
+    """The yardstick for nvjpeg_vs_pil: the same PIL-decoded central features in bf16 and in fp32."""
+    _compare(
+        checkpoint,
+        data,
+        "bf16_vs_fp32",
+        {"precision": "bf16", "gpu_decode": False},
+        {"precision": "fp32", "gpu_decode": False},
+    )
+
+
+def nvjpeg_vs_pil(checkpoint: Path, data: Path) -> None:
+    _compare(checkpoint, data, "nvjpeg_vs_pil", {"gpu_decode": True}, {"gpu_decode": False})
+
+
+def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settings: dict) -> None:
+    """Central features of the val split under two extraction settings, compared row by row."""
+    from ssl_patchbench.data.datasets import open_split
+
+    model = load_model("vicreg_rn50", checkpoint=checkpoint)
+    encoder = Encoder(model, "embedding")
+    split = open_split("imagenet", "test", data_dir=data)
+    spec = PatchSpec(mode="central", out_size=224, resize=256)
+    got = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for number, extra in enumerate((a_settings, b_settings)):
+            writer = FeatureStore(Path(tmp), str(number)).writer(
+                labels=split.labels, dim=encoder.dim, dtype="float32", chunk_rows=4096, meta={}
+            )
+            settings = ExtractSettings(device=torch.device("cuda"), **extra)
+            extract(encoder, split, spec, {Aggregation(): writer}, settings)
+            got.append(np.array(writer.features))
+    a, b = got
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    emit(
+        measurement=name,
+        images=len(a),
+        min_cosine=float(cosine.min()),
+        mean_cosine=float(cosine.mean()),
+        max_abs_diff=float(np.abs(a - b).max()),
+        relative_l2=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
+    )
+
+
+class _Patches:
+    """The user's transform: ``n`` RandomResizedCrop patches of one PIL image, as a normalised float stack."""
+
+    def __init__(self, n: int) -> None:
+        from torchvision import transforms
+
+        self.n = n
+        self.crop = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224, scale=(0.08, 1.0)),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.crop(image) for _ in range(self.n)])
+
+
+def user_baseline(checkpoint: Path, data: Path, images: int, n: int = 16, batch: int = 32) -> None:
+    from torchvision.datasets import ImageFolder
+
+    dataset = ImageFolder(str(data / "train"), transform=_Patches(n))
+    subset = torch.utils.data.Subset(dataset, np.random.default_rng(0).permutation(len(dataset))[:images].tolist())
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=decode_workers(), pin_memory=True)
+    model = load_model("vicreg_rn50", checkpoint=checkpoint).backbone.cuda().eval()
+    model = model.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    done, start = 0, None
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+        for step, (x, _) in enumerate(loader):
+            if step == 2:  # workers started, cuDNN tuned
+                torch.cuda.synchronize()
+                start, done = time.perf_counter(), 0
+            x = x.cuda(non_blocking=True).flatten(0, 1).contiguous(memory_format=torch.channels_last)
+            model(x).mean()
+            done += len(x)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    emit(
+        measurement="user_baseline",
+        patches=n,
+        images=images,
+        workers=decode_workers(),
+        patches_per_s=round(done / seconds),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, required=True, help="where the folder (and caches) are written")
+    parser.add_argument("--train", type=int, default=10000)
+    parser.add_argument("--val", type=int, default=1000)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--baseline-images", type=int, default=2000)
+    parser.add_argument("--skip", default="", help="comma-separated measurements to leave out")
+    args = parser.parse_args()
+    skip = set(args.skip.split(","))
+    data = args.root / "imagenet_like"
+    paths = write_folder(data, args.train, args.val, args.classes)
+    checkpoint = args.root / "vicreg_rn50_random.pth"
+    import torchvision
+
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, checkpoint)
+    gpu = ("--decode", "gpu")
+    steps = {
+        "imports": imports,
+        "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
+        "bf16_noise": lambda: bf16_noise(checkpoint, data),
+        "eval_decoder": lambda: decoders(data),
+        "pil_decode": lambda: pil_decode(paths["train"]),
+        "gpu_decode": lambda: gpu_decode(paths["train"]),
+        "model_only": lambda: model_only(checkpoint, compiled=False),
+        "central": lambda: run_eval("central", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu),
+        "central rerun": lambda: run_eval(
+            "central rerun", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu, profile=True
+        ),
+        "central cpu": lambda: run_eval(
+            "central cpu", checkpoint, data, args.root / "home_cpu", "--patches", "central"
+        ),
+        "16": lambda: run_eval("16", checkpoint, data, args.root / "home_16", "--patches", "16", *gpu),
+        "48": lambda: run_eval("48", checkpoint, data, args.root / "home_48", "--patches", "48", *gpu),
+        "central+16+48": lambda: run_eval(
+            "central+16+48", checkpoint, data, args.root / "home_all", "--patches", "central,16,48", *gpu
+        ),
+        "user_baseline": lambda: user_baseline(checkpoint, data, args.baseline_images),
+        "model_only_compiled": lambda: model_only(checkpoint, compiled=True),
+    }
+    for name, step in steps.items():
+        if name in skip:
+            continue
+        try:
+            step()
+        except Exception as exc:  # one failed measurement must not cost the others
+            emit(measurement=name, error=f"{type(exc).__name__}: {exc}"[-2000:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Batches of decoded images for file-backed splits, several batches ahead of the model.
+
+Two decoders, both padding every image of a batch to the batch's largest by replicating its last row and
+column (``roi_align`` clamps at an image's edge the same way, and boxes never leave an image, so padding
+never changes a feature):
+
+- :func:`process_batches`: :func:`ssl_patchbench.data.decode.decode` (PIL) in worker processes, one per
+  core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
+- :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
+  background thread on a side CUDA stream, two batches ahead; the files are read by a thread pool one
+  batch ahead of that. JPEGs nvJPEG should not see (not 3 components, e.g. grey or CMYK; no end marker,
+  e.g. truncated) and other files go through the CPU decoder, which names a bad file in one error line.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+
+import numpy as np
+import torch
+
+from ssl_patchbench.core.devices import available_cores
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.decode import MAX_PIXELS, decode
+
+Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+_AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
+_PIECE = 32  # images one decoding process hands back at a time
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def pad_numpy(images: Sequence[np.ndarray]) -> Batch:
+    """``[h, w, 3]`` uint8 images -> ``[B, H, W, 3]`` (edge-replicated to the largest) and their sizes."""
+    sizes = np.array([im.shape[:2] for im in images])
+    height, width = sizes.max(axis=0)
+    padded = np.stack(
+        [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
+    )
+    return torch.from_numpy(padded), sizes
+
+
+def pad_chw(images: Sequence[torch.Tensor]) -> Batch:
+    """``[3, h, w]`` images (any device) -> ``[B, 3, H, W]`` (edge-replicated to the largest) and their sizes."""
+    sizes = np.array([im.shape[1:] for im in images])
+    height, width = (int(s) for s in sizes.max(axis=0))
+    out = images[0].new_empty((len(images), 3, height, width))
+    for i, im in enumerate(images):
+        h, w = im.shape[1:]
+        out[i, :, :h, :w] = im
+        out[i, :, :h, w:] = im[:, :, w - 1 :]
+        out[i, :, h:, :] = out[i, :, h - 1 : h, :]
+    return out, sizes
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray | UserError:
+        try:
+            return decode(self.paths[index])
+        except UserError as exc:  # handed to the parent as a value: one error line there, no worker traceback
+            return exc
+
+
+def _collate(images: list[np.ndarray | UserError]) -> Batch | UserError:
+    errors = [im for im in images if isinstance(im, UserError)]
+    return errors[0] if errors else pad_numpy(images)  # type: ignore[arg-type]
+
+
+def decode_workers() -> int:
+    """One decoding process per core this process may use."""
+    return available_cores()
+
+
+def process_batches(
+    paths: Sequence[str], batches: Sequence[np.ndarray], *, workers: int | None = None
+) -> Iterator[Batch]:
+    """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one).
+
+    Each process decodes pieces of at most ``_PIECE`` images (a batch of two thousand is thus shared by every
+    core, not decoded by one), and the pieces are joined here, edge-padded to the batch's largest image."""
+    workers = decode_workers() if workers is None else workers
+    pieces = [[indices[i : i + _PIECE] for i in range(0, len(indices), _PIECE)] for indices in batches]
+    flat = [piece.tolist() for batch in pieces for piece in batch]
+    workers = min(workers, len(flat))
+    loader = torch.utils.data.DataLoader(
+        _Files(paths),
+        batch_sampler=flat,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=_AHEAD if workers else None,
+        multiprocessing_context=_fork() if workers else None,
+    )
+    decoded = iter(loader)
+    for batch in pieces:
+        parts = [next(decoded) for _ in batch]
+        for part in parts:
+            if isinstance(part, UserError):
+                raise part
+        yield join_padded(parts)
+
+
+def join_padded(parts: Sequence[Batch]) -> Batch:
+    """Edge-padded ``[b, h, w, 3]`` pieces -> one ``[B, H, W, 3]`` batch, each piece edge-padded further (an
+    edge-padded image padded again by its last row and column is the image edge-padded once)."""
+    if len(parts) == 1:
+        return parts[0]
+    sizes = np.concatenate([s for _, s in parts])
+    height, width = (int(v) for v in sizes.max(axis=0))
+    out = torch.empty((len(sizes), height, width, 3), dtype=torch.uint8)
+    start = 0
+    for pixels, _ in parts:
+        b, h, w = pixels.shape[:3]
+        rows = out[start : start + b]
+        rows[:, :h, :w] = pixels
+        rows[:, :h, w:] = pixels[:, :, w - 1 : w]
+        rows[:, h:] = rows[:, h - 1 : h]
+        start += b
+    return out, sizes
+
+
+def _fork() -> multiprocessing.context.BaseContext | None:
+    """fork starts workers in milliseconds (they only run PIL, never CUDA); elsewhere the platform default."""
+    return multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def all_jpeg(paths: Sequence[str]) -> bool:
+    """Whether every file is named as a JPEG (the nvJPEG decoder's case)."""
+    return bool(paths) and all(p.lower().endswith(JPEG_SUFFIXES) for p in paths)
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from a JPEG's frame header, or None when ``data`` has none (not a JPEG)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 10 > len(data):
+                return None
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return height, width, data[pos + 9]
+        pos += 2 + length
+    return None
+
+
+def _for_nvjpeg(path: str, data: bytes) -> bool:
+    """True for a complete 3-component JPEG within the pixel limit; False sends the file to the CPU decoder."""
+    header = jpeg_header(data)
+    if header is None:
+        return False
+    height, width, components = header
+    if height * width > MAX_PIXELS:
+        raise UserError(
+            f"cannot read image {path}: {height}x{width} pixels exceed the limit of {MAX_PIXELS:,} "
+            "(a decompression bomb?)"
+        )
+    return components == 3 and height > 0 and width > 0 and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+
+
+def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device) -> Iterator[Batch]:
+    """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
+
+    Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
+    """
+    out: queue.Queue = queue.Queue(maxsize=_AHEAD)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(paths, batches, device, out, stop), daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            pixels, sizes, ready = item
+            stream = torch.cuda.current_stream(device)
+            stream.wait_event(ready)
+            pixels.record_stream(stream)  # its memory is not reused before this stream is done with it
+            yield pixels, sizes
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            with suppress(queue.Empty):
+                out.get(timeout=0.1)
+
+
+def _produce(
+    paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device, out: queue.Queue, stop: threading.Event
+) -> None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    stream = torch.cuda.Stream(device)
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    try:
+        with ThreadPoolExecutor(max_workers=min(16, decode_workers())) as readers:
+
+            def read(indices: np.ndarray) -> list[Future]:
+                return [readers.submit(_read, paths[i]) for i in indices.tolist()]
+
+            pending = read(batches[0]) if len(batches) else []
+            for b, indices in enumerate(batches):
+                if stop.is_set():
+                    return
+                datas = [f.result() for f in pending]
+                pending = read(batches[b + 1]) if b + 1 < len(batches) else []
+                names = [paths[i] for i in indices.tolist()]
+                on_gpu = [_for_nvjpeg(name, data) for name, data in zip(names, datas, strict=True)]
+                with torch.cuda.stream(stream):
+                    images: list[torch.Tensor | None] = [None] * len(names)
+                    gpu = [i for i, ok in enumerate(on_gpu) if ok]
+                    if gpu:
+                        encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in gpu]
+                        try:
+                            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+                        except RuntimeError:  # a JPEG nvJPEG refuses: the CPU decoder takes the batch
+                            decoded = [None] * len(gpu)
+                        for i, image in zip(gpu, decoded, strict=True):
+                            images[i] = image
+                    for i, image in enumerate(images):
+                        if image is None:
+                            images[i] = torch.from_numpy(decode(names[i])).permute(2, 0, 1).to(device)
+                    pixels, sizes = pad_chw(images)  # type: ignore[arg-type]
+                    ready = torch.cuda.Event()
+                    ready.record(stream)
+                put((pixels, sizes, ready))
+        put(None)
+    except BaseException as exc:  # re-raised in the consumer's thread
+        put(exc)

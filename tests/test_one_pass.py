@@ -1,0 +1,210 @@
+"""One pass per split (every representation cut from one decoded copy; nested bags share forwards) and the
+multi-process decoder (same features as decoding in this process; padding of mixed sizes never read)."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.batches import join_padded, jpeg_header, pad_chw, pad_numpy
+from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
+from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.loading import load_model
+from ssl_patchbench.results.store import read_records
+from ssl_patchbench.sampling.aggregate import Aggregation
+from ssl_patchbench.sampling.patches import PatchSpec
+
+from .clitools import model_args, run_cli
+
+CPU = torch.device("cpu")
+SLIDING = PatchSpec(mode="sliding", size=16, stride=8, out_size=32)
+SPECS = {
+    PatchSpec(mode="central", out_size=32): ("mean",),
+    PatchSpec(mode="random", n=2, scale=(0.2, 0.5), seed=4): ("mean",),
+    PatchSpec(mode="random", n=5, scale=(0.2, 0.5), seed=4): ("mean", "concat"),
+    SLIDING: ("mean", "gridpool:2:1"),
+}
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint):
+    return Encoder(load_model("tiny_cifar", checkpoint=tiny_checkpoint), "embedding")
+
+
+@pytest.fixture(scope="module")
+def split(cifar_dir):
+    return open_split("cifar10", "test", data_dir=cifar_dir, per_class=2)  # 20 files, decoded per batch
+
+
+def _writers(encoder, split, spec, aggs, root, key, chunk_rows=8):
+    return {
+        Aggregation.parse(a): FeatureStore(root, f"{key}-{spec.mode}{spec.num_patches}-{a}").writer(
+            labels=split.labels,
+            dim=Aggregation.parse(a).output_dim(encoder.dim, spec),
+            dtype="float32",
+            chunk_rows=chunk_rows,
+            meta={},
+        )
+        for a in aggs
+    }
+
+
+def _features(writers):
+    return {agg.label: np.array(w.features) for agg, w in writers.items()}
+
+
+def test_one_pass_gives_each_representations_own_features_and_forwards_nested_bags_once(encoder, split, tmp_path):
+    settings = ExtractSettings(device=CPU)
+    alone = {}
+    for spec, aggs in SPECS.items():
+        writers = _writers(encoder, split, spec, aggs, tmp_path, "alone")
+        extract(encoder, split, spec, writers, settings)
+        alone[spec] = _features(writers)
+    targets = [
+        Target(spec, _writers(encoder, split, spec, aggs, tmp_path, "pass"), settings) for spec, aggs in SPECS.items()
+    ]
+    forwarded = []
+    stats = extract_pass(encoder, split, targets, progress=lambda images, patches: forwarded.append(patches))
+    for target in targets:
+        for label, features in _features(target.writers).items():
+            np.testing.assert_allclose(features, alone[target.spec][label], atol=1e-5, rtol=1e-5)
+    # central 1 + the 5-patch bag (the 2-patch bag is its prefix) + 9 sliding windows, per image
+    assert sum(forwarded) == stats.patches == len(split) * (1 + 5 + SLIDING.num_patches)
+
+
+def test_one_pass_fills_only_the_pending_chunks_of_each_store(encoder, split, tmp_path):
+    settings = ExtractSettings(device=CPU)
+    central, bag = PatchSpec(mode="central", out_size=32), PatchSpec(mode="random", n=3, seed=1)
+    done = _writers(encoder, split, central, ("mean",), tmp_path, "done")
+    extract(encoder, split, central, done, settings)
+    expected_central = _features(done)["mean"]
+    reopened = _writers(encoder, split, central, ("mean",), tmp_path, "done")  # all 3 chunks verified
+    assert next(iter(reopened.values())).pending_chunks() == []
+    fresh = _writers(encoder, split, bag, ("mean",), tmp_path, "fresh")
+    stats = extract_pass(encoder, split, [Target(central, reopened, settings), Target(bag, fresh, settings)])
+    assert stats.patches == len(split) * 3  # nothing forwarded for the complete store
+    np.testing.assert_array_equal(_features(reopened)["mean"], expected_central)
+
+
+@pytest.fixture(scope="module")
+def mixed_split(tmp_path_factory):
+    """Eight JPEGs of different sizes (a batch pads them to its largest), smooth content."""
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(40, 52), (64, 48), (33, 90), (70, 70), (48, 36), (90, 41), (50, 50), (37, 61)]):
+        yy, xx = np.mgrid[0:h, 0:w]
+        image = np.stack([(xx * 4 + i * 20) % 256, (yy * 3) % 256, rng.integers(0, 256, (h, w))], axis=-1)
+        path = root / f"{i}.jpg"
+        Image.fromarray(image.astype(np.uint8)).save(path, quality=90)
+        paths.append(str(path))
+    labels = np.arange(8) % 2
+    return ImageSplit(labels=labels, classes=["a", "b"], identity={"n": 8}, paths=paths)
+
+
+@pytest.mark.slow
+def test_worker_processes_decode_exactly_what_this_process_decodes(encoder, mixed_split, tmp_path):
+    spec = PatchSpec(mode="random", n=3, scale=(0.2, 0.6), seed=2)
+    got = {}
+    for workers in (0, 2):
+        writers = _writers(encoder, mixed_split, spec, ("concat",), tmp_path, f"w{workers}", chunk_rows=3)
+        extract(encoder, mixed_split, spec, writers, ExtractSettings(device=CPU, decode_workers=workers))
+        got[workers] = _features(writers)["concat"]
+    np.testing.assert_array_equal(got[2], got[0])
+
+
+def test_padding_a_batch_of_mixed_sizes_changes_no_feature(encoder, mixed_split, tmp_path):
+    spec = PatchSpec(mode="random", n=3, scale=(0.5, 1.0), seed=2)  # large boxes reach the images' edges
+    got = {}
+    for max_patches in (3, 100):  # one image per batch (no padding) / all eight in one padded batch
+        writers = _writers(encoder, mixed_split, spec, ("concat",), tmp_path, f"p{max_patches}")
+        settings = ExtractSettings(device=CPU, max_patches=max_patches, decode_workers=0)
+        extract(encoder, mixed_split, spec, writers, settings)
+        got[max_patches] = _features(writers)["concat"]
+    np.testing.assert_allclose(got[100], got[3], atol=1e-5, rtol=1e-5)
+
+
+def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    data = Path(mixed_split.paths[3]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    split = ImageSplit(
+        labels=mixed_split.labels, classes=mixed_split.classes, identity={}, paths=[*mixed_split.paths[:7], str(broken)]
+    )
+    spec = PatchSpec(mode="central", out_size=32)
+    writers = _writers(encoder, split, spec, ("mean",), tmp_path, "broken")
+    with pytest.raises(UserError, match=r"broken\.jpg"):
+        extract(encoder, split, spec, writers, ExtractSettings(device=CPU, decode_workers=2))
+
+
+def test_jpeg_header_gives_pils_size_and_components(mixed_split, tmp_path):
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (31, 17), 128).save(grey)
+    progressive = tmp_path / "progressive.jpg"
+    Image.open(mixed_split.paths[2]).save(progressive, progressive=True)
+    for path in [*mixed_split.paths, str(grey), str(progressive)]:
+        with Image.open(path) as im:
+            expected = (im.height, im.width, len(im.getbands()))
+        assert jpeg_header(Path(path).read_bytes()) == expected
+    assert jpeg_header(b"\x89PNG\r\n\x1a\n....") is None
+
+
+def test_a_rerun_on_complete_stores_is_marked_reused_and_claims_no_extraction(
+    capsys, monkeypatch, caplog, tiny_checkpoint, cifar_dir, tmp_path
+):
+    args = ["eval", *model_args(tiny_checkpoint, cifar_dir), "--patches", "central,2,4", "--eval", "knn"]
+    args += ["--train-per-class", "3", "--test-per-class", "2", "--home", str(tmp_path), "--json"]
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    first, second = read_records(tmp_path / "results.jsonl")[:3], read_records(tmp_path / "results.jsonl")[3:]
+    assert [r["representation"] for r in second] == ["central", "2", "4"]
+    for old, new in zip(first, second, strict=True):
+        assert not old["reused_features"] and new["reused_features"]
+        assert old["timings"]["extraction_train"]["pass"]["representations"] == ["central", "2", "4"]
+        assert old["timings"]["extraction_train"]["pass"]["forwarded_patches"] == 30 * (1 + 4)  # 2 nests in 4
+        assert new["timings"]["extraction_train"] is None and new["timings"]["extraction_test"] is None
+        assert new["metrics"] == old["metrics"]
+    assert caplog.text.count("reused cached features") == 3
+
+
+def test_batches_that_straddle_chunks_and_a_resumed_gap_give_the_same_rows(encoder, split, tmp_path):
+    spec = PatchSpec(mode="random", n=5, scale=(0.2, 0.5), seed=4)
+    reference = _writers(encoder, split, spec, ("mean",), tmp_path, "ref", chunk_rows=8)
+    extract(encoder, split, spec, reference, ExtractSettings(device=CPU))
+    expected = _features(reference)["mean"]
+    straddling = _writers(encoder, split, spec, ("mean",), tmp_path, "odd", chunk_rows=7)  # batches of 3 images
+    extract(encoder, split, spec, straddling, ExtractSettings(device=CPU, max_patches=15))
+    np.testing.assert_allclose(_features(straddling)["mean"], expected, atol=1e-5, rtol=1e-5)
+    damaged = next(iter(straddling.values())).features
+    damaged[7:14] = 0  # chunk 1 of 0..2 damaged: reopened, it is a stretch of one chunk between two done ones
+    damaged.flush()
+    resumed = _writers(encoder, split, spec, ("mean",), tmp_path, "odd", chunk_rows=7)
+    assert next(iter(resumed.values())).pending_chunks() == [1]
+    extract(encoder, split, spec, resumed, ExtractSettings(device=CPU, max_patches=15))
+    np.testing.assert_allclose(_features(resumed)["mean"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch():
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(5, 9), (8, 4), (3, 3), (7, 10), (6, 2)]]
+    expected, sizes = pad_numpy(images)  # np.pad(mode="edge") of each image to the largest
+    height, width = sizes.max(axis=0)
+    for i, image in enumerate(images):  # independent check of the reference: every pad pixel is its edge's
+        padded = expected[i].numpy()
+        np.testing.assert_array_equal(padded[: image.shape[0], : image.shape[1]], image)
+        np.testing.assert_array_equal(
+            padded[:, image.shape[1] :], np.repeat(padded[:, image.shape[1] - 1 :][:, :1], width - image.shape[1], 1)
+        )
+    joined, joined_sizes = join_padded([pad_numpy(images[:2]), pad_numpy(images[2:3]), pad_numpy(images[3:])])
+    np.testing.assert_array_equal(joined.numpy(), expected.numpy())
+    np.testing.assert_array_equal(joined_sizes, sizes)
+    chw, _ = pad_chw([torch.from_numpy(im).permute(2, 0, 1) for im in images])
+    np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
+    assert (height, width) == (8, 10)
