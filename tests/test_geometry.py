@@ -1,11 +1,12 @@
 """RandomResizedCrop geometry: the evaluation's random boxes pinned bit for bit, and the one geometry
-function against torchvision's ``RandomResizedCrop.get_params`` fed the same uniforms."""
+function against a per-box transcription of ``RandomResizedCrop.get_params`` fed the same uniforms."""
 
 import math
 
 import numpy as np
 import pytest
 
+from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 from ssl_patchbench.sampling.patches import PatchSpec
 
 # Values computed by the implementation of 2026-12-01 (before the geometry moved to sampling/geometry.py):
@@ -47,3 +48,33 @@ def test_random_evaluation_boxes_are_bit_identical_to_the_pinned_ones(settings, 
     boxes = PatchSpec(mode="random", **settings).boxes(indices, heights, widths)
     assert boxes.dtype == np.float64 and boxes.shape == (len(indices), settings["n"], 4)
     assert np.array_equal(boxes.reshape(-1, 4), np.array(expected, dtype=np.float64))
+
+
+def _get_params(u: np.ndarray, height: int, width: int, scale, ratio) -> list[float]:
+    """torchvision's ``RandomResizedCrop.get_params`` for one image, its random draws replaced by ``u[try]``."""
+    for area_u, aspect_u, top_u, left_u in u:
+        area = height * width * (scale[0] + area_u * (scale[1] - scale[0]))
+        aspect = math.exp(math.log(ratio[0]) + aspect_u * (math.log(ratio[1]) - math.log(ratio[0])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = math.floor(top_u * (height - h + 1)), math.floor(left_u * (width - w + 1))
+            return [left, top, left + w, top + h]
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return [(width - w) // 2, (height - h) // 2, (width - w) // 2 + w, (height - h) // 2 + h]
+
+
+@pytest.mark.parametrize(
+    "scale, ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((0.7, 1.0), (0.3, 3.0)), ((0.95, 1.0), (2.5, 3.0))]
+)
+def test_training_uniforms_give_torchvisions_boxes(scale, ratio):
+    rng = np.random.default_rng(0)
+    heights, widths = rng.integers(8, 64, 200), rng.integers(8, 64, 200)
+    u = rng.random((200, ATTEMPTS, 4))
+    boxes = random_resized_boxes(uniforms_from_array(u), heights, widths, scale=scale, ratio=ratio)
+    expected = [_get_params(u[i], heights[i], widths[i], scale, ratio) for i in range(200)]
+    assert np.array_equal(boxes, np.array(expected, dtype=np.float64))

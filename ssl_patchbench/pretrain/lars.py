@@ -1,10 +1,15 @@
 """LARS (layer-wise adaptive rate scaling) and the warm-up + cosine learning-rate schedule.
 
-LARS follows solo-learn's (NVIDIA LARC) form that its CIFAR VICReg recipe uses: for each weight tensor
-``g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w| + eps) / lr, 1)``, then SGD with momentum.
-Biases and normalisation parameters (1-d tensors) skip both the weight decay and the adaptation.
-The update runs as ``torch._foreach_*`` kernels with the trust ratios kept on the device, so a step
-never waits on the host (no ``.item()``, no Python branch on a tensor value).
+LARS is ``timm.optim.Lars``: for each weight tensor ``g <- (g + wd * w) * eta * |w| / (|g| + wd * |w| + eps)``,
+then SGD with momentum, all as ``torch._foreach_*`` kernels with the trust ratios kept on the device (no
+host sync). Biases and normalisation parameters (1-d tensors) skip both the weight decay and the
+adaptation, as in VICReg's reference (``exclude_bias_and_norm``).
+
+Trust clipping (LARC's ``min(ratio / lr, 1)``, solo-learn's ``clip_lr``) is off by default: with it the
+weight step is ``min(lr |g|, eta |w|)``, so once ``lr |g|`` exceeds ``eta |w|`` -- within a few steps
+of a short warm-up -- every weight moves by the full ``eta |w|`` whatever the warm-up says, and a ResNet-18
+diverged within the first epoch of a 1-epoch warm-up (issue 18). Unclipped, every weight step is
+``lr * eta * |w|``: the schedule scales it from the first step.
 """
 
 from __future__ import annotations
@@ -14,16 +19,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from timm.optim import Lars
 from torch import nn
 
 
-def lars_param_groups(model: nn.Module) -> list[dict]:
-    """Two groups: weights (LARS + weight decay) and biases/norm parameters (plain momentum SGD)."""
+def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (LARS + weight decay) and biases/norm parameters (plain momentum SGD: timm adapts
+    only groups with a weight decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if p.ndim > 1], "lars": True},
-        {"params": [p for p in params if p.ndim <= 1], "lars": False},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
+
+
+def build_lars(
+    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, eta: float, trust_clip: bool = False
+) -> Lars:
+    """The trainer's optimiser: ``timm.optim.Lars`` over ``lars_param_groups``."""
+    groups = lars_param_groups(model, weight_decay)
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=eta, trust_clip=trust_clip, foreach=True)
 
 
 class LARS(torch.optim.Optimizer):
