@@ -254,7 +254,7 @@ def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path)
 def test_a_short_warm_up_trains_a_resnet18_as_stably_as_the_reference(cifar_dir):
     """ResNet-18 (CIFAR stem) at the peak lr of batch 512 (0.6) after a 6-step warm-up: the trainer's
     optimiser recipe must stay finite like the independent VICReg step. With trust clipping (before the fix)
-    the loss went 28 -> 300 -> inf within ten steps; 16 px views keep it under half a minute on a CPU."""
+    the loss went 28 -> 32 -> 314 in steps 4 to 5, and to inf by step 10 (16 px views: a minute on a busy CPU)."""
     from .vicreg_reference import ReferenceLARS, reference_step
 
     cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=str(cifar_dir), device="cpu")
@@ -272,7 +272,7 @@ def test_a_short_warm_up_trains_a_resnet18_as_stably_as_the_reference(cifar_dir)
             opt = ReferenceLARS(model.parameters(), lr=0.6, weight_decay=cfg.weight_decay)
         gen, rng = _gen(1), np.random.default_rng(0)
         losses[name] = []
-        for step in range(10):
+        for step in range(8):
             batch = images[torch.randperm(len(images), generator=gen)[:32]]
             u = rng.random((64, ATTEMPTS, 4))
             boxes = random_resized_boxes(uniforms_from_array(u), np.full(64, 32), np.full(64, 32), scale=(0.08, 1.0),
