@@ -101,25 +101,18 @@ def reference_epochs(cfg: PretrainConfig, epochs: int) -> dict:
 
 
 def lars_step_ms(cfg: PretrainConfig) -> dict:
-    """The optimiser step alone on ResNet-18's parameters with gradients: the trainer's (timm, foreach) and
+    """The optimiser step alone on ResNet-18's parameters with gradients: the trainer's (foreach kernels) and
     the reference's (one parameter at a time)."""
     device = torch.device("cuda")
     model = build_trainee(arch_entry(cfg.arch)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    timm_lars = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
+    trainer = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
     reference = ReferenceLARS(model.parameters(), lr=0.6, weight_decay=cfg.weight_decay)
-    times = {
-        "lars_timm_foreach_ms": round(cuda_ms(timm_lars.step), 3),
+    return {
+        "lars_trainer_ms": round(cuda_ms(trainer.step), 3),
         "lars_reference_ms": round(cuda_ms(reference.step), 3),
     }
-    from ssl_patchbench.pretrain import lars
-
-    if hasattr(lars, "LARS"):  # the hand-written foreach LARS that timm's replaces (issue 12 item 6)
-        groups = [{"params": g["params"], "lars": g["weight_decay"] > 0} for g in timm_lars.param_groups]
-        hand = lars.LARS(groups, lr=0.6, weight_decay=cfg.weight_decay, eta=cfg.eta, clip_lr=False)
-        times["lars_handwritten_ms"] = round(cuda_ms(hand.step), 3)
-    return times
 
 
 def stage_times(cfg: PretrainConfig, mode: str) -> dict:

@@ -81,9 +81,9 @@ def test_lars_leaves_zero_weights_to_plain_sgd():
 
 def test_param_groups_exclude_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
-    lars, plain = lars_param_groups(model, weight_decay=1e-4)
-    assert [p.ndim for p in lars["params"]] == [4, 2] and lars["weight_decay"] == 1e-4
-    assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 4 and plain["weight_decay"] == 0
+    lars, plain = lars_param_groups(model)
+    assert [p.ndim for p in lars["params"]] == [4, 2] and lars["lars"]
+    assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 4 and not plain["lars"]
 
 
 def test_the_weight_step_follows_the_warm_up():
