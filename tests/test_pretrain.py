@@ -293,3 +293,36 @@ def test_a_short_warm_up_trains_a_resnet18_as_stably_as_the_reference(cifar_dir)
     for name, curve in losses.items():
         assert all(math.isfinite(v) for v in curve), (name, curve)
         assert max(curve) < 1.5 * curve[0], (name, curve)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_line_reporter_shows_epoch_step_loss_rate_and_eta(capsys):
+    from ssl_patchbench.cli.pretrain import LineReporter
+    from ssl_patchbench.pretrain.train import Progress
+
+    progress = Progress(epoch=2, epochs=10, step=50, steps=97, loss=19.25, lr=0.6, images_per_s=21500.0,
+                        seconds=1.2, eta_s=3723.4)  # fmt: skip
+    LineReporter().on_step(progress)
+    LineReporter().on_epoch(Progress(**{**progress.__dict__, "eta_s": 62.0}))
+    step_line, epoch_line = capsys.readouterr().err.splitlines()
+    assert step_line == "epoch 3/10 step 50/97 loss 19.2500 lr 0.6000 21,500 img/s eta 1:02:03"
+    assert epoch_line.startswith("epoch 3/10 done: loss 19.2500") and epoch_line.endswith("eta 1:02")
+
+
+def test_the_eta_counts_the_steps_left_at_this_calls_step_time(tmp_path):
+    seen = []
+
+    class Recorder:
+        def on_step(self, p):
+            seen.append(p)
+
+        def on_epoch(self, p):
+            seen.append(p)
+
+    pretrain(_cfg(epochs=2), tmp_path, reporter=Recorder())
+    last_step, last_epoch = seen[-2], seen[-1]
+    assert last_step.step == last_epoch.steps == 3 and last_epoch.eta_s == 0.0
+    first = seen[0]  # after 1 of 6 steps: 5 steps left at the time the first one took
+    assert first.eta_s > 0 and first.step == 1
