@@ -59,7 +59,7 @@ class Progress:
     lr: float
     images_per_s: float
     seconds: float
-    eta_s: float  # seconds left in this call, at the mean step time of this call so far
+    eta_s: float  # seconds left to the end of the run, at the mean step time of this call so far
 
 
 class Reporter(Protocol):
@@ -341,7 +341,7 @@ def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
     mean_loss = total.item() / steps
     seconds = time.perf_counter() - start
     if not math.isfinite(mean_loss):
-        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or use --precision fp32")
+        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or raise --warmup-epochs")
     lr = run.schedule((epoch + 1) * steps - 1)
     rate = steps * cfg.batch_size / seconds
     return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, rate, seconds, _eta(run, epoch, steps - 1))
