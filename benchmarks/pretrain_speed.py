@@ -1,28 +1,35 @@
-"""Pretraining speed: seconds per CIFAR-10 epoch through ``patchbench pretrain`` (eager and compiled), and
-where a step's time goes (views, forward + loss + backward, LARS), each stage timed with CUDA events.
+"""Pretraining speed: seconds per CIFAR-10 epoch through ``patchbench pretrain`` (eager and compiled), side by
+side with the independent eager VICReg step (``tests/vicreg_reference.py``, mode ``reference``), and where a
+step's time goes (views, forward + loss + backward, LARS), each stage timed with CUDA events.
 
-    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes eager,compiled,reduce-overhead] [--profile]
+    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes reference,eager,compiled] [--profile]
 
-DIR holds cifar10/{train,test} (``python ../shared/data/materialize.py cifar10 DIR``). The reference the
-issue names: an eager PyTorch VICReg ResNet-18 at batch 512 with GPU augmentations, 2.7 s per epoch on an H100.
-One JSON line per measurement.
+DIR holds cifar10/{train,test} (``python ../shared/data/materialize.py cifar10 DIR``). Run from the repository
+root (the reference step is imported from ``tests``). One JSON line per measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from breakdown import cuda_ms
 from common import emit, kernel_profile
 
 from ssl_patchbench.pretrain.augment import byol_augments, make_views
-from ssl_patchbench.pretrain.lars import LARS, lars_param_groups
+from ssl_patchbench.pretrain.lars import build_lars
 from ssl_patchbench.pretrain.losses import vicreg_views
 from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, load_images, pretrain
+from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.vicreg_reference import ReferenceLARS, reference_step
 
 
 def epochs_timed(cfg: PretrainConfig, epochs: int) -> dict:
@@ -53,6 +60,61 @@ def gpu_busy(cfg: PretrainConfig) -> dict:
     }
 
 
+def reference_epochs(cfg: PretrainConfig, epochs: int) -> dict:
+    """The independent eager step over the same data: views cut and augmented as the trainer does, then
+    ``reference_step`` (VICReg's LARS, one parameter at a time; bf16 autocast; channels_last)."""
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    entry = arch_entry(cfg.arch)
+    images, _ = load_images(cfg, device)
+    torch.manual_seed(0)
+    model = build_trainee(entry).to(device).train().to(memory_format=torch.channels_last)
+    lr = cfg.lr * cfg.batch_size / 256
+    optimiser = ReferenceLARS(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    gen, rng = torch.Generator(device=device).manual_seed(0), np.random.default_rng(0)
+    pre = entry.preprocessing
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    steps, rows = len(images) // cfg.batch_size, 2 * cfg.batch_size
+    seconds, losses = [], []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        order = torch.randperm(len(images), generator=gen, device=device)
+        u = rng.random((steps * rows, ATTEMPTS, 4))
+        h, w = images.shape[-2:]
+        boxes = random_resized_boxes(uniforms_from_array(u), np.full(len(u), h), np.full(len(u), w),
+                                     scale=cfg.scale, ratio=cfg.ratio)  # fmt: skip
+        boxes = torch.from_numpy(boxes).float().to(device).view(steps, rows, 4)
+        total = torch.zeros((), device=device)
+        for i in range(steps):
+            batch = images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            views = make_views(batch, boxes[i], n_views=2, out_size=pre.input_size,
+                               augments=byol_augments(pre.input_size), gen=gen)  # fmt: skip
+            x, y = (((v - mean) / std).contiguous(memory_format=torch.channels_last) for v in views)
+            warm = min(1.0, (epoch * steps + i + 1) / steps)  # a 1-epoch linear warm-up, as the issue's script
+            total += reference_step(model, optimiser, x, y, lr * warm, amp=torch.bfloat16)
+        losses.append(round(total.item() / steps, 3))
+        seconds.append(time.perf_counter() - start)
+    later = seconds[1:] or seconds
+    return {"first_epoch_s": round(seconds[0], 2), "seconds_per_epoch": round(statistics.median(later), 3),
+            "epoch_losses": losses}  # fmt: skip
+
+
+def lars_step_ms(cfg: PretrainConfig) -> dict:
+    """The optimiser step alone on ResNet-18's parameters with gradients: the trainer's (foreach kernels) and
+    the reference's (one parameter at a time)."""
+    device = torch.device("cuda")
+    model = build_trainee(arch_entry(cfg.arch)).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    trainer = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
+    reference = ReferenceLARS(model.parameters(), lr=0.6, weight_decay=cfg.weight_decay)
+    return {
+        "lars_trainer_ms": round(cuda_ms(trainer.step), 3),
+        "lars_reference_ms": round(cuda_ms(reference.step), 3),
+    }
+
+
 def stage_times(cfg: PretrainConfig, mode: str) -> dict:
     """Milliseconds per step of each stage on real CIFAR-10 images, the same work as ``pretrain``'s step.
 
@@ -64,16 +126,21 @@ def stage_times(cfg: PretrainConfig, mode: str) -> dict:
     model = build_trainee(entry).to(device).train().to(memory_format=torch.channels_last)
     forward = model if mode == "eager" else torch.compile(model, mode=None if mode == "compiled" else mode)
     views_of = make_views if mode == "eager" else torch.compile(make_views)
-    optimiser = LARS(lars_param_groups(model), lr=0.6, weight_decay=cfg.weight_decay)
+    optimiser = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
     gen = torch.Generator(device=device).manual_seed(0)
     pre = entry.preprocessing
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     batch = images[: cfg.batch_size]
+    u = np.random.default_rng(0).random((2 * cfg.batch_size, ATTEMPTS, 4))
+    h, w = images.shape[-2:]
+    boxes = random_resized_boxes(uniforms_from_array(u), np.full(len(u), h), np.full(len(u), w), scale=cfg.scale,
+                                 ratio=cfg.ratio)  # fmt: skip
+    boxes = torch.from_numpy(boxes).float().to(device)
 
     def views() -> torch.Tensor:
-        return views_of(batch, n_views=2, out_size=pre.input_size, scale=cfg.scale, ratio=cfg.ratio,
-                        augments=byol_augments(pre.input_size), gen=gen)  # fmt: skip
+        return views_of(batch, boxes, n_views=2, out_size=pre.input_size, augments=byol_augments(pre.input_size),
+                        gen=gen)  # fmt: skip
 
     fixed = views()
 
@@ -97,11 +164,17 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder holding cifar10/{train,test}")
     parser.add_argument("--epochs", type=int, default=4, help="epochs timed, of a 150-epoch schedule")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--modes", default="reference,eager,compiled")
     parser.add_argument("--profile", action="store_true", help="also the GPU-busy share of an epoch")
     args = parser.parse_args()
     home = tempfile.mkdtemp()
     for mode in args.modes.split(","):
+        if mode == "reference":
+            cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=args.data, scale=(0.08, 1.0),
+                                 batch_size=args.batch_size, home=home)  # fmt: skip
+            fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs}
+            emit(**fields, **reference_epochs(cfg, args.epochs), **lars_step_ms(cfg))
+            continue
         runs = mode in ("eager", "compiled")  # what `patchbench pretrain` offers end to end
         cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=args.data, scale=(0.08, 1.0),
                              epochs=150, batch_size=args.batch_size, compile=mode == "compiled",

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from ssl_patchbench.cli.common import FloatPair
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.sampling.patches import MODES, PatchSpec, _fallback_crop, central_boxes
+from ssl_patchbench.sampling.geometry import fallback_crop
+from ssl_patchbench.sampling.patches import MODES, PatchSpec, central_boxes
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -122,7 +123,7 @@ def test_random_boxes_are_inside_integer_and_of_the_requested_area(images, n, sc
     boxes = spec.boxes(indices, h, w)
     assert boxes.shape == (len(images), n, 4)
     assert np.array_equal(boxes, np.round(boxes)), "random boxes have integer corners"
-    fb_left, fb_top, fb_w, fb_h = _fallback_crop(h[:, None], w[:, None], spec.ratio)
+    fb_left, fb_top, fb_w, fb_h = fallback_crop(h[:, None], w[:, None], spec.ratio)
     for i in range(len(images)):
         assert _inside(boxes[i], 0, 0, w[i], h[i])
         assert np.all(boxes[i, :, 2] - boxes[i, :, 0] >= 1) and np.all(boxes[i, :, 3] - boxes[i, :, 1] >= 1)

@@ -4,6 +4,7 @@ path end to end (train, evaluate the checkpoint, resume after a kill)."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
@@ -15,13 +16,22 @@ from ssl_patchbench.pretrain.augment import (
     _blend_slot,
     adjust_hue,
     augment,
+    byol_augments,
     color_jitter,
     gaussian_blur,
     make_views,
-    sample_boxes,
 )
-from ssl_patchbench.pretrain.lars import LARS, WarmupCosine, lars_param_groups
-from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, pretrain, save_solo_checkpoint
+from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars, lars_param_groups
+from ssl_patchbench.pretrain.losses import vicreg_views
+from ssl_patchbench.pretrain.train import (
+    PretrainConfig,
+    arch_entry,
+    build_trainee,
+    load_images,
+    pretrain,
+    save_solo_checkpoint,
+)
+from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 
 from .clitools import run_cli as _run
 
@@ -35,18 +45,21 @@ def _gen(seed: int = 0) -> torch.Generator:
 # ---------------------------------------------------------------- LARS and schedule
 
 
-def test_lars_two_steps_match_a_hand_computation():
+@pytest.mark.parametrize("clip", [True, False])
+def test_lars_two_steps_match_a_hand_computation(clip):
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
-    opt = LARS([{"params": [w], "lars": True}, {"params": [b], "lars": False}], lr=0.5, momentum=0.9,
-               weight_decay=0.1, eta=0.02)  # fmt: skip
+    model = torch.nn.Module()
+    model.w, model.b = w, b
+    opt = build_lars(model, lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.02, trust_clip=clip)
     grads = [torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])]
     w_hand, mu_hand, b_hand, mub_hand = [3.0, 4.0], [0.0, 0.0], 1.0, 0.0
     for g in grads:
         w.grad, b.grad = g.clone(), torch.tensor([2.0])
         g_list = g[0].tolist()
         p_norm = math.hypot(*w_hand)
-        ratio = min(0.02 * p_norm / (math.hypot(*g_list) + 0.1 * p_norm + 1e-8) / 0.5, 1.0)
+        ratio = 0.02 * p_norm / (math.hypot(*g_list) + 0.1 * p_norm + 1e-8)
+        ratio = min(ratio / 0.5, 1.0) if clip else ratio
         update = [(gi + 0.1 * wi) * ratio for gi, wi in zip(g_list, w_hand, strict=True)]
         mu_hand = [0.9 * m + u for m, u in zip(mu_hand, update, strict=True)]
         w_hand = [wi - 0.5 * m for wi, m in zip(w_hand, mu_hand, strict=True)]
@@ -58,11 +71,12 @@ def test_lars_two_steps_match_a_hand_computation():
 
 
 def test_lars_leaves_zero_weights_to_plain_sgd():
-    w = torch.nn.Parameter(torch.zeros(2, 2))
-    opt = LARS([{"params": [w], "lars": True}], lr=0.1, momentum=0.0, weight_decay=0.5)
-    w.grad = torch.ones(2, 2)
+    model = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = build_lars(model, lr=0.1, momentum=0.0, weight_decay=0.5, eta=0.02)
+    model.weight.grad = torch.ones(2, 2)
     opt.step()
-    assert torch.allclose(w.detach(), torch.full((2, 2), -0.1))
+    assert torch.allclose(model.weight.detach(), torch.full((2, 2), -0.1))
 
 
 def test_param_groups_exclude_biases_and_norms():
@@ -70,6 +84,21 @@ def test_param_groups_exclude_biases_and_norms():
     lars, plain = lars_param_groups(model)
     assert [p.ndim for p in lars["params"]] == [4, 2] and lars["lars"]
     assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 4 and not plain["lars"]
+
+
+def test_the_weight_step_follows_the_warm_up():
+    """Unclipped LARS moves every weight by lr * eta * |w| (times |g + wd w| / (|g| + wd |w|)): a tenth of
+    the learning rate, a tenth of the step, whatever the gradient's size (clipping broke this, issue 18)."""
+    steps = []
+    for lr in (0.06, 0.6):
+        model = torch.nn.Linear(8, 8, bias=False)
+        torch.nn.init.constant_(model.weight, 0.5)
+        opt = build_lars(model, lr=lr, momentum=0.9, weight_decay=1e-4, eta=0.02)
+        model.weight.grad = torch.full((8, 8), 1e-3)  # parallel to w; tiny: clipped, this is plain SGD
+        before = model.weight.detach().clone()
+        opt.step()
+        steps.append((model.weight.detach() - before).norm().item() / before.norm().item())
+    assert steps == pytest.approx([0.06 * 0.02, 0.6 * 0.02], rel=1e-4)
 
 
 def test_warmup_cosine_schedule():
@@ -81,20 +110,10 @@ def test_warmup_cosine_schedule():
 # ---------------------------------------------------------------- augmentations
 
 
-def test_boxes_are_inside_the_image_at_the_asked_scale():
-    boxes = sample_boxes(2000, 32, 32, scale=(0.25, 0.25), ratio=(3 / 4, 4 / 3), gen=_gen(), device=CPU)
-    x1, y1, x2, y2 = boxes.unbind(1)
-    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= 32).all() and (y2 <= 32).all()
-    assert (x1 == x1.round()).all() and (y1 == y1.round()).all()
-    area = (x2 - x1) * (y2 - y1) / 1024
-    assert area.mean().item() == pytest.approx(0.25, abs=0.01) and area.min() > 0.2 and area.max() < 0.3
-    aspect = (x2 - x1) / (y2 - y1)
-    assert aspect.min() >= 0.7 and aspect.max() <= 1.45
-
-
 def test_views_keep_shape_dtype_range_and_are_deterministic_for_a_seed():
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=_gen(1))
-    kwargs = {"n_views": 3, "out_size": 16, "scale": (0.2, 1.0), "ratio": (3 / 4, 4 / 3)}
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [4.0, 2.0, 20.0, 30.0], [10.0, 10.0, 17.0, 15.0]]).repeat(6, 1)
+    kwargs = {"boxes": boxes, "n_views": 3, "out_size": 16}
     augs = (ViewAugment(blur=1.0), ViewAugment(solarize=0.5))
     views = make_views(images, augments=augs, gen=_gen(7), **kwargs)
     assert views.shape == (3, 6, 3, 16, 16) and views.dtype == torch.float32
@@ -227,3 +246,84 @@ def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path)
     for mine, theirs in ((trainee.backbone, loaded.backbone), (trainee.projector, loaded.projector)):
         expected, got = mine.state_dict(), theirs.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+# ---------------------------------------------------------------- stability (issue 18)
+
+
+@pytest.mark.slow
+def test_a_short_warm_up_trains_a_resnet18_as_stably_as_the_reference(cifar_dir):
+    """ResNet-18 (CIFAR stem) at the peak lr of batch 512 (0.6) after a 6-step warm-up: the trainer's
+    optimiser recipe must stay finite like the independent VICReg step. With trust clipping (before the fix)
+    the loss went 28 -> 32 -> 314 in steps 4 to 5, and to inf by step 10 (16 px views: a minute on a busy CPU)."""
+    from .vicreg_reference import ReferenceLARS, reference_step
+
+    cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=str(cifar_dir), device="cpu")
+    images, _ = load_images(PretrainConfig(**{**cfg.__dict__, "batch_size": 32}), CPU)
+    mean, std = torch.tensor((0.49, 0.48, 0.45)).view(1, 3, 1, 1), torch.tensor((0.25, 0.24, 0.26)).view(1, 3, 1, 1)
+    schedule = WarmupCosine(0.6, warmup_steps=6, total_steps=60)
+    losses = {}
+    for name in ("trainer", "reference"):
+        torch.manual_seed(0)
+        model = build_trainee(arch_entry("resnet18_cifar")).train()
+        if name == "trainer":
+            opt = build_lars(model, lr=0.6, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta,
+                             trust_clip=cfg.trust_clip)  # fmt: skip
+        else:
+            opt = ReferenceLARS(model.parameters(), lr=0.6, weight_decay=cfg.weight_decay)
+        gen, rng = _gen(1), np.random.default_rng(0)
+        losses[name] = []
+        for step in range(8):
+            batch = images[torch.randperm(len(images), generator=gen)[:32]]
+            u = rng.random((64, ATTEMPTS, 4))
+            boxes = random_resized_boxes(uniforms_from_array(u), np.full(64, 32), np.full(64, 32), scale=(0.08, 1.0),
+                                         ratio=(3 / 4, 4 / 3))  # fmt: skip
+            views = make_views(batch, torch.from_numpy(boxes).float(), n_views=2, out_size=16,
+                               augments=byol_augments(32), gen=gen)  # fmt: skip
+            x, y = ((v - mean) / std for v in views)
+            if name == "reference":
+                losses[name].append(reference_step(model, opt, x, y, schedule(step)).item())
+                continue
+            for group in opt.param_groups:
+                group["lr"] = schedule(step)
+            loss = vicreg_views(torch.stack([model(x), model(y)]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    for name, curve in losses.items():
+        assert all(math.isfinite(v) for v in curve), (name, curve)
+        assert max(curve) < 1.5 * curve[0], (name, curve)
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_line_reporter_shows_epoch_step_loss_rate_and_eta(capsys):
+    from ssl_patchbench.cli.pretrain import LineReporter
+    from ssl_patchbench.pretrain.train import Progress
+
+    progress = Progress(epoch=2, epochs=10, step=50, steps=97, loss=19.25, lr=0.6, images_per_s=21500.0,
+                        seconds=1.2, eta_s=3723.4)  # fmt: skip
+    LineReporter().on_step(progress)
+    LineReporter().on_epoch(Progress(**{**progress.__dict__, "eta_s": 62.0}))
+    step_line, epoch_line = capsys.readouterr().err.splitlines()
+    assert step_line == "epoch 3/10 step 50/97 loss 19.2500 lr 0.6000 21,500 img/s eta 1:02:03"
+    assert epoch_line.startswith("epoch 3/10 done: loss 19.2500") and epoch_line.endswith("eta 1:02")
+
+
+def test_the_eta_counts_the_steps_left_at_this_calls_step_time(tmp_path):
+    seen = []
+
+    class Recorder:
+        def on_step(self, p):
+            seen.append(p)
+
+        def on_epoch(self, p):
+            seen.append(p)
+
+    pretrain(_cfg(epochs=2), tmp_path, reporter=Recorder())
+    last_step, last_epoch = seen[-2], seen[-1]
+    assert last_step.step == last_epoch.steps == 3 and last_epoch.eta_s == 0.0
+    first = seen[0]  # after 1 of 6 steps: 5 steps left at the time the first one took
+    assert first.eta_s > 0 and first.step == 1

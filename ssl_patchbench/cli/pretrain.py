@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ssl_patchbench.cli.common import (
     NON_NEGATIVE_FLOAT,
@@ -25,25 +25,34 @@ from ssl_patchbench.cli.common import (
 )
 
 
+def _eta(seconds: float) -> str:
+    """``1:02:03`` / ``2:03``: the time left, as rich's remaining-time column shows it."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 class LineReporter:
     """One log line per logged step and per epoch on stderr (pipes, CI, batch jobs)."""
 
     def on_step(self, p) -> None:
         click.echo(
             f"epoch {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.4f} lr {p.lr:.4f} "
-            f"{p.images_per_s:,.0f} img/s",
+            f"{p.images_per_s:,.0f} img/s eta {_eta(p.eta_s)}",
             err=True,
         )
 
     def on_epoch(self, p) -> None:
         click.echo(
-            f"epoch {p.epoch + 1}/{p.epochs} done: loss {p.loss:.4f} {p.seconds:.2f} s {p.images_per_s:,.0f} img/s",
+            f"epoch {p.epoch + 1}/{p.epochs} done: loss {p.loss:.4f} {p.seconds:.2f} s {p.images_per_s:,.0f} img/s "
+            f"eta {_eta(p.eta_s)}",
             err=True,
         )
 
 
 class RichReporter:
-    """A rich progress bar over all steps of the run, with the last loss and images/s (terminals)."""
+    """A rich progress bar over all steps of the run, with epoch, step, the last loss, images/s and the
+    trainer's ETA (terminals)."""
 
     def __init__(self) -> None:
         self.bar = Progress(
@@ -51,10 +60,10 @@ class RichReporter:
             BarColumn(),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
-            TimeRemainingColumn(),
+            TextColumn("eta {task.fields[eta]}"),
             console=stderr,
         )
-        self.task = self.bar.add_task("pretrain", total=None, status="")
+        self.task = self.bar.add_task("pretrain", total=None, status="", eta="-")
 
     def __enter__(self) -> RichReporter:
         self.bar.__enter__()
@@ -64,11 +73,13 @@ class RichReporter:
         self.bar.__exit__(*exc)
 
     def on_step(self, p) -> None:
-        status = f"epoch {p.epoch + 1}/{p.epochs} loss {p.loss:.4f} {p.images_per_s:,.0f} img/s"
-        self.bar.update(self.task, total=p.epochs * p.steps, completed=p.epoch * p.steps + p.step, status=status)
+        status = f"epoch {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.4f} {p.images_per_s:,.0f} img/s"
+        completed = p.epoch * p.steps + p.step
+        self.bar.update(self.task, total=p.epochs * p.steps, completed=completed, status=status, eta=_eta(p.eta_s))
 
     def on_epoch(self, p) -> None:
-        self.bar.update(self.task, total=p.epochs * p.steps, completed=(p.epoch + 1) * p.steps)
+        completed = (p.epoch + 1) * p.steps
+        self.bar.update(self.task, total=p.epochs * p.steps, completed=completed, eta=_eta(p.eta_s))
         self.bar.console.print(f"epoch {p.epoch + 1}/{p.epochs}: loss {p.loss:.4f} {p.seconds:.2f} s")
 
 

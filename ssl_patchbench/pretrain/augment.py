@@ -1,6 +1,7 @@
-"""Batched view augmentation on the device: RandomResizedCrop boxes, flip, BYOL colour augmentation.
+"""Batched view augmentation on the device: crops of given boxes, flip, BYOL colour augmentation.
 
-Every random draw comes from one ``torch.Generator`` on the images' device, and every operation acts on
+The crop boxes come from ``sampling.geometry`` (drawn per epoch, see ``pretrain.train``). Every other
+random draw comes from one ``torch.Generator`` on the images' device, and every operation acts on
 the whole batch at once with per-image parameters (no per-image Python loop, no host sync), so a GPU
 step never waits on the CPU. The colour operations match torchvision's functional ones image by image
 (tested): ColorJitter with its random order of the four operations, grayscale, solarisation, blur.
@@ -8,7 +9,6 @@ step never waits on the CPU. The colour operations match torchvision's functiona
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from ssl_patchbench.sampling.patches import crop_and_resize
 
-_ATTEMPTS = 10  # RandomResizedCrop's tries before its central fallback
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BLUR_MIN_SIZE = 64  # blur only views at least this large: at CIFAR's 32 px it destroys the signal
 
@@ -47,51 +46,6 @@ def byol_augments(out_size: int) -> tuple[ViewAugment, ViewAugment]:
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, lo=0.0, hi=1.0) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(shape, generator=gen, device=device)
-
-
-def sample_boxes(
-    n: int,
-    height: int,
-    width: int,
-    *,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    gen: torch.Generator,
-    device: torch.device,
-) -> torch.Tensor:
-    """``[n, 4]`` boxes (x1, y1, x2, y2) drawn like ``RandomResizedCrop.get_params``, all at once.
-
-    Area fraction uniform in ``scale``, log-aspect uniform in ``ratio``, rounded integer sides, ten tries
-    (the first that fits is kept), then torchvision's central fallback; integer positions.
-    """
-    u = torch.rand((n, _ATTEMPTS, 4), generator=gen, device=device, dtype=torch.float64)
-    area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + u[..., 1] * (log_hi - log_lo))
-    cw = torch.round(torch.sqrt(area * aspect))
-    ch = torch.round(torch.sqrt(area / aspect))
-    ok = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
-    first = torch.argmax(ok.to(torch.uint8), dim=1, keepdim=True)
-    found = ok.gather(1, first)[:, 0]
-    cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
-    top = torch.floor(u[..., 2].gather(1, first)[:, 0] * (height - ch + 1))
-    left = torch.floor(u[..., 3].gather(1, first)[:, 0] * (width - cw + 1))
-    box = torch.stack([left, top, left + cw, top + ch], dim=1)
-    fallback = torch.stack([torch.full_like(left, v) for v in _fallback_box(height, width, ratio)], dim=1)
-    return torch.where(found[:, None], box, fallback).float()  # full_like, not torch.tensor: no host copy
-
-
-def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float, float, float]:
-    """RandomResizedCrop's central crop after ten failed tries."""
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, max(round(width / ratio[0]), 1)
-    elif in_ratio > ratio[1]:
-        w, h = max(round(height * ratio[1]), 1), height
-    else:
-        w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
-    return float(left), float(top), float(left + w), float(top + h)
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:
@@ -200,20 +154,18 @@ def augment(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Te
 
 def make_views(
     images: torch.Tensor,
+    boxes: torch.Tensor,
     *,
     n_views: int,
     out_size: int,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
     augments: Sequence[ViewAugment],
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """``[K, B, 3, S, S]`` augmented views in [0, 1] of uint8 images ``[B, 3, H, W]``; view k uses
-    ``augments[k % len(augments)]``. All crops of all views are cut in one ``crop_and_resize``."""
-    b, _, h, w = images.shape
-    dev = images.device
-    boxes = sample_boxes(n_views * b, h, w, scale=scale, ratio=ratio, gen=gen, device=dev)
-    owner = torch.arange(b, device=dev).repeat(n_views)
+    """``[K, B, 3, S, S]`` augmented views in [0, 1] of uint8 images ``[B, 3, H, W]``; ``boxes`` ``[K * B, 4]``
+    (view k of image b at row ``k * B + b``); view k uses ``augments[k % len(augments)]``. All crops of all
+    views are cut in one ``crop_and_resize``."""
+    b = len(images)
+    owner = torch.arange(b, device=images.device).repeat(n_views)
     crops = crop_and_resize(images.float(), boxes, owner, out_size).div_(255.0)
     if len(set(augments)) == 1:  # one recipe for every view (CIFAR): one batched pass, half the kernel launches
         return augment(crops, augments[0], gen).view(n_views, b, 3, out_size, out_size)

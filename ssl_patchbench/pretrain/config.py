@@ -28,7 +28,8 @@ class PretrainConfig:
     lr: float = 0.3  # per 256 images; the run uses lr * batch_size / 256
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    eta: float = 0.02
+    eta: float = 0.02  # LARS trust coefficient
+    trust_clip: bool = False  # LARC's min(ratio / lr, 1): diverges with short warm-ups (pretrain/lars.py)
     warmup_epochs: float = 10.0  # at most a tenth of the run
     vicreg_coefficients: tuple[float, float, float] = (25.0, 25.0, 1.0)
     tcr_eps: float = 0.2

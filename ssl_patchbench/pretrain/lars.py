@@ -1,10 +1,18 @@
 """LARS (layer-wise adaptive rate scaling) and the warm-up + cosine learning-rate schedule.
 
-LARS follows solo-learn's (NVIDIA LARC) form that its CIFAR VICReg recipe uses: for each weight tensor
-``g <- (g + wd * w) * min(eta * |w| / (|g| + wd * |w| + eps) / lr, 1)``, then SGD with momentum.
-Biases and normalisation parameters (1-d tensors) skip both the weight decay and the adaptation.
-The update runs as ``torch._foreach_*`` kernels with the trust ratios kept on the device, so a step
-never waits on the host (no ``.item()``, no Python branch on a tensor value).
+For each weight tensor ``g <- (g + wd * w) * eta * |w| / (|g| + wd * |w| + eps)``, then SGD with momentum
+(solo-learn's / NVIDIA LARC's form, and ``timm.optim.Lars``'s). Biases and normalisation parameters (1-d
+tensors) skip both the weight decay and the adaptation, as in VICReg's reference (``exclude_bias_and_norm``).
+The update runs as ``torch._foreach_*`` kernels with the trust ratios kept on the device, so a step never
+waits on the host (no ``.item()``, no Python branch on a tensor value). (``timm.optim.Lars`` computes the
+same numbers -- tested by hand -- but the timm on the GPU machine, like every timm before its ``foreach``
+version, loops over the parameters one by one.)
+
+Trust clipping (LARC's ``min(ratio / lr, 1)``, solo-learn's ``clip_lr``) is off by default: with it the
+weight step is ``min(lr |g|, eta |w|)``, so once ``lr |g|`` exceeds ``eta |w|`` -- within a few steps of a
+short warm-up -- every weight moves by the full ``eta |w|`` whatever the warm-up says, and a ResNet-18
+diverged within the first epoch of a 1-epoch warm-up (issue 18). Unclipped, every weight step is
+``lr * eta * |w|``: the schedule scales it from the first step.
 """
 
 from __future__ import annotations
@@ -26,6 +34,14 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
     ]
 
 
+def build_lars(
+    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, eta: float, trust_clip: bool = False
+) -> LARS:
+    """The trainer's optimiser over ``lars_param_groups``."""
+    groups = lars_param_groups(model)
+    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=trust_clip)
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and LARS trust ratios on the groups marked ``lars=True``."""
 
@@ -38,7 +54,7 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 1e-4,
         eta: float = 0.02,
         eps: float = 1e-8,
-        clip_lr: bool = True,
+        clip_lr: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,11 +35,12 @@ from ssl_patchbench.models.archs import build_backbone, build_projector
 from ssl_patchbench.models.registry import ZooEntry, get_entry
 from ssl_patchbench.pretrain.augment import byol_augments, make_views
 from ssl_patchbench.pretrain.config import PretrainConfig, jsonable
-from ssl_patchbench.pretrain.lars import LARS, WarmupCosine, lars_param_groups
-from ssl_patchbench.pretrain.losses import tcr_loss, vicreg_loss, vicreg_views
+from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars
+from ssl_patchbench.pretrain.losses import tcr_loss, vicreg_views
 from ssl_patchbench.pretrain.state import CheckpointWriter, load_training_state, snapshot
+from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 
-__all__ = ["PretrainConfig", "pretrain", "pretrain_demo_model", "save_solo_checkpoint", "vicreg_loss"]
+__all__ = ["PretrainConfig", "pretrain", "pretrain_demo_model", "save_solo_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Progress:
     lr: float
     images_per_s: float
     seconds: float
+    eta_s: float  # seconds left to the end of the run, at the mean step time of this call so far
 
 
 class Reporter(Protocol):
@@ -70,7 +73,7 @@ class LogReporter:
 
     def on_step(self, p: Progress) -> None:
         log.info(
-            "epoch %d/%d step %d/%d loss %.4f lr %.4f %.0f img/s",
+            "epoch %d/%d step %d/%d loss %.4f lr %.4f %.0f img/s eta %.0f s",
             p.epoch + 1,
             p.epochs,
             p.step,
@@ -78,6 +81,7 @@ class LogReporter:
             p.loss,
             p.lr,
             p.images_per_s,
+            p.eta_s,
         )
 
     def on_epoch(self, p: Progress) -> None:
@@ -175,7 +179,7 @@ class _Run:
     model: Trainee
     forward: Callable[[torch.Tensor], torch.Tensor]
     views: Callable[..., torch.Tensor]
-    optimiser: LARS
+    optimiser: torch.optim.Optimizer
     schedule: WarmupCosine
     gen: torch.Generator
     objective: Callable[[torch.Tensor], torch.Tensor]
@@ -184,16 +188,29 @@ class _Run:
     std: torch.Tensor
     steps_per_epoch: int
     start_epoch: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    steps_done: int = 0  # in this call, for the ETA
 
-    def step(self, index: torch.Tensor, global_step: int) -> torch.Tensor:
-        """One optimisation step on the images ``index``; returns the loss (on the device, not synced)."""
+    def epoch_boxes(self) -> torch.Tensor:
+        """Every view box of an epoch, ``[steps, K * B, 4]`` on the device, drawn at once: the uniforms from
+        the run's generator (one copy to the host), the geometry by ``sampling.geometry`` (the evaluation's)."""
+        cfg, steps = self.cfg, self.steps_per_epoch
+        rows = steps * cfg.num_patches * cfg.batch_size
+        u = torch.rand((rows, ATTEMPTS, 4), generator=self.gen, device=self.device, dtype=torch.float64)
+        h, w = self.images.shape[-2:]
+        boxes = random_resized_boxes(
+            uniforms_from_array(u.cpu().numpy()), np.full(rows, h), np.full(rows, w), scale=cfg.scale, ratio=cfg.ratio
+        )
+        return torch.from_numpy(boxes).float().to(self.device).view(steps, -1, 4)
+
+    def step(self, index: torch.Tensor, boxes: torch.Tensor, global_step: int) -> torch.Tensor:
+        """One optimisation step on the images ``index`` cut at ``boxes``; returns the loss (on the device)."""
         cfg, pre = self.cfg, self.entry.preprocessing
         views = self.views(
             self.images[index],
+            boxes,
             n_views=cfg.num_patches,
             out_size=pre.input_size,
-            scale=cfg.scale,
-            ratio=cfg.ratio,
             augments=byol_augments(pre.input_size),
             gen=self.gen,
         )
@@ -232,8 +249,8 @@ def _setup(cfg: PretrainConfig) -> _Run:
         model=model,
         forward=torch.compile(model) if cfg.compile else model,
         views=torch.compile(make_views) if cfg.compile else make_views,  # fuses the colour ops between draws
-        optimiser=LARS(
-            lars_param_groups(model), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta
+        optimiser=build_lars(
+            model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, trust_clip=cfg.trust_clip
         ),
         schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
@@ -287,6 +304,7 @@ def _train_epochs(
 ) -> None:
     cfg = run.cfg
     last = cfg.epochs if stop_after is None else min(cfg.epochs, run.start_epoch + stop_after)
+    run.started = time.perf_counter()
     for epoch in range(run.start_epoch, last):
         start = time.perf_counter()
         progress = _run_epoch(run, epoch, reporter)
@@ -305,24 +323,34 @@ def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
     """One pass over a fresh permutation (the last partial batch dropped)."""
     cfg, steps = run.cfg, run.steps_per_epoch
     order = torch.randperm(len(run.images), generator=run.gen, device=run.device)
+    boxes = run.epoch_boxes()
     start = mark = time.perf_counter()
     total = torch.zeros((), device=run.device)
     for i in range(steps):
-        loss = run.step(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], epoch * steps + i)
+        loss = run.step(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], boxes[i], epoch * steps + i)
         total += loss
+        run.steps_done += 1
         if (i + 1) % cfg.log_every == 0:
             value, now = loss.item(), time.perf_counter()  # the one sync every log_every steps
             rate = cfg.log_every * cfg.batch_size / (now - mark)
             mark = now
+            lr = run.schedule(epoch * steps + i)
             reporter.on_step(
-                Progress(epoch, cfg.epochs, i + 1, steps, value, run.schedule(epoch * steps + i), rate, now - start)
+                Progress(epoch, cfg.epochs, i + 1, steps, value, lr, rate, now - start, _eta(run, epoch, i))
             )
     mean_loss = total.item() / steps
     seconds = time.perf_counter() - start
     if not math.isfinite(mean_loss):
-        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or use --precision fp32")
+        raise UserError(f"the loss became {mean_loss} in epoch {epoch + 1}: lower --lr or raise --warmup-epochs")
     lr = run.schedule((epoch + 1) * steps - 1)
-    return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, steps * cfg.batch_size / seconds, seconds)
+    rate = steps * cfg.batch_size / seconds
+    return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, rate, seconds, _eta(run, epoch, steps - 1))
+
+
+def _eta(run: _Run, epoch: int, step: int) -> float:
+    """Seconds left to the end of the run after ``step`` of ``epoch``, at this call's mean step time."""
+    left = (run.cfg.epochs - epoch) * run.steps_per_epoch - step - 1
+    return left * (time.perf_counter() - run.started) / max(run.steps_done, 1)
 
 
 def _checkpoint_payload(run: _Run, epochs_done: int) -> dict:
@@ -383,7 +411,9 @@ def save_solo_checkpoint(
 
 
 def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto", reporter: Reporter | None = None) -> Path:
-    """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained."""
+    """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained.
+
+    ``reporter`` shows its progress (the CLI passes its bar or line reporter; default: log lines)."""
     path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep.ckpt"
     if path.exists():
         return path
@@ -395,6 +425,7 @@ def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto", rep
         batch_size=256,
         lr=2.0,
         warmup_epochs=0,
+        trust_clip=True,  # the demo's measured recipe (docs/pretrain.md): lr 2.0, no warm-up, clipped steps
         device=device,
         log_every=10**9,
     )

@@ -17,10 +17,10 @@ import torch
 from torchvision.ops import roi_align
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.sampling.geometry import random_resized_boxes
 
 Mode = Literal["central", "random", "grid", "sliding"]
 MODES: tuple[str, ...] = ("central", "random", "grid", "sliding")
-_ATTEMPTS = 10  # RandomResizedCrop's number of tries before its central fallback
 
 
 @dataclass(frozen=True)
@@ -109,33 +109,19 @@ class PatchSpec:
         return np.stack([x1, y1, x1 + side, y1 + side], axis=1)
 
     def _random_boxes(self, indices: np.ndarray, h: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """RandomResizedCrop's ten tries, drawn only for the patches still without a box (most need one)."""
+        """RandomResizedCrop boxes on the hash uniforms of (seed, image, patch): slots 4a..4a+3 for try a."""
         image = np.repeat(indices, self.n)
         patch = np.tile(np.arange(self.n, dtype=np.uint64), len(indices))
         hh, ww = np.repeat(h[:, 0], self.n), np.repeat(w[:, 0], self.n)
         if self.size is not None:
             u = uniforms(self.seed, image[:, None], patch[:, None], np.arange(2, 4, dtype=np.uint64))
             return _fixed_size_boxes(u[:, 0], u[:, 1], hh, ww, self.size).reshape(len(indices), self.n, 4)
-        boxes = np.empty((len(image), 4))
-        pending = np.arange(len(image))
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for attempt in range(_ATTEMPTS):
+
+        def tries(attempt: int, rows: np.ndarray) -> np.ndarray:
             slots = np.arange(attempt * 4, attempt * 4 + 4, dtype=np.uint64)
-            u = uniforms(self.seed, image[pending, None], patch[pending, None], slots)
-            ph, pw = hh[pending], ww[pending]
-            area = ph * pw * (self.scale[0] + u[:, 0] * (self.scale[1] - self.scale[0]))
-            aspect = np.exp(log_lo + u[:, 1] * (log_hi - log_lo))
-            cw, ch = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
-            ok = (cw > 0) & (cw <= pw) & (ch > 0) & (ch <= ph)
-            top = np.floor(u[ok, 2] * (ph[ok] - ch[ok] + 1))
-            left = np.floor(u[ok, 3] * (pw[ok] - cw[ok] + 1))
-            boxes[pending[ok]] = np.stack([left, top, left + cw[ok], top + ch[ok]], axis=1)
-            pending = pending[~ok]
-            if not len(pending):
-                break
-        if len(pending):
-            left, top, cw, ch = _fallback_crop(hh[pending], ww[pending], self.ratio)
-            boxes[pending] = np.stack([left, top, left + cw, top + ch], axis=1)
+            return uniforms(self.seed, image[rows, None], patch[rows, None], slots)
+
+        boxes = random_resized_boxes(tries, hh, ww, scale=self.scale, ratio=self.ratio)
         return boxes.reshape(len(indices), self.n, 4)
 
 
@@ -146,17 +132,6 @@ def _fixed_size_boxes(uy: np.ndarray, ux: np.ndarray, h: np.ndarray, w: np.ndarr
     top = np.floor(uy * (h - size + 1))
     left = np.floor(ux * (w - size + 1))
     return np.stack([left, top, left + size, top + size], axis=-1)
-
-
-def _fallback_crop(h: np.ndarray, w: np.ndarray, ratio: tuple[float, float]) -> tuple[np.ndarray, ...]:
-    """RandomResizedCrop's central crop after ten failed tries (extreme images, scales or ratios).
-
-    At least 1 px a side: for ratios so extreme that torchvision would round a side to 0 (and fail).
-    """
-    in_ratio = w / h
-    cw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.maximum(np.round(h * ratio[1]), 1), w))
-    ch = np.where(in_ratio < ratio[0], np.maximum(np.round(w / ratio[0]), 1), h)
-    return np.floor((w - cw) / 2), np.floor((h - ch) / 2), cw, ch
 
 
 def _place_in_view(view: np.ndarray, layout: np.ndarray) -> np.ndarray:
