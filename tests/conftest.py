@@ -48,3 +48,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     save_solo_checkpoint(path, backbone, projector, {"method": "random"})
     return path
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch):
+    """A reliability case's context: a scratch folder, the tiny checkpoint and the CIFAR subset."""
+    from .factories import Ctx
+
+    return Ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch)

@@ -14,6 +14,7 @@ from ssl_patchbench.analysis.embed import PatchEmbedder, open_inputs
 from ssl_patchbench.core.errors import UserError
 
 from .clitools import model_args, run_cli
+from .factories import scale_record
 
 
 @pytest.fixture(scope="module")
@@ -118,30 +119,13 @@ def test_neighbor_statistics_are_deterministic_across_runs_and_batch_sizes(input
     assert first["chance"] == second["chance"]
 
 
-def _record(scale, rep, acc, *, dataset="cifar10", space="embedding", n_train=10, n_test=5):
-    return {
-        "model": "m",
-        "checkpoint": f"/x/scale{scale[0]}.ckpt",
-        "checkpoint_sha256": "ab" * 32,
-        "zoo_entry": {"pretrain_scale": scale},
-        "dataset": dataset,
-        "representation": rep,
-        "patches": {"mode": "central" if rep == "central" else "random"},
-        "aggregation": "mean",
-        "space": space,
-        "metrics": {"linear": {"top1": acc}, "knn@20": {"top1": acc - 1}},
-        "n_train": n_train,
-        "n_test": n_test,
-    }
-
-
 def test_scale_table_groups_by_scale_and_representation_newest_wins(tmp_path):
     records = [
-        _record([0.08, 1.0], "central", 80.0),
-        _record([0.2, 0.2], "16", 70.0),
-        _record([0.2, 0.2], "central", 40.0),
-        _record([0.2, 0.2], "16", 72.0),
-        _record([0.2, 0.2], "16", 99.0, space="projection"),
+        scale_record([0.08, 1.0], "central", 80.0),
+        scale_record([0.2, 0.2], "16", 70.0),
+        scale_record([0.2, 0.2], "central", 40.0),
+        scale_record([0.2, 0.2], "16", 72.0),
+        scale_record([0.2, 0.2], "16", 99.0, space="projection"),
     ]
     table = scales.scale_table(records).table
     assert list(zip(table.scale, table.representation, table.accuracy, strict=True)) == [
@@ -164,11 +148,11 @@ def test_scale_figure_keeps_one_data_split_and_one_checkpoint_per_curve():
     """Issue 17: one curve was drawn from two checkpoints and two subset sizes under a title naming one subset."""
     other = "cd" * 32
     records = [
-        _dated(_record([0.2, 0.2], "central", 24.0), 1),
-        _dated(_record([0.2, 0.2], "1", 70.1, n_train=1000, n_test=1000), 2),  # another subset
-        _dated(_record([0.2, 0.2], "16", 24.0), 3, checkpoint_sha256=other),  # another checkpoint, same scale
-        _dated(_record([0.2, 0.2], "25", 67.0), 4),
-        _dated(_record([0.08, 1.0], "central", 50.0), 5, checkpoint_sha256=other),  # another scale: its own curve
+        _dated(scale_record([0.2, 0.2], "central", 24.0), 1),
+        _dated(scale_record([0.2, 0.2], "1", 70.1, n_train=1000, n_test=1000), 2),  # another subset
+        _dated(scale_record([0.2, 0.2], "16", 24.0), 3, checkpoint_sha256=other),  # another checkpoint, same scale
+        _dated(scale_record([0.2, 0.2], "25", 67.0), 4),
+        _dated(scale_record([0.08, 1.0], "central", 50.0), 5, checkpoint_sha256=other),  # another scale: its own curve
     ]
     result = scales.scale_table(records, model="m")
     assert sorted(zip(result.table.scale, result.table.representation, strict=True)) == [
@@ -183,8 +167,8 @@ def test_scale_figure_keeps_one_data_split_and_one_checkpoint_per_curve():
 
 
 def test_scale_figure_counts_a_rerun_on_reused_features_once():
-    first = _dated(_record([0.2, 0.2], "16", 70.0), 1)
-    rerun = _dated(_record([0.2, 0.2], "16", 70.0), 2, reused_features=True)
+    first = _dated(scale_record([0.2, 0.2], "16", 70.0), 1)
+    rerun = _dated(scale_record([0.2, 0.2], "16", 70.0), 2, reused_features=True)
     result = scales.scale_table([first, rerun])
     assert result.table.n_records.tolist() == [1] and "1 rerun(s) on reused cached features" in result.notes[0]
     alone = scales.scale_table([rerun])  # the first run's record is elsewhere: the rerun is all there is
@@ -192,10 +176,10 @@ def test_scale_figure_counts_a_rerun_on_reused_features_once():
 
 
 def test_scale_table_reads_the_pretraining_crop_and_protocol_1_records():
-    new = _record([0.5, 0.5], "central", 60.0) | {
+    new = scale_record([0.5, 0.5], "central", 60.0) | {
         "zoo_entry": {"patch_scale": [0.08, 1.0], "pretrain_crop_scale": [0.3, 0.3]}
     }
-    old = _record([0.2, 0.2], "central", 50.0)
+    old = scale_record([0.2, 0.2], "central", 50.0)
     assert sorted(scales.scale_table([new, old]).table.scale) == ["0.2", "0.3"]
 
 
@@ -203,7 +187,7 @@ def test_scale_table_errors_say_what_to_do():
     with pytest.raises(UserError, match="patchbench eval"):
         scales.scale_table([])
     with pytest.raises(UserError, match="--dataset"):
-        scales.scale_table([_record([0.2], "1", 1.0), _record([0.2], "1", 1.0, dataset="stl10")])
+        scales.scale_table([scale_record([0.2], "1", 1.0), scale_record([0.2], "1", 1.0, dataset="stl10")])
     with pytest.raises(UserError, match="KEY=LABEL"):
         scales.parse_labels(("nolabel",))
 

@@ -19,7 +19,7 @@ from ssl_patchbench.results.store import append_record, read_records
 
 from .clitools import model_args, run_cli
 from .conftest import CHECKPOINT
-from .test_results import record
+from .factories import record
 
 
 def with_metrics(**values) -> dict:

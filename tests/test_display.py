@@ -18,7 +18,7 @@ from ssl_patchbench.cli.report import _results_table
 from ssl_patchbench.core import devices
 
 from .clitools import run_cli
-from .test_results import record
+from .factories import record
 
 
 class Clock:

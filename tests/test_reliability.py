@@ -6,13 +6,11 @@ no traceback, and nothing a later run could read as complete. docs/reliability.m
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.features import store
@@ -35,55 +32,9 @@ from ssl_patchbench.pipeline.evaluate import EvalConfig, evaluate
 from ssl_patchbench.results.store import append_record, read_records
 
 from .clitools import run_cli
+from .factories import DATA, Ctx, assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = ("--dataset", "cifar10", "--patches", "1", "--eval", "knn", "--train-per-class", "2", "--test-per-class", "2")
-DATA = (*DATA, "--json")
-
-
-@dataclasses.dataclass
-class Ctx:
-    """What a case needs: a scratch folder, the tiny checkpoint and the CIFAR subset."""
-
-    tmp: Path
-    ckpt: Path
-    data: Path
-    monkeypatch: pytest.MonkeyPatch
-
-    def tiny(self, checkpoint: Path | str | None = None) -> list[str]:
-        return ["--model", "tiny_cifar", "--checkpoint", str(checkpoint or self.ckpt), "--data-dir", str(self.data)]
-
-    def zoo(self, **changes: object) -> list[str]:
-        """An extra zoo file ($PATCHBENCH_ZOO) holding a copy of tiny_cifar named `mine`, with `changes`."""
-        entry = json.loads(json.dumps(dataclasses.asdict(get_entry("tiny_cifar"))))
-        entry.update({"name": "mine", **changes})
-        path = self.tmp / "zoo.yaml"
-        path.write_text(yaml.safe_dump({"models": [entry]}))
-        self.monkeypatch.setenv("PATCHBENCH_ZOO", str(path))
-        return ["--model", "mine", "--data-dir", str(self.data)]
-
-    def file(self, name: str, data: bytes) -> Path:
-        path = self.tmp / name
-        path.write_bytes(data)
-        return path
-
-
-@pytest.fixture
-def ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch) -> Ctx:
-    return Ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch)
-
-
-PROGRESS_LINE = re.compile(r"^[^:]+: ([\d,]+/[\d,]+ images \(|[\d,]+ images in |reused cached features$)")
-
-
-def assert_user_error(code: int, err: str, message: str) -> None:
-    """Exit 2 and one ``error:`` line, last; before it at most the progress lines of work already done."""
-    assert code == 2, err
-    *before, last = err.strip().splitlines()
-    assert last.startswith("error: ") and all(PROGRESS_LINE.match(line) for line in before), err
-    assert "Traceback" not in err and message in last, err
-
-
 def assert_nothing_half_done(home: Path) -> None:
     """No results record, and every sealed store intact: nothing half-written a later run could take as finished."""
     for manifest in home.rglob("meta.json"):

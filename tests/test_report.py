@@ -13,14 +13,14 @@ from ssl_patchbench.analysis.report import Section, records_sections, render_htm
 from ssl_patchbench.cli.main import main
 from ssl_patchbench.models.checkpoints import sha256_file
 
-from .test_analysis import _record
+from .factories import scale_record
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _records_file(tmp_path, sha="ab" * 32):
     path = tmp_path / "results.jsonl"
-    rows = [_record([0.08, 1.0], rep, acc) for rep, acc in (("central", 60.0), ("1", 45.0), ("16", 63.5))]
+    rows = [scale_record([0.08, 1.0], rep, acc) for rep, acc in (("central", 60.0), ("1", 45.0), ("16", 63.5))]
     path.write_text("".join(json.dumps({**r, "model": "tiny_cifar", "checkpoint_sha256": sha}) + "\n" for r in rows))
     return path
 

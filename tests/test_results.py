@@ -20,35 +20,7 @@ from ssl_patchbench.results.records import (
 from ssl_patchbench.results.store import append_record
 
 from .clitools import run_cli
-
-
-def record(**over) -> dict:
-    """A record shaped like api._record's, small enough to read."""
-    base = {
-        "model": "resnet18_cifar",
-        "checkpoint": "a.ckpt",
-        "checkpoint_sha256": "aaaa1111" + "0" * 56,
-        "dataset": "cifar10",
-        "data": {
-            "train": {"dataset": "cifar10", "root": "/x/train", "n": 200, "per_class": 20, "files_sha256": "t1"},
-            "test": {"dataset": "cifar10", "root": "/x/test", "n": 100, "per_class": 10, "files_sha256": "s1"},
-        },
-        "n_train": 200,
-        "n_test": 100,
-        "patches": {"mode": "central", "n": 1, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "size": None},
-        "representation": "central",
-        "aggregation": "mean",
-        "space": "embedding",
-        "precision": "fp32",
-        "store_dtype": "float16",
-        "seed": 0,
-        "protocol": {"knn": {"ks": [20, 200], "temperature": 0.07}},
-        "metrics": {"knn@20": {"top1": 60.0, "top5": 90.0}, "knn@200": {"top1": 58.0}, "linear": None},
-        "environment": {"device": "cpu", "torch": "2.4", "date": "2026-01-01T00:00:00+00:00"},
-    }
-    for key, value in over.items():
-        base[key] = value
-    return base
+from .factories import record
 
 
 def test_metric_value_reads_top1_top5_and_missing():

@@ -11,7 +11,7 @@ from ssl_patchbench.reporting import render as R
 from ssl_patchbench.reporting import tables as T
 
 from .clitools import run_cli
-from .test_results import record
+from .factories import record
 
 SHARED_SHA = "3be869a54f609bd8bb695996d911482a3340c67aa36f33fb2df956d640abf3ea"
 SLIDING = {"mode": "sliding", "n": 1, "size": 16, "stride": 4, "grid": None, "scale": [0.08, 1.0], "seed": 0}

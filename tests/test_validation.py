@@ -35,13 +35,7 @@ from ssl_patchbench.reporting.check import _compare, load_baselines, results_bas
 from ssl_patchbench.results.store import append_record, read_records
 
 from .clitools import run_cli
-from .test_reliability import DATA, Ctx, assert_user_error
-from .test_results import record
-
-
-@pytest.fixture
-def ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch) -> Ctx:
-    return Ctx(tmp_path, tiny_checkpoint, cifar_dir, monkeypatch)
+from .factories import DATA, assert_user_error, record
 
 
 def _png(path: Path, pixels: np.ndarray | None = None, *, size: tuple[int, int] | None = None) -> Path:

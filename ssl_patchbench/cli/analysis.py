@@ -16,8 +16,15 @@ from ssl_patchbench.core.errors import UserError
 
 _CHECKPOINT_HELP = "Checkpoint path or URL; overrides the zoo source."
 _TRUST_HELP = "Allow checkpoints that need pickle (can run code: only for files you trust)."
-_OUT_HELP = "Folder for the figures, CSV and JSON files."
 _METRIC_HELP = "Top-1 accuracy of which evaluation."
+_out_dir_option = click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="patchbench_analysis",
+    show_default=True,
+    callback=out_dir,
+    help="Folder for the figures, CSV and JSON files.",
+)
 
 
 def _model_options(func):
@@ -33,14 +40,7 @@ def _model_options(func):
         click.option("--space", default="auto", show_default=True, help="embedding, projection, or both (auto)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] (always float32)."),
         click.option("--max-patches", type=POSITIVE, help="Patches per forward pass (default: from the device)."),
-        click.option(
-            "--out",
-            type=click.Path(file_okay=False),
-            default="patchbench_analysis",
-            show_default=True,
-            callback=out_dir,
-            help=_OUT_HELP,
-        ),
+        _out_dir_option,
         click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME)."),
         click.option("--trust-checkpoint/--no-trust-checkpoint", default=False, show_default=True, help=_TRUST_HELP),
     ]
@@ -244,14 +244,7 @@ def _records(results: str | None, home: str | None) -> tuple[Path, list[dict]]:
     help="Records of backbone or projector features.",
 )
 @click.option("--scale-label", multiple=True, help="KEY=LABEL: pretraining scale of a model, checkpoint or sha256.")
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default="patchbench_analysis",
-    show_default=True,
-    callback=out_dir,
-    help=_OUT_HELP,
-)
+@_out_dir_option
 def scales(results, home, metric, dataset, model, space, scale_label, out) -> None:
     """Figure 2: accuracy against pretraining scale.
 

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.labels import aggregation_label
 from ssl_patchbench.features.extract import ProgressFactory
 from ssl_patchbench.models.registry import get_entry
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.evaluate import evaluate
 from ssl_patchbench.results.records import (
-    aggregation_label,
     disagreements,
     metric_names,
     metric_value,

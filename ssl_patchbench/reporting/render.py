@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssl_patchbench.core.labels import aggregation_label
 from ssl_patchbench.reporting.tables import (
     SUBSET_MARK,
     UNBOUND,
@@ -23,7 +24,7 @@ from ssl_patchbench.reporting.tables import (
     fill,
     scale_pair,
 )
-from ssl_patchbench.results.records import aggregation_label, newest_first, record_date
+from ssl_patchbench.results.records import newest_first, record_date
 
 _PLACEHOLDER = re.compile(r"[^A-Za-z0-9]+")
 LEGEND = (

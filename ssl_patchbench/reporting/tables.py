@@ -15,9 +15,9 @@ from typing import Any
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import file_sha256
+from ssl_patchbench.core.labels import aggregation_label
 from ssl_patchbench.core.yamlfile import read_yaml
 from ssl_patchbench.results.records import (
-    aggregation_label,
     disagreements,
     drop_reused_duplicates,
     is_subset,

@@ -8,13 +8,13 @@ they all agree on what a record measured and on which records must not be compar
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.labels import aggregation_label
 from ssl_patchbench.results.store import read_records
 
 # ---------------------------------------------------------------- reading records back (tables, checks, export)
@@ -357,14 +357,6 @@ def _pair(value: object) -> str | None:
         return None
     lo, hi = (float(v) for v in value)
     return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
-
-
-def aggregation_label(label: str) -> str:
-    """``gridpool`` / ``gridpool:3:2`` / ``gridpool(3,2)`` -> ``gridpool(3,2)``."""
-    found = re.fullmatch(r"gridpool(?:[:(](\d+)[,:](\d+)\)?)?", label.strip().lower())
-    if found is None:
-        return label.strip().lower()
-    return f"gridpool({found.group(1) or 3},{found.group(2) or 2})"
 
 
 def select_records(

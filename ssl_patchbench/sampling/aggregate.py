@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.labels import gridpool_params
 from ssl_patchbench.sampling.patches import PatchSpec
-
-_GRIDPOOL = re.compile(r"gridpool(?:[:(](\d+)[,:](\d+)\)?)?$")
 
 
 @dataclass(frozen=True)
@@ -29,10 +27,10 @@ class Aggregation:
         text = text.strip().lower()
         if text in ("mean", "concat"):
             return cls(kind=text)
-        match = _GRIDPOOL.match(text)
-        if match is None:
+        params = gridpool_params(text)
+        if params is None:
             raise UserError(f"unknown aggregation {text!r}: choose mean, concat, gridpool or gridpool:K:S")
-        kernel, stride = (int(g) for g in match.groups()) if match.group(1) else (3, 2)
+        kernel, stride = params
         if kernel <= 0 or stride <= 0:
             raise UserError(f"gridpool kernel and stride must be positive, got {kernel}, {stride}")
         return cls(kind="gridpool", kernel=kernel, stride=stride)
