@@ -100,7 +100,7 @@ class EvalConfig:
         numbers=True,
         min=1,
     )
-    evals: tuple[str, ...] = _opt(EVALUATORS, "knn, linear or both.", "csv", numbers=True, option="--eval")
+    evals: tuple[str, ...] = _opt(EVALUATORS, "knn, linear or both.", "csv", numbers=False, option="--eval")  # which, not what
     train_per_class: int | None = _opt(None, "Keep the first N train images of each class.", "int", numbers=True, min=1)
     test_per_class: int | None = _opt(None, "Keep the first N test images of each class.", "int", numbers=True, min=1)
     device: str = _opt("auto", "auto, cpu or cuda[:i].", numbers=False)
@@ -126,7 +126,7 @@ class EvalConfig:
         "auto",
         "auto: tiled matmul on the device; faiss: IndexFlatIP on the CPU.",
         "choice",
-        numbers=False,
+        numbers=True,
         choices=("auto", "torch", "faiss"),
     )
     max_patches: int | None = _opt(
