@@ -100,7 +100,9 @@ class EvalConfig:
         numbers=True,
         min=1,
     )
-    evals: tuple[str, ...] = _opt(EVALUATORS, "knn, linear or both.", "csv", numbers=False, option="--eval")  # which, not what
+    evals: tuple[str, ...] = _opt(
+        EVALUATORS, "knn, linear or both.", "csv", numbers=False, option="--eval"
+    )  # which, not what
     train_per_class: int | None = _opt(None, "Keep the first N train images of each class.", "int", numbers=True, min=1)
     test_per_class: int | None = _opt(None, "Keep the first N test images of each class.", "int", numbers=True, min=1)
     device: str = _opt("auto", "auto, cpu or cuda[:i].", numbers=False)
