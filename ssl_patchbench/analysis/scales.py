@@ -22,18 +22,11 @@ from ssl_patchbench.results.records import (
     is_subset,
     metric_value,
     record_date,
+    scale_label,
     select_records,
 )
 
 METRICS = ("linear", "knn@20", "knn@200")
-
-
-def scale_label(scale: list | tuple | None) -> str:
-    """``[0.2, 0.2]`` -> ``0.2``; ``[0.08, 1.0]`` -> ``0.08-1``."""
-    if not scale:
-        return "unknown"
-    lo, hi = float(scale[0]), float(scale[-1])
-    return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
 
 
 def _scale_sort(label: str) -> tuple:
@@ -57,7 +50,7 @@ def _record_scale(record: dict, mapping: dict[str, str]) -> str:
         if key in (record.get("model"), checkpoint, Path(checkpoint).name) or (len(key) >= 6 and sha.startswith(key)):
             return label
     entry = record.get("zoo_entry") or {}
-    return scale_label(entry.get("pretrain_crop_scale") or entry.get("pretrain_scale"))
+    return scale_label(entry.get("pretrain_crop_scale") or entry.get("pretrain_scale")) or "unknown"
 
 
 @dataclass

@@ -326,7 +326,7 @@ def flatten(record: dict) -> dict:
         "test_per_class": (data.get("test") or {}).get("per_class"),
         "representation": record.get("representation"),
         "mode": p.get("mode"),
-        "scale": _pair(p.get("scale")) if p.get("mode") == "random" and p.get("size") is None else None,
+        "scale": scale_label(p.get("scale")) if p.get("mode") == "random" and p.get("size") is None else None,
         "size": p.get("size"),
         "stride": p.get("stride"),
         "aggregation": record.get("aggregation"),
@@ -352,10 +352,11 @@ def flatten(record: dict) -> dict:
     return row
 
 
-def _pair(value: object) -> str | None:
+def scale_label(value: object) -> str | None:
+    """A patch or crop scale as tables and figures print it: ``[0.2, 0.2]`` -> ``0.2``, ``[0.08, 1]`` -> ``0.08-1``."""
     if not isinstance(value, (list, tuple)) or not value:
         return None
-    lo, hi = (float(v) for v in value)
+    lo, hi = float(value[0]), float(value[-1])
     return f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}"
 
 
