@@ -3,6 +3,7 @@ environment) and passes down, and the one place that says what identifies a resu
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ class RunContext:
             "checkpoint_sha256": self.model.checkpoint_sha256,
             "zoo_entry": entry,
             "dataset": cfg.dataset,
-            "data": {split: self.data_identity(split) for split in self.splits},
+            "data": self.data_identities,
             "n_train": len(self.splits["train"]),
             "n_test": len(self.splits["test"]),
             "patches": spec.to_dict(),
@@ -118,12 +119,17 @@ class RunContext:
         assert tuple(found) == NUMBER_FIELDS, "identity() and results.NUMBER_FIELDS must name the same fields"
         return found
 
-    def data_identity(self, split: str) -> dict:
-        """The split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's)."""
-        data = self.splits[split]
-        if decoder(data, self.device, gpu_decode=self.cfg.decode == "gpu") == "nvjpeg":
-            return {**data.identity, "decoder": "nvjpeg"}
-        return data.identity
+    @functools.cached_property
+    def data_identities(self) -> dict[str, dict]:
+        """Each split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's);
+        worked out once per run (every store key and record reads it)."""
+        gpu = self.cfg.decode == "gpu"
+        return {
+            split: {**data.identity, "decoder": "nvjpeg"}
+            if decoder(data, self.device, gpu_decode=gpu) == "nvjpeg"
+            else data.identity
+            for split, data in self.splits.items()
+        }
 
     def store_material(self, split: str, spec: PatchSpec, agg: Aggregation) -> dict:
         """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
