@@ -31,6 +31,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from common import emit
 from PIL import Image
@@ -155,13 +156,17 @@ def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30) -> None:
     )
 
 
-def run_eval(name: str, checkpoint: Path, data: Path, home: Path, *extra: str, profile: bool = False) -> list[dict]:
-    """``patchbench eval`` in a fresh process, as a user runs it; its records and wall seconds (``profile``: under
-    cProfile, whose top entries by cumulative time are emitted too)."""
+def run_eval(
+    name: str, checkpoint: Path, data: Path, home: Path, *extra: str, profile: bool = False, model: str = "vicreg_rn50"
+) -> list[dict]:
+    """``patchbench eval`` in a fresh process, as a user runs it; its records, wall seconds and the seconds from
+    the command's start to its first batch done (``profile``: under cProfile, whose top entries by cumulative
+    time are emitted too)."""
     profiler = ["-m", "cProfile", "-o", str(home / "eval.prof")] if profile else []
-    command = [sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", "vicreg_rn50", "--checkpoint"]
+    command = [sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", model, "--checkpoint"]
     command += [str(checkpoint), "--dataset", "imagenet", "--data-dir", str(data), "--eval", "knn", "--json"]
     command += ["--home", str(home), *extra]
+    launched = time.time()
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -174,10 +179,13 @@ def run_eval(name: str, checkpoint: Path, data: Path, home: Path, *extra: str, p
     mine = records[-len(done.stdout.splitlines()) :]
     for record in mine:
         train, test = (record["timings"].get(f"extraction_{s}") or {} for s in ("train", "test"))
+        first_batch = (train.get("pass") or {}).get("first_batch_at")
         emit(
             measurement="eval",
             run=name,
+            model=model,
             wall_seconds=round(wall, 1),
+            first_batch_after_seconds=None if first_batch is None else round(first_batch - launched, 1),
             representation=record["representation"],
             reused_features=record["reused_features"],
             train_images_per_s=round(train.get("images_per_s", 0)),
@@ -346,29 +354,41 @@ def main() -> None:
 
     state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
     torch.save(state, checkpoint)
+    vit_checkpoint = args.root / "dino_vits16_random.pth"  # DINO's file layout is timm's key names
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), vit_checkpoint)
     gpu = ("--decode", "gpu")
-    steps = {
-        "imports": imports,
-        "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
-        "bf16_noise": lambda: bf16_noise(checkpoint, data),
-        "eval_decoder": lambda: decoders(data),
+    compiled = ("--compile", "on")  # what --compile auto does at ImageNet size (from 4M patches)
+    root = args.root
+    steps = {  # the targets' measurements first: a run cut by its time limit keeps them
         "pil_decode": lambda: pil_decode(paths["train"]),
         "gpu_decode": lambda: gpu_decode(paths["train"]),
-        "model_only": lambda: model_only(checkpoint, compiled=False),
-        "central": lambda: run_eval("central", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu),
-        "central rerun": lambda: run_eval(
-            "central rerun", checkpoint, data, args.root / "home_c", "--patches", "central", *gpu, profile=True
-        ),
-        "central cpu": lambda: run_eval(
-            "central cpu", checkpoint, data, args.root / "home_cpu", "--patches", "central"
-        ),
-        "16": lambda: run_eval("16", checkpoint, data, args.root / "home_16", "--patches", "16", *gpu),
-        "48": lambda: run_eval("48", checkpoint, data, args.root / "home_48", "--patches", "48", *gpu),
-        "central+16+48": lambda: run_eval(
-            "central+16+48", checkpoint, data, args.root / "home_all", "--patches", "central,16,48", *gpu
-        ),
-        "user_baseline": lambda: user_baseline(checkpoint, data, args.baseline_images),
         "model_only_compiled": lambda: model_only(checkpoint, compiled=True),
+        "central": lambda: run_eval("central", checkpoint, data, root / "home_c", "--patches", "central", *gpu),
+        "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
+        "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
+        "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),
+        "user_baseline": lambda: user_baseline(checkpoint, data, args.baseline_images),
+        "central rerun": lambda: run_eval(
+            "central rerun", checkpoint, data, root / "home_c", "--patches", "central", *gpu, profile=True
+        ),
+        "vit": lambda: run_eval(
+            "vit central,16",
+            vit_checkpoint,
+            data,
+            root / "home_vit",
+            "--patches",
+            "central,16",
+            *compiled,
+            model="dino_vits16",
+        ),
+        "central+16+48": lambda: run_eval(
+            "central+16+48", checkpoint, data, root / "home_all", "--patches", "central,16,48", *compiled
+        ),
+        "imports": imports,
+        "eval_decoder": lambda: decoders(data),
+        "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
+        "bf16_noise": lambda: bf16_noise(checkpoint, data),
+        "model_only": lambda: model_only(checkpoint, compiled=False),
     }
     for name, step in steps.items():
         if name in skip:

@@ -200,6 +200,19 @@ def test_bicubic_crops_ignore_edge_replicated_padding():
 
 
 @pytest.mark.parametrize(
+    "interpolation,antialias", [("bilinear", "box"), ("bilinear", "pillow"), ("bicubic", "pillow")]
+)
+def test_uint8_images_give_the_crops_of_their_float_copy(interpolation, antialias):
+    """Decoded batches stay uint8 until a forward slice needs them: resampling converts what it reads."""
+    images = torch.from_numpy(np.stack([_photo(40, 50), _photo(40, 50)[::-1].copy()])).permute(0, 3, 1, 2)
+    boxes = torch.tensor([[0.0, 0.0, 50.0, 40.0], [10.5, 3.0, 49.0, 39.5], [2.0, 5.0, 20.0, 30.0]])
+    owner = torch.tensor([0, 1, 1])
+    ours = crop_and_resize(images, boxes, owner, 24, interpolation, antialias)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, crop_and_resize(images.float(), boxes, owner, 24, interpolation, antialias))
+
+
+@pytest.mark.parametrize(
     "kwargs",
     [
         {"mode": "random", "n": 0},

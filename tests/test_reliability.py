@@ -35,6 +35,8 @@ from .clitools import run_cli
 from .factories import DATA, Ctx, assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def assert_nothing_half_done(home: Path) -> None:
     """No results record, and every sealed store intact: nothing half-written a later run could take as finished."""
     for manifest in home.rglob("meta.json"):

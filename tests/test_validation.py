@@ -132,7 +132,7 @@ def test_one_large_image_among_small_ones_is_never_held_at_the_large_size(tmp_pa
     split = open_split("folder", "train", data_dir=root, cache_dir=tmp_path / "cache")
     assert split.array is None and not list((tmp_path / "cache").glob("*.npy"))  # lazy files, no cache written
     sizes = np.array([[8, 8], [8, 8], [300, 400], [8, 8], [8, 8]])
-    assert padding_groups(sizes, max_bytes=8 * 8 * 12 * 2) == [(0, 2), (2, 3), (3, 5)]  # the large one alone
+    assert padding_groups(sizes, max_bytes=8 * 8 * 3 * 2) == [(0, 2), (2, 3), (3, 5)]  # the large one alone
     assert padding_groups(sizes, max_bytes=1 << 40) == [(0, 5)]
 
 

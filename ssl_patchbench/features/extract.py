@@ -21,7 +21,7 @@ import torch
 
 from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.batches import all_jpeg, nvjpeg_batches, process_batches
+from ssl_patchbench.data.batches import all_jpeg, join_padded, nvjpeg_batches, process_pieces
 from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.features.store import StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -33,16 +33,20 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]  # (images, patches) done since the last call
 ProgressFactory = Callable[[str, int, int], Progress]  # (description, images, patches to do) -> callback
 _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are moved to the GPU once
-_PADDED_MAX_BYTES = 256 << 20  # float32 bytes of a padded group of decoded images (a larger image goes alone)
+# uint8 bytes of a padded batch of decoded images: 2,000 ImageNet-size images fit (so a batch is one forward
+# slice of the central view); one much larger image among them makes a group of its own
+_PADDED_MAX_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
 class ExtractStats:
-    """One pass over a split: the images it covered, the patches it forwarded and its wall time."""
+    """One pass over a split: the images it covered, the patches it forwarded, its wall time, and when (unix time)
+    its first batch was done (how long a user waits for the first result)."""
 
     images: int
     patches: int
     seconds: float
+    first_batch_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ def extract_pass(
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
+    first_batch_at = None
     rows: dict[int, _Rows] = {}
     written = 0
     for (stretch, _), (batch, pixels, sizes) in zip(plan, images.iterate([b for _, b in plan]), strict=True):
@@ -176,6 +181,10 @@ def extract_pass(
                     for agg, writer in target.writers.items():  # stays on the device: no sync per batch
                         rows[id(writer)].add(agg(features[:, :n], target.spec))
             patches += len(batch) * runner.spec.num_patches
+        if not done_images:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # once per pass
+            first_batch_at = time.time()
         done_images += len(batch)
         forwarded += patches
         if progress is not None:
@@ -185,7 +194,8 @@ def extract_pass(
             written += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return ExtractStats(images=done_images, patches=forwarded, seconds=time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return ExtractStats(images=done_images, patches=forwarded, seconds=seconds, first_batch_at=first_batch_at)
 
 
 class _Rows:
@@ -276,7 +286,10 @@ class PatchRunner:
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-        """``pixels``: float ``[B, 3, H, W]`` on the device -> patch embeddings ``[B, n, d]`` (float32)."""
+        """``pixels``: uint8 (or float) ``[B, 3, H, W]`` on the device -> patch embeddings ``[B, n, d]`` (float32).
+
+        Each forward slice converts only its own images to float, so a decoded batch stays uint8 (a quarter of
+        the memory) whatever its size."""
         n = self.spec.num_patches
         boxes = self.spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
         boxes_t = to_device(torch.from_numpy(boxes.astype(np.float32)), self.device)
@@ -285,8 +298,9 @@ class PatchRunner:
         start = 0
         while start < len(boxes):
             end = min(start + self.max_patches, len(boxes))
+            first, last = start // n, (end - 1) // n + 1  # the images this slice's boxes belong to
             try:
-                out[start:end] = self._forward(pixels, boxes_t[start:end], owner[start:end])
+                out[start:end] = self._forward(pixels[first:last], boxes_t[start:end], owner[start:end] - first)
             except torch.cuda.OutOfMemoryError:
                 self._back_off()
                 continue
@@ -321,7 +335,7 @@ def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False
 
 
 class ImageSource:
-    """Images by index as float ``[B, 3, H, W]`` on the device, with their true sizes.
+    """Images by index as uint8 ``[B, 3, H, W]`` on the device, with their true sizes.
 
     In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model
     (:mod:`ssl_patchbench.data.batches`): by one process per core, or, with ``gpu_decode``, JPEG folders on CUDA
@@ -340,19 +354,22 @@ class ImageSource:
             self.resident = array.to(device) if fits else array
 
     def iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        """Yield ``(indices, pixels, sizes)`` per batch, decoding the next batches while this one runs."""
+        """Yield ``(indices, pixels, sizes)`` per batch (uint8 pixels), decoding the next batches while this one
+        runs."""
         if self.resident is not None:
             for indices in batches:
                 yield (indices, *self._slice(indices))
             return
         paths = self.split.paths or []
         if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
-            for indices, (pixels, sizes) in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
-                yield indices, pixels.float(), sizes
+            for indices, batch in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
+                yield indices, *batch
             return
-        decoded = process_batches(paths, batches, workers=self.workers)
-        for indices, (uint8, sizes) in zip(batches, decoded, strict=True):
-            yield indices, to_device(uint8, self.device).permute(0, 3, 1, 2).float(), sizes
+        # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there
+        pieces = process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda")
+        for indices, parts in zip(batches, pieces, strict=True):
+            uint8, sizes = join_padded([(to_device(pixels, self.device), part_sizes) for pixels, part_sizes in parts])
+            yield indices, uint8.permute(0, 3, 1, 2), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         index = torch.from_numpy(indices)
@@ -361,11 +378,11 @@ class ImageSource:
         else:
             batch = to_device(self.resident[index], self.device)  # type: ignore[index]
         sizes = np.tile(batch.shape[1:3], (len(indices), 1))
-        return batch.permute(0, 3, 1, 2).float(), sizes
+        return batch.permute(0, 3, 1, 2), sizes
 
 
 def _bounded(split: ImageSplit, batch: np.ndarray) -> list[np.ndarray]:
-    """``batch`` cut into consecutive parts whose padded float32 copy fits ``_PADDED_MAX_BYTES``: one large image
+    """``batch`` cut into consecutive parts whose padded uint8 copy fits ``_PADDED_MAX_BYTES``: one large image
     among small ones goes alone instead of padding the whole batch to its size (file sizes from the headers)."""
     if split.paths is None:
         return [batch]
@@ -373,13 +390,13 @@ def _bounded(split: ImageSplit, batch: np.ndarray) -> list[np.ndarray]:
 
 
 def padding_groups(sizes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:
-    """``(lo, hi)`` ranges of consecutive images whose float32 RGB copies, padded to the group's largest height and
+    """``(lo, hi)`` ranges of consecutive images whose uint8 RGB copies, padded to the group's largest height and
     width, take at most ``max_bytes`` (an image larger than that on its own is a group of one)."""
     groups: list[tuple[int, int]] = []
     lo, height, width = 0, 0, 0
     for i, (h, w) in enumerate(sizes.tolist()):
         grown_h, grown_w = max(height, h), max(width, w)
-        if i > lo and (i - lo + 1) * grown_h * grown_w * 12 > max_bytes:
+        if i > lo and (i - lo + 1) * grown_h * grown_w * 3 > max_bytes:
             groups.append((lo, i))
             lo, grown_h, grown_w = i, h, w
         height, width = grown_h, grown_w

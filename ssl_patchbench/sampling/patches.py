@@ -190,7 +190,8 @@ def crop_and_resize(
 ) -> torch.Tensor:
     """Cut and resize every box of a batch in one pass.
 
-    ``images``: float ``[B, 3, H, W]`` in [0, 255]; ``boxes``: ``[M, 4]`` (x1, y1, x2, y2) in pixels;
+    ``images``: uint8 or float ``[B, 3, H, W]`` in [0, 255] (uint8 is resampled in float32, converted piece by
+    piece where that saves memory); ``boxes``: ``[M, 4]`` (x1, y1, x2, y2) in pixels;
     ``image_index``: ``[M]`` which image each box belongs to. Returns ``[M, 3, out_size, out_size]``.
 
     - ``antialias="box"`` (bilinear only): ``roi_align``. Sample points are pixel centres (``aligned=True``), as
@@ -205,10 +206,16 @@ def crop_and_resize(
         raise UserError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
     if antialias == "box" and interpolation == "bilinear":
         rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
-        return roi_align(images, rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return roi_align(
+            _floating(images), rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+        )
     if antialias not in ("box", "pillow"):
         raise ValueError(f"antialias must be 'box' or 'pillow', got {antialias!r}")
     return _pillow_crops(images, boxes.float(), image_index, out_size, _KERNELS[interpolation])
+
+
+def _floating(images: torch.Tensor) -> torch.Tensor:
+    return images if images.is_floating_point() else images.float()
 
 
 def _triangle(x: torch.Tensor) -> torch.Tensor:
@@ -234,14 +241,16 @@ def _pillow_crops(
 ) -> torch.Tensor:
     """Pillow-resampled crops in chunks of boxes, each chunk holding its boxes' images and resampling matrices."""
     _, channels, height, width = images.shape
-    per_box = (channels * height * (width + out_size) + out_size * (height + width)) * images.element_size()
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    per_box = (channels * height * (width + out_size) + out_size * (height + width)) * dtype.itemsize
     step = max(1, _CHUNK_BYTES // per_box)
-    out = [images.new_empty(0, channels, out_size, out_size)]
+    out = [torch.empty(0, channels, out_size, out_size, dtype=dtype, device=images.device)]
     for start in range(0, len(boxes), step):
         box = boxes[start : start + step]
-        rows = _resampling_matrix(box[:, 1], box[:, 3], height, out_size, *kernel).to(images.dtype)  # [c, out, H]
-        cols = _resampling_matrix(box[:, 0], box[:, 2], width, out_size, *kernel).to(images.dtype)  # [c, out, W]
-        wide = (images[owner[start : start + step]] @ cols[:, None].transpose(-1, -2)).clamp_(0, 255)
+        rows = _resampling_matrix(box[:, 1], box[:, 3], height, out_size, *kernel).to(dtype)  # [c, out, H]
+        cols = _resampling_matrix(box[:, 0], box[:, 2], width, out_size, *kernel).to(dtype)  # [c, out, W]
+        chunk = images[owner[start : start + step]].to(dtype)  # the chunk's images, converted here only
+        wide = (chunk @ cols[:, None].transpose(-1, -2)).clamp_(0, 255)
         out.append((rows[:, None] @ wide).clamp_(0, 255))  # [c, 3, out, out]
     return torch.cat(out)
 
