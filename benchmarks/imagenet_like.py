@@ -191,6 +191,7 @@ def run_eval(
             train_images_per_s=round(train.get("images_per_s", 0)),
             train_patches_per_s=round(train.get("patches_per_s", 0)),
             train_seconds=train.get("seconds"),
+            after_first_batch=(train.get("pass") or {}).get("after_first_batch"),
             test_seconds=test.get("seconds"),
             forwarded_patches_per_s=round((train.get("pass") or {}).get("forwarded_patches_per_s", 0)),
             decoder=(train.get("pass") or {}).get("decoder"),
@@ -243,6 +244,50 @@ def decoders(data: Path) -> None:
             decoder="nvjpeg" if gpu else "processes",
             images_per_s=round(len(split) / seconds),
         )
+
+
+def nvjpeg_phases(paths: list[str], batch: int = 1992) -> None:
+    """The nvJPEG decoder's steps one after another (no overlap), microseconds per image: where its time goes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ssl_patchbench.data.batches import _NVJPEG_BATCH, _for_nvjpeg, _read, pad_chw
+
+    phases = dict.fromkeys(("read", "check", "wrap", "decode", "pad"), 0.0)
+
+    def step(name: str, fn):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        phases[name] += time.perf_counter() - start
+        return out
+
+    with ThreadPoolExecutor(16) as readers:
+        for lo in range(0, len(paths), batch):
+            names = paths[lo : lo + batch]
+            datas = step("read", lambda names=names: list(readers.map(_read, names)))
+            step(
+                "check", lambda names=names, datas=datas: [_for_nvjpeg(n, d) for n, d in zip(names, datas, strict=True)]
+            )
+            encoded = step(
+                "wrap", lambda datas=datas: [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+            )
+            images = step(
+                "decode",
+                lambda encoded=encoded: [
+                    im
+                    for i in range(0, len(encoded), _NVJPEG_BATCH)
+                    for im in decode_jpeg(encoded[i : i + _NVJPEG_BATCH], mode=ImageReadMode.RGB, device="cuda")
+                ],
+            )
+            step("pad", lambda images=images: pad_chw(images))
+    emit(
+        measurement="nvjpeg_phases",
+        images=len(paths),
+        **{f"{k}_us_per_image": round(v / len(paths) * 1e6, 1) for k, v in phases.items()},
+    )
 
 
 def bf16_noise(checkpoint: Path, data: Path) -> None:
@@ -385,6 +430,7 @@ def main() -> None:
             "central+16+48", checkpoint, data, root / "home_all", "--patches", "central,16,48", *compiled
         ),
         "imports": imports,
+        "nvjpeg_phases": lambda: nvjpeg_phases(paths["train"]),
         "eval_decoder": lambda: decoders(data),
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
         "bf16_noise": lambda: bf16_noise(checkpoint, data),

@@ -4,7 +4,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_patchbench.data.datasets import open_split
-from ssl_patchbench.features.extract import ExtractSettings, extract
+from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, PatchRunner, extract, share_slice_size
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -126,3 +126,26 @@ def test_interrupted_extraction_resumes_to_identical_features(model, split, tmp_
     assert 0 < len(writer.pending_chunks()) < writer.num_chunks
     resumed = _run(model, split, spec, tmp_path, key="cut", max_patches=16)["mean"]
     np.testing.assert_array_equal(resumed, expected)
+
+
+def test_runners_of_a_pass_share_one_padded_slice_size_when_it_costs_little(model):
+    """One slice shape per pass is one compilation: central (100 patches a slice) and 16 or 48 patches (96) pad
+    to 100; 30 patches (3 images, 90) would waste 10% and keeps its own size."""
+    encoder = Encoder(model, "embedding")
+    settings = ExtractSettings(device=CPU, max_patches=100, compile_model=True)
+    specs = [PatchSpec(mode="central", out_size=32)] + [
+        PatchSpec(mode="random", n=n, out_size=32) for n in (16, 48, 30)
+    ]
+    runners = [PatchRunner(encoder, spec, settings) for spec in specs]
+    assert [r.slice_patches for r in runners] == [100, 96, 96, 90]
+    share_slice_size(runners)
+    assert [r.padded_to for r in runners] == [100, 100, 100, 90]
+    eager = [PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=100)) for spec in specs]
+    share_slice_size(eager)  # eager CPU forwards are never padded
+    assert [r.padded_to for r in eager] == [r.slice_patches for r in eager]
+
+
+def test_the_rate_after_the_first_batch_leaves_out_its_start_up():
+    stats = ExtractStats(images=100, patches=1000, seconds=10.0, first_batch_at=None, first_batch=(1.0, 10, 100))
+    assert stats.after_first_batch() == {"images_per_s": 10.0, "forwarded_patches_per_s": 100.0}
+    assert ExtractStats(10, 100, 1.0, None, (1.0, 10, 100)).after_first_batch() is None

@@ -37,13 +37,18 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 
 
 def pad_numpy(images: Sequence[np.ndarray]) -> Batch:
-    """``[h, w, 3]`` uint8 images -> ``[B, H, W, 3]`` (edge-replicated to the largest) and their sizes."""
+    """``[h, w, 3]`` uint8 images -> ``[B, H, W, 3]`` (edge-replicated to the largest) and their sizes.
+
+    Written in place into one array (``np.pad`` + ``np.stack`` cost a quarter of a JPEG's decode)."""
     sizes = np.array([im.shape[:2] for im in images])
     height, width = sizes.max(axis=0)
-    padded = np.stack(
-        [np.pad(im, ((0, height - im.shape[0]), (0, width - im.shape[1]), (0, 0)), mode="edge") for im in images]
-    )
-    return torch.from_numpy(padded), sizes
+    out = np.empty((len(images), height, width, 3), dtype=np.uint8)
+    for row, im in zip(out, images, strict=True):
+        h, w = im.shape[:2]
+        row[:h, :w] = im
+        row[:h, w:] = im[:, w - 1 : w]
+        row[h:] = row[h - 1 : h]
+    return torch.from_numpy(out), sizes
 
 
 def pad_chw(images: Sequence[torch.Tensor]) -> Batch:

@@ -36,17 +36,31 @@ _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are move
 # uint8 bytes of a padded batch of decoded images: 2,000 ImageNet-size images fit (so a batch is one forward
 # slice of the central view); one much larger image among them makes a group of its own
 _PADDED_MAX_BYTES = 2 << 30
+_SHARED_SLICE_WASTE = 0.05  # padded patches a runner may forward to share the pass's one slice size
 
 
 @dataclass(frozen=True)
 class ExtractStats:
-    """One pass over a split: the images it covered, the patches it forwarded, its wall time, and when (unix time)
-    its first batch was done (how long a user waits for the first result)."""
+    """One pass over a split: the images it covered, the patches it forwarded and its wall time; and its first
+    batch: when it was done (unix time: how long a user waits for a first result), its seconds, images and patches
+    (the rest of the pass is the steady rate a larger dataset runs at, compilation and start-up excluded)."""
 
     images: int
     patches: int
     seconds: float
     first_batch_at: float | None = None
+    first_batch: tuple[float, int, int] = (0.0, 0, 0)  # seconds, images, forwarded patches
+
+    def after_first_batch(self) -> dict[str, float] | None:
+        """Images/s and forwarded patches/s after the first batch (None for a pass of one batch)."""
+        seconds, images, patches = self.first_batch
+        if images >= self.images or self.seconds <= seconds:
+            return None
+        rest = self.seconds - seconds
+        return {
+            "images_per_s": (self.images - images) / rest,
+            "forwarded_patches_per_s": (self.patches - patches) / rest,
+        }
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,7 @@ def extract_pass(
     members = nested_groups(list(by_spec))
     groups = [[by_spec[spec] for spec in group] for group in members]
     runners = [PatchRunner(encoder, g[0], by_spec[g[0]].settings, max_images=first.chunk_rows) for g in members]
+    share_slice_size(runners)
     stretches = _stretches(groups, settings.shard)
     plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
     for stretch in stretches:
@@ -162,7 +177,7 @@ def extract_pass(
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
-    first_batch_at = None
+    first_batch_at, first_batch = None, (0.0, 0, 0)
     rows: dict[int, _Rows] = {}
     written = 0
     for (stretch, _), (batch, pixels, sizes) in zip(plan, images.iterate([b for _, b in plan]), strict=True):
@@ -181,12 +196,13 @@ def extract_pass(
                     for agg, writer in target.writers.items():  # stays on the device: no sync per batch
                         rows[id(writer)].add(agg(features[:, :n], target.spec))
             patches += len(batch) * runner.spec.num_patches
-        if not done_images:
+        done_images += len(batch)
+        forwarded += patches
+        if first_batch_at is None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # once per pass
             first_batch_at = time.time()
-        done_images += len(batch)
-        forwarded += patches
+            first_batch = (time.perf_counter() - start, done_images, forwarded)
         if progress is not None:
             progress(len(batch), patches)
         while written < len(stretch.chunks) and first.chunk_range(stretch.chunks[written])[1] <= int(batch[-1]) + 1:
@@ -195,7 +211,17 @@ def extract_pass(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return ExtractStats(images=done_images, patches=forwarded, seconds=seconds, first_batch_at=first_batch_at)
+    return ExtractStats(done_images, forwarded, seconds, first_batch_at, first_batch)
+
+
+def share_slice_size(runners: list[PatchRunner]) -> None:
+    """Pad the slices of every runner of a pass to one size where that costs at most ``_SHARED_SLICE_WASTE`` of
+    its forwards: one shape is one compilation and one cuDNN autotuning (about 15 s and 1.5 s for a ResNet-50),
+    e.g. central (1,992 patches) and 16 patches (124 x 16 = 1,984) at 224 px."""
+    for runner in runners:
+        peers = [r.slice_patches for r in runners if r.pad_slices and r.max_patches == runner.max_patches]
+        if runner.pad_slices and runner.slice_patches >= (1 - _SHARED_SLICE_WASTE) * max(peers):
+            runner.padded_to = max(peers)
 
 
 class _Rows:
@@ -278,10 +304,11 @@ class PatchRunner:
         # static shapes: one compilation, and on CUDA one cuDNN autotuning (about 1.5 s for a ResNet-50 slice of
         # 2k patches, more than the padded patches cost), serves every slice
         self.pad_slices = settings.compile_model or self.device.type == "cuda"
+        self.padded_to = self.slice_patches
 
     @property
     def slice_patches(self) -> int:
-        """The patches of a full forward slice: what a padded slice is padded to."""
+        """The patches of a full forward slice (a padded slice is padded to ``padded_to``, at least this)."""
         return min(self.max_patches, self.images_per_batch * self.spec.num_patches)
 
     @torch.inference_mode()
@@ -309,9 +336,9 @@ class PatchRunner:
 
     def _forward(self, pixels: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         real = len(boxes)
-        if self.pad_slices and real < self.slice_patches:  # repeat the last box: rows are independent in eval mode
-            boxes = torch.cat([boxes, boxes[-1:].expand(self.slice_patches - real, 4)])
-            owner = torch.cat([owner, owner[-1:].expand(self.slice_patches - real)])
+        if self.pad_slices and real < self.padded_to:  # repeat the last box: rows are independent in eval mode
+            boxes = torch.cat([boxes, boxes[-1:].expand(self.padded_to - real, 4)])
+            owner = torch.cat([owner, owner[-1:].expand(self.padded_to - real)])
         crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size, self.spec.interpolation, self.spec.antialias)
         if self.device.type == "cuda":
             crops = crops.contiguous(memory_format=torch.channels_last)
@@ -324,6 +351,7 @@ class PatchRunner:
         if self.max_patches == 1:
             raise UserError("out of GPU memory even for one patch per forward; use --device cpu")
         self.max_patches //= 2
+        self.padded_to = self.slice_patches
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
