@@ -40,7 +40,7 @@ def file_problem(path: str) -> str | None:
     except OSError as exc:  # the size or the tail read
         return f"unreadable ({exc.strerror or exc})"
     except UserError:  # a whole image whose values the decoder refuses: not a broken file, the extraction says so
-        return None
+        pass
     return None
 
 

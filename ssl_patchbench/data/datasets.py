@@ -214,9 +214,9 @@ def without_bad_files(split: ImageSplit, folder: Path) -> ImageSplit:
     if not bad:
         return replace(split, skipped=skipped)
     if len(bad) == len(paths):
-        first = next(iter(skipped.items()))
+        name, problem = next(iter(skipped.items()))
         raise UserError(
-            f"none of the {len(paths):,} images in {shown(folder)} can be decoded (e.g. {first[0]}: {first[1]}): "
+            f"{shown(folder)}: none of its {len(paths):,} image files can be decoded (e.g. {name}: {problem}): "
             "check that --data-dir names the right folder"
         )
     keep = np.array([i for i in range(len(paths)) if i not in bad], dtype=np.int64)
