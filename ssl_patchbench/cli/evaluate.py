@@ -12,6 +12,7 @@ import click
 from rich.table import Table
 
 from ssl_patchbench.cli.common import build_config, eval_options, progress, stderr, stdout
+from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.pipeline.config import EvalConfig
 
 
@@ -53,13 +54,26 @@ def _launch_torchrun(nproc: int) -> None:
 
 
 def run_eval(cfg: EvalConfig, *, as_json: bool) -> None:
-    """Evaluate ``cfg`` with progress bars, then print the table (or JSON rows)."""
+    """Evaluate ``cfg`` with progress bars, then print the files left out (one warning line per split) and the
+    table (or JSON rows)."""
+    from ssl_patchbench.data.decode import ImageFileError
     from ssl_patchbench.pipeline.evaluate import evaluate
+    from ssl_patchbench.results.records import skipped_notes
 
-    with progress() as factory:
-        results = evaluate(cfg, progress=factory)
+    try:
+        with progress() as factory:
+            results = evaluate(cfg, progress=factory)
+    except ImageFileError as exc:
+        if cfg.skip_bad_images:  # the file passed the check yet does not decode: the error as it is
+            raise
+        raise UserError(
+            f"{exc}, or rerun with --skip-bad-images to leave out every file that cannot be decoded (each is named "
+            "in the results)"
+        ) from exc
     if not results:  # a rank other than 0 of a distributed run: rank 0 reports
         return
+    for note in skipped_notes(results[0].record):
+        stderr.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     rows = [r.row() for r in results]
     if as_json:
         for row in rows:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.batches import process_batches
+from ssl_patchbench.data.check import bad_files
 from ssl_patchbench.data.decode import decode, image_size, shown
 from ssl_patchbench.data.subsets import folder_classes
 
@@ -41,7 +42,8 @@ _DECODE_BATCH = 1024  # images per batch a decoding process hands back
 class ImageSplit:
     """One split of a dataset: images by index, labels, class names and an identity for store keys.
 
-    Exactly one of ``array`` (``[N, H, W, 3]`` uint8) and ``paths`` is set.
+    Exactly one of ``array`` (``[N, H, W, 3]`` uint8) and ``paths`` is set. ``skipped`` maps the files that
+    ``--skip-bad-images`` left out (relative to the split's folder) to their problem; None when not checked.
     """
 
     labels: np.ndarray
@@ -49,6 +51,7 @@ class ImageSplit:
     identity: dict
     array: np.ndarray | None = None
     paths: list[str] | None = field(default=None, repr=False)
+    skipped: dict[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,6 +83,7 @@ class ImageSplit:
             identity={**self.identity, "per_class": per_class, "n": len(keep)},
             array=None if self.array is None else self.array[keep],
             paths=None if self.paths is None else [self.paths[i] for i in keep],
+            skipped=self.skipped,
         )
 
 
@@ -100,11 +104,14 @@ def open_split(
     per_class: int | None = None,
     cache_dir: Path | None = None,
     download: bool = False,
+    skip_bad_images: bool = False,
 ) -> ImageSplit:
     """Open ``split`` of dataset ``name``, from ``data_dir`` when given.
 
     An ImageFolder tree (``DIR/train/<class>/*``, ``DIR/test/<class>/*`` or ``DIR/val/...``, also under
     ``DIR/<name>/``) wins over a torchvision copy; ``digits`` is scikit-learn's, offline, for the demo.
+    ``skip_bad_images`` leaves out the files of an ImageFolder split that fail :mod:`ssl_patchbench.data.check`
+    (before the per-class subset is taken); in-memory datasets have no files to check.
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose train or test")
@@ -112,7 +119,7 @@ def open_split(
         raise UserError(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known: {', '.join(DATASETS)}")
     root = _folder_root(name, data_dir)
     if root is not None:
-        opened = open_image_folder(root, split, name=name, cache_dir=cache_dir)
+        opened = open_image_folder(root, split, name=name, cache_dir=cache_dir, skip_bad_images=skip_bad_images)
     elif name == "digits":
         opened = digits_split(split)
     elif name in TORCHVISION_DATASETS:
@@ -153,12 +160,14 @@ def _split_dir(root: Path, split: str) -> Path:
     raise UserError(f"{shown(root)} has no {' or '.join(names)}/ folder for the {split} split")
 
 
-def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | None) -> ImageSplit:
+def open_image_folder(
+    root: Path, split: str, *, name: str, cache_dir: Path | None, skip_bad_images: bool = False
+) -> ImageSplit:
     """An ImageFolder split; small images are decoded once into a cached array.
 
     Labels are indices into the sorted names of the classes that hold images, and both splits must name the same
     classes, so a class folder missing from one split never shifts the labels of the other. A class folder
-    without images is ignored with a warning.
+    without images is ignored with a warning. ``skip_bad_images``: see :func:`without_bad_files`.
     """
     folder = _split_dir(root, split)
     by_class = _class_images(folder, folder_classes(folder, name))
@@ -189,7 +198,35 @@ def open_image_folder(root: Path, split: str, *, name: str, cache_dir: Path | No
         "files_sha256": listing,
     }
     opened = ImageSplit(labels=np.asarray(labels, dtype=np.int64), classes=classes, identity=identity, paths=paths)
+    if skip_bad_images:
+        opened = without_bad_files(opened, folder)
     return _decoded(opened, cache_dir) if cache_dir is not None else opened
+
+
+def without_bad_files(split: ImageSplit, folder: Path) -> ImageSplit:
+    """``split`` without the files that fail the check (``--skip-bad-images``), paths and labels alike (the class
+    names stay, so no label shifts). The sorted names of the files left out join the identity, so stores and
+    records of the split with other files (or none) left out are never mixed."""
+    paths = split.paths or []
+    bad = bad_files(paths)
+    names = {i: shown(os.path.relpath(paths[i], folder)) for i in bad}
+    skipped = {names[i]: bad[i] for i in sorted(bad, key=names.__getitem__)}
+    if not bad:
+        return replace(split, skipped=skipped)
+    if len(bad) == len(paths):
+        name, problem = next(iter(skipped.items()))
+        raise UserError(
+            f"{shown(folder)}: none of its {len(paths):,} image files can be decoded (e.g. {name}: {problem}): "
+            "check that --data-dir names the right folder"
+        )
+    keep = np.array([i for i in range(len(paths)) if i not in bad], dtype=np.int64)
+    return ImageSplit(
+        labels=split.labels[keep],
+        classes=split.classes,
+        identity={**split.identity, "n": len(keep), "skipped": list(skipped)},
+        paths=[paths[i] for i in keep],
+        skipped=skipped,
+    )
 
 
 def _is_image(path: Path) -> bool:
@@ -230,14 +267,14 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     path = cache_dir / f"{key}.npy"
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
-        return ImageSplit(split.labels, split.classes, split.identity, array=cached)
+        return replace(split, array=cached, paths=None)
     if (split.sizes(np.arange(len(split))) != (h, w)).any():  # headers only: a larger image is never decoded here
         return split
     batches = process_batches(split.paths or [], _ranges(len(split), _DECODE_BATCH))
     array = np.concatenate([pixels.numpy() for pixels, _ in batches])
     with atomic_path(path) as tmp:
         np.save(tmp, array)
-    return ImageSplit(split.labels, split.classes, split.identity, array=array)
+    return replace(split, array=array, paths=None)
 
 
 def _ranges(n: int, step: int) -> list[np.ndarray]:

@@ -2,7 +2,9 @@
 
 What it refuses rather than guess, each as a :class:`UserError` naming the file:
 
-- more than ``MAX_PIXELS`` pixels (read from the header, before anything is decoded: a decompression bomb);
+- files it cannot read (missing, not an image, truncated or corrupt) and images of more than ``MAX_PIXELS``
+  pixels (read from the header, before anything is decoded: a decompression bomb), as :class:`ImageFileError`,
+  the broken files ``--skip-bad-images`` may leave out;
 - images whose values cannot be mapped to 8 bits faithfully: 32-bit integer images, float images with values
   outside [0, 1] or not finite.
 
@@ -17,7 +19,7 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ssl_patchbench.core.errors import UserError
 
@@ -28,6 +30,15 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
+
+
+class ImageFileError(UserError):
+    """A file the decoder cannot use as an image at all (unreadable, not an image, truncated or corrupt, over the
+    pixel limit), as opposed to a whole image whose values it refuses; ``problem`` says which, in a few words."""
+
+    def __init__(self, message: str, problem: str = "unreadable") -> None:
+        super().__init__(message)
+        self.problem = problem  # kept through pickling (a decoding process hands the error back as a value)
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -41,24 +52,43 @@ def check_pixels(path: str | os.PathLike, width: int, height: int) -> None:
         raise _too_large(path, f"{width}x{height} px")
 
 
-def _too_large(path: str | os.PathLike, size: str | None) -> UserError:
+def _too_large(path: str | os.PathLike, size: str | None) -> ImageFileError:
     has = f"is {size}, more than" if size else "has more than"
-    return UserError(
+    return ImageFileError(
         f"image {shown(path)} {has} the {MAX_PIXELS:,} pixels patchbench decodes "
-        "(a decompression bomb or a huge scan): downscale it or remove it"
+        "(a decompression bomb or a huge scan): downscale it or remove it",
+        "over the pixel limit",
     )
+
+
+def _unreadable(path: str | os.PathLike, exc: Exception) -> ImageFileError:
+    detail = str(exc)
+    if isinstance(exc, UnidentifiedImageError):  # its text repeats the path
+        problem, detail = "not an image", "not an image Pillow can identify"
+    elif isinstance(exc, OSError) and exc.errno is not None:  # the file itself: missing, no permission
+        problem, detail = f"unreadable ({exc.strerror})", exc.strerror or detail
+    else:
+        problem = "truncated or corrupt"
+    return ImageFileError(f"cannot read image {shown(path)}: {detail}: replace or remove it", problem)
+
+
+def image_header(path: str) -> tuple[str | None, int, int]:
+    """``(format, height, width)`` from the file's header alone (nothing is decoded; format as Pillow names it,
+    e.g. ``JPEG``); a bomb is refused."""
+    try:
+        with Image.open(path) as im:
+            check_pixels(path, *im.size)
+            return im.format, im.height, im.width
+    except Image.DecompressionBombError as exc:
+        raise _too_large(path, None) from exc
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def image_size(path: str) -> tuple[int, int]:
     """``(height, width)`` from the file's header alone (nothing is decoded); a bomb is refused."""
-    try:
-        with Image.open(path) as im:
-            check_pixels(path, *im.size)
-            return im.height, im.width
-    except Image.DecompressionBombError as exc:
-        raise _too_large(path, None) from exc
-    except _UNREADABLE as exc:
-        raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
+    _, height, width = image_header(path)
+    return height, width
 
 
 def decode(path: str) -> np.ndarray:
@@ -70,7 +100,7 @@ def decode(path: str) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise _too_large(path, None) from exc
     except _UNREADABLE as exc:
-        raise UserError(f"cannot read image {shown(path)}: {exc}") from exc
+        raise _unreadable(path, exc) from exc
 
 
 def _to_rgb(im: Image.Image, path: str) -> np.ndarray:

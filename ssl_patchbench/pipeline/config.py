@@ -159,6 +159,14 @@ class EvalConfig:
         False, "Allow checkpoints that need pickle (can run code: only for files you trust).", "flag", numbers=False
     )
     download: bool = _opt(False, "Let torchvision download CIFAR/STL (needs internet).", "flag", numbers=False)
+    skip_bad_images: bool = _opt(
+        False,
+        "Check every image file first and leave out those that cannot be decoded (empty, not an image, truncated, "
+        "over the pixel limit); they are listed in the results and the data identity. Default: such a file is an "
+        "error.",
+        "flag",
+        numbers=False,
+    )  # the files left out change the numbers through the data identity, not the flag itself
 
     def __post_init__(self) -> None:
         for name, option in (("patches", "--patches"), ("aggregations", "--aggregate"), ("evals", "--eval")):

@@ -71,6 +71,7 @@ class RunContext:
                 per_class=per_class,
                 cache_dir=root / "images",
                 download=cfg.download,
+                skip_bad_images=cfg.skip_bad_images,
             )
             for split, per_class in (("train", cfg.train_per_class), ("test", cfg.test_per_class))
         }

@@ -299,5 +299,14 @@ def _record(
             "extraction_test": test.stored.meta.get("extraction") if test.extracted else None,
         },
         "feature_stores": {"train": train.stored.meta.get("key"), "test": test.stored.meta.get("key")},
+        **_skipped_images(ctx),
         "environment": ctx.environment,
     }
+
+
+def _skipped_images(ctx: RunContext) -> dict:
+    """``skipped_images``: for each file-backed split, the files ``--skip-bad-images`` left out (relative name ->
+    problem, empty when none); absent without the option."""
+    if not ctx.cfg.skip_bad_images:
+        return {}
+    return {"skipped_images": {s: data.skipped for s, data in ctx.splits.items() if data.skipped is not None}}

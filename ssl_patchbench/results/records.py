@@ -291,6 +291,24 @@ def is_subset(record: dict) -> bool:
     return str(record.get("dataset")) in FULL_SPLITS and subset_note(record) is not None
 
 
+def skipped_images(record: dict) -> dict[str, dict[str, str]]:
+    """Split -> {file: problem} of the image files ``--skip-bad-images`` left out (empty for older records and
+    runs without the option)."""
+    found = record.get("skipped_images") or {}
+    return {split: dict(files) for split, files in found.items() if files}
+
+
+def skipped_notes(record: dict, *, shown: int = 3) -> list[str]:
+    """One sentence per split that had files left out, naming the first ``shown`` of them and their problem."""
+    notes = []
+    for split, files in skipped_images(record).items():
+        named = ", ".join(f"{name} ({problem})" for name, problem in list(files.items())[:shown])
+        more = f" and {len(files) - shown:,} more" if len(files) > shown else ""
+        count = f"{len(files):,} image file" + ("s" if len(files) != 1 else "")
+        notes.append(f"{split}: left out {count} that cannot be decoded (--skip-bad-images): {named}{more}")
+    return notes
+
+
 def _differing(flat: list[dict[str, object]]) -> list[str]:
     keys = sorted({k for f in flat for k in f})
     differing = []

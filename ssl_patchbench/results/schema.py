@@ -38,6 +38,7 @@ FIELDS: dict[str, tuple[type, ...]] = {
     "timings": Mapping,
     "metrics": Mapping,
     "feature_stores": Mapping,
+    "skipped_images": Mapping,  # split -> {file: problem}, from --skip-bad-images (newer records only)
 }
 PATCH_FIELDS: dict[str, tuple[type, ...]] = {
     "mode": Text,
@@ -60,6 +61,7 @@ def record_problem(record: dict[str, Any]) -> str | None:
         ("data", lambda v: _fields(v, dict.fromkeys(v, Mapping), "data.")),
         ("environment", lambda v: _fields(v, {"date": Text, "device": Text}, "environment.")),
         ("timings", lambda v: _fields(v, {"extraction_train": Mapping, "extraction_test": Mapping}, "timings.")),
+        ("skipped_images", _skipped),
     )
     for name, check in nested:
         if problem is None and isinstance(record.get(name), dict):
@@ -92,6 +94,14 @@ def _pairs(patches: dict) -> str | None:
         ):
             return f"field 'patches.{name}' is {value!r}, expected one or two numbers"
     return None
+
+
+def _skipped(skipped: dict) -> str | None:
+    problem = _fields(skipped, dict.fromkeys(skipped, Mapping), "skipped_images.")
+    for split, files in skipped.items():
+        if problem is None and isinstance(files, dict):
+            problem = _fields(files, dict.fromkeys(files, Text), f"skipped_images.{split}.")
+    return problem
 
 
 def _metrics(metrics: dict) -> str | None:
