@@ -26,7 +26,7 @@ import torch
 
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.decode import MAX_PIXELS, decode
+from ssl_patchbench.data.decode import check_pixels, decode, unreadable_file
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -192,11 +192,7 @@ def _for_nvjpeg(path: str, data: bytes) -> bool:
     if header is None:
         return False
     height, width, components = header
-    if height * width > MAX_PIXELS:
-        raise UserError(
-            f"cannot read image {path}: {height}x{width} pixels exceed the limit of {MAX_PIXELS:,} "
-            "(a decompression bomb?)"
-        )
+    check_pixels(path, width, height)
     # the end marker, maybe followed by zero padding (a tail of more zeros only sends the file to the CPU decoder)
     return components == 3 and height > 0 and width > 0 and data[-64:].rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
@@ -206,7 +202,7 @@ def _read(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as exc:
-        raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+        raise unreadable_file(path, exc) from exc
 
 
 def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device) -> Iterator[Batch]:

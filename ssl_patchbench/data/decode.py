@@ -61,7 +61,7 @@ def _too_large(path: str | os.PathLike, size: str | None) -> ImageFileError:
     )
 
 
-def _unreadable(path: str | os.PathLike, exc: Exception) -> ImageFileError:
+def unreadable_file(path: str | os.PathLike, exc: Exception) -> ImageFileError:
     detail = str(exc)
     if isinstance(exc, UnidentifiedImageError):  # its text repeats the path
         problem, detail = "not an image", "not an image Pillow can identify"
@@ -82,7 +82,7 @@ def image_header(path: str) -> tuple[str | None, int, int]:
     except Image.DecompressionBombError as exc:
         raise _too_large(path, None) from exc
     except _UNREADABLE as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable_file(path, exc) from exc
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -100,7 +100,7 @@ def decode(path: str) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise _too_large(path, None) from exc
     except _UNREADABLE as exc:
-        raise _unreadable(path, exc) from exc
+        raise unreadable_file(path, exc) from exc
 
 
 def _to_rgb(im: Image.Image, path: str) -> np.ndarray:
