@@ -197,6 +197,16 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
+@pytest.mark.slow
+def test_a_resnet_evaluation_builds_its_model_without_importing_timm():
+    """timm costs about a second of every run's start-up; only ViT and timm entries need it."""
+    code = (
+        "import sys; import ssl_patchbench.pipeline.evaluate; from ssl_patchbench.models.archs import build_backbone; "
+        "build_backbone('resnet50'); assert 'timm' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
+
+
 @pytest.mark.skipif(not CHECKPOINT.exists(), reason="../shared/checkpoints is not beside the repository")
 def test_shared_vicreg_checkpoint_is_far_above_chance(capsys, monkeypatch, cifar_dir):
     """A mis-loaded stem, wrong normalisation or broken vote would sit near 10% here."""

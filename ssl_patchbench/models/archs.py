@@ -9,10 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-import timm
 import torch
-from timm.layers import Conv2dSame
-from timm.layers.pool2d_same import MaxPool2dSame
 from torch import nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock
@@ -46,6 +43,8 @@ def build_entry_backbone(entry: ZooEntry) -> tuple[nn.Module, int]:
 
 def _timm_backbone(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
     """timm model with its classifier removed, so forward returns the pooled features."""
+    import timm  # imported when used: about a second of every run that builds no timm model
+
     if not timm.is_model(name):
         raise UserError(f"unknown timm model '{name}'{did_you_mean(name, timm.list_models())}: use a timm model name")
     if not pretrained:
@@ -76,6 +75,9 @@ def _torchvision_resnet(arch: str, stem: str) -> tuple[nn.Module, int]:
 
 def _use_tf_same_padding(model: nn.Module) -> None:
     """Swap strided convs and the max-pool for TF 'SAME' versions (converted JAX/TF weights need them)."""
+    from timm.layers import Conv2dSame
+    from timm.layers.pool2d_same import MaxPool2dSame
+
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Conv2d) and max(module.stride) > 1:
             same = Conv2dSame(

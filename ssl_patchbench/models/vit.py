@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.models.registry import TIMM_PREFIX, VitSpec, ZooEntry
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 # DINOv2 -> timm: SwiGLU (ViT-g) packs its two input projections as `w12` and names its output `w3`;
 # registers are `register_tokens`. `mask_token` (iBOT-style masking during training) is in ignore_prefixes.
@@ -31,6 +33,9 @@ _DINOV2_RENAMES = (
 
 def build_vit(entry: ZooEntry) -> VisionTransformer:
     """The entry's timm ViT (random init, no classifier) for its input size, with fused attention on."""
+    import timm  # imported when used: about a second of every run that builds no ViT
+    from timm.models.vision_transformer import VisionTransformer
+
     assert entry.vit is not None, "build_vit needs a ViT entry"
     name = entry.arch.removeprefix(TIMM_PREFIX)
     if not timm.is_model(name):
