@@ -71,14 +71,16 @@ def run_eval(cfg: EvalConfig, *, as_json: bool) -> None:
 def _table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     knn_columns = [key for key in rows[0] if key.startswith("knn@") and any(r[key] is not None for r in rows)]
-    columns = ("patches", "mode", "aggregation", *knn_columns, "linear", "dim", "images/s", "patches/s")
+    spaces = ["space"] if any(r["space"] != "embedding" for r in rows) else []  # shown when not all embedding
+    columns = ("patches", "mode", "aggregation", *spaces, *knn_columns, "linear", "dim", "images/s", "patches/s")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("mode", "aggregation") else "right")
+        table.add_column(column, justify="left" if column in ("mode", "aggregation", "space") else "right")
     for r in rows:
         table.add_row(
             str(r["patches"]),
             r["mode"],
             r["aggregation"],
+            *(r[key] for key in spaces),
             *(_pct(r[key]) for key in knn_columns),
             _pct(r["linear"]),
             str(r["dim"]),
