@@ -20,7 +20,13 @@ from ssl_patchbench.pipeline.config import EvalConfig
 def eval_cmd(as_json: bool, nproc: int, **options) -> None:
     """Evaluate a checkpoint with kNN and linear probes.
 
-    One kNN and linear-probe evaluation per representation (central view, bags of patches).
+    One kNN and linear-probe evaluation per representation (central view, bags of patches, sliding windows),
+    aggregation and space, all cut from one pass over each split (docs/protocol.md). E.g. CIFAR-10's central,
+    1, 16, 256 patches, 25 sliding windows (mean and gridpool) and central in the projection space:
+
+    \b
+      patchbench eval --model M --dataset cifar10 --patches central,1,16,256,sliding \\
+        --patch-size 16 --stride 4 --aggregate mean,gridpool --space embedding,projection:central
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
