@@ -9,9 +9,8 @@ from ssl_patchbench.cli.evaluate import eval_cmd
 from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.context import RunContext
-from ssl_patchbench.pipeline.representations import representations
+from ssl_patchbench.pipeline.representations import evaluations
 from ssl_patchbench.results.records import NUMBER_FIELDS
-from ssl_patchbench.sampling.aggregate import Aggregation
 
 # Another value of each number-changing field that a CPU run of the tiny model on digits accepts.
 OTHER = {
@@ -20,7 +19,7 @@ OTHER = {
     "ratio": (0.5, 2.0),
     "size": 8,
     "aggregations": ("concat",),
-    "space": "projection",
+    "space": ("projection",),
     "norm_stats": "imagenet",
     "train_per_class": 3,
     "test_per_class": 2,
@@ -37,8 +36,7 @@ NEEDS_MORE = {"model", "dataset", "mode", "stride", "pool", "last_blocks", "deco
 
 def _identities(cfg: EvalConfig) -> list[dict]:
     ctx = RunContext.build(cfg, Ranks(), None)
-    aggs = [Aggregation.parse(a) for a in cfg.aggregations]
-    return [ctx.identity(spec, agg) for spec in representations(cfg, ctx.model.entry) for agg in aggs]
+    return [ctx.identity(*rep) for rep in evaluations(cfg, ctx.model.entry)]
 
 
 @pytest.fixture(scope="module")

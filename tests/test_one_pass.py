@@ -42,11 +42,11 @@ def split(cifar_dir):
     return open_split("cifar10", "test", data_dir=cifar_dir, per_class=2)  # 20 files, decoded per batch
 
 
-def _writers(encoder, split, spec, aggs, root, key, chunk_rows=8):
+def _writers(encoder, split, spec, aggs, root, key, chunk_rows=8, dim=None):
     return {
         Aggregation.parse(a): FeatureStore(root, f"{key}-{spec.mode}{spec.num_patches}-{a}").writer(
             labels=split.labels,
-            dim=Aggregation.parse(a).output_dim(encoder.dim, spec),
+            dim=Aggregation.parse(a).output_dim(dim or encoder.dim, spec),
             dtype="float32",
             chunk_rows=chunk_rows,
             meta={},
@@ -76,6 +76,35 @@ def test_one_pass_gives_each_representations_own_features_and_forwards_nested_ba
             np.testing.assert_allclose(features, alone[target.spec][label], atol=1e-5, rtol=1e-5)
     # central 1 + the 5-patch bag (the 2-patch bag is its prefix) + 9 sliding windows, per image
     assert sum(forwarded) == stats.patches == len(split) * (1 + 5 + SLIDING.num_patches)
+
+
+def test_both_spaces_of_a_spec_come_from_one_backbone_forward(tiny_checkpoint, split, tmp_path):
+    model = load_model("tiny_cifar", checkpoint=tiny_checkpoint)
+    settings = ExtractSettings(device=CPU)
+    central, bag = PatchSpec(mode="central", out_size=32), PatchSpec(mode="random", n=3, scale=(0.2, 0.5), seed=4)
+    both = Encoder(model, ("embedding", "projection"))
+    assert both.dim == model.embed_dim + model.projection_dim
+    forwarded = []
+    hook = both.backbone.register_forward_pre_hook(lambda module, args: forwarded.append(len(args[0])))
+    targets = [
+        Target(
+            spec, _writers(both, split, spec, aggs, tmp_path, f"both-{space}", dim=both.dims[space]), settings, space
+        )
+        for space in ("embedding", "projection")
+        for spec, aggs in ((central, ("mean",)), (bag, ("mean", "concat")))
+    ]
+    extract_pass(both, split, targets)
+    hook.remove()
+    assert sum(forwarded) == len(split) * (1 + 3)  # the projection columns cost no backbone forward of their own
+    for target in targets:
+        alone_encoder = Encoder(model, target.space)
+        alone = _writers(alone_encoder, split, target.spec, ("mean", "concat"), tmp_path, f"alone-{target.space}")
+        extract(alone_encoder, split, target.spec, alone, settings)
+        for label, features in _features(target.writers).items():
+            np.testing.assert_allclose(features, _features(alone)[label], atol=1e-5, rtol=1e-5)
+    h, z = (_features(t.writers)["mean"] for t in targets if t.spec == central)
+    with torch.no_grad():  # independent: the checkpoint's projector applied to the stored embedding
+        np.testing.assert_allclose(z, model.projector(torch.from_numpy(h)).numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_one_pass_fills_only_the_pending_chunks_of_each_store(encoder, split, tmp_path):

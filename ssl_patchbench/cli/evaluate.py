@@ -21,7 +21,13 @@ from ssl_patchbench.pipeline.config import EvalConfig
 def eval_cmd(as_json: bool, nproc: int, **options) -> None:
     """Evaluate a checkpoint with kNN and linear probes.
 
-    One kNN and linear-probe evaluation per representation (central view, bags of patches).
+    One kNN and linear-probe evaluation per representation (central view, bags of patches, sliding windows),
+    aggregation and space, all cut from one pass over each split (docs/protocol.md). E.g. CIFAR-10's central,
+    1, 16, 256 patches, 25 sliding windows (mean and gridpool) and central in the projection space:
+
+    \b
+      patchbench eval --model M --dataset cifar10 --patches central,1,16,256,sliding \\
+        --patch-size 16 --stride 4 --aggregate mean,gridpool --space embedding,projection:central
     """
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _launch_torchrun(nproc)
@@ -85,14 +91,16 @@ def run_eval(cfg: EvalConfig, *, as_json: bool) -> None:
 def _table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     knn_columns = [key for key in rows[0] if key.startswith("knn@") and any(r[key] is not None for r in rows)]
-    columns = ("patches", "mode", "aggregation", *knn_columns, "linear", "dim", "images/s", "patches/s")
+    spaces = ["space"] if any(r["space"] != "embedding" for r in rows) else []  # shown when not all embedding
+    columns = ("patches", "mode", "aggregation", *spaces, *knn_columns, "linear", "dim", "images/s", "patches/s")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("mode", "aggregation") else "right")
+        table.add_column(column, justify="left" if column in ("mode", "aggregation", "space") else "right")
     for r in rows:
         table.add_row(
             str(r["patches"]),
             r["mode"],
             r["aggregation"],
+            *(r[key] for key in spaces),
             *(_pct(r[key]) for key in knn_columns),
             _pct(r["linear"]),
             str(r["dim"]),

@@ -84,11 +84,13 @@ class ExtractSettings:
 
 @dataclass(frozen=True)
 class Target:
-    """One representation a pass fills: its spec, one store writer per aggregation, and how its forwards run."""
+    """One representation a pass fills: its spec, one store writer per aggregation, how its forwards run, and
+    its space (None: the encoder's only one). Targets of one spec in several spaces share their forwards."""
 
     spec: PatchSpec
     writers: dict[Aggregation, StoreWriter]
     settings: ExtractSettings
+    space: str | None = None
 
 
 def default_max_patches(device: torch.device, input_size: int) -> int:
@@ -117,6 +119,15 @@ def nested_groups(specs: list[PatchSpec]) -> list[list[PatchSpec]]:
     for spec in specs:
         groups.setdefault(replace(spec, n=1) if spec.mode == "random" else spec, []).append(spec)
     return [sorted(members, key=lambda s: -s.num_patches) for members in groups.values()]
+
+
+def _forward_groups(targets: list[Target]) -> list[list[Target]]:
+    """The targets of each group of specs that share forwards (:func:`nested_groups`), those of its largest spec
+    first: every space of a spec, and every nested bag, is cut from the largest spec's forward."""
+    by_spec: dict[PatchSpec, list[Target]] = {}
+    for target in targets:
+        by_spec.setdefault(target.spec, []).append(target)
+    return [[t for spec in group for t in by_spec[spec]] for group in nested_groups(list(by_spec))]
 
 
 @dataclass(frozen=True)
@@ -158,14 +169,12 @@ def extract_pass(
     if device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-    by_spec = {t.spec: t for t in targets}
     writers = [w for t in targets for w in t.writers.values()]
     first = writers[0]
     if any(w.chunk_rows != first.chunk_rows or w.rows != first.rows for w in writers):
         raise ValueError("the stores of one pass must share their rows and chunking")
-    members = nested_groups(list(by_spec))
-    groups = [[by_spec[spec] for spec in group] for group in members]
-    runners = [PatchRunner(encoder, g[0], by_spec[g[0]].settings, max_images=first.chunk_rows) for g in members]
+    groups = _forward_groups(targets)
+    runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
     share_slice_size(runners)
     stretches = _stretches(groups, settings.shard)
     plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
@@ -192,9 +201,9 @@ def extract_pass(
                 part = slice(lo, lo + runner.images_per_batch)
                 features = runner(pixels[part], sizes[part], batch[part])
                 for target in groups[g]:
-                    n = target.spec.num_patches
+                    cut = features[:, : target.spec.num_patches, encoder.columns(target.space)]
                     for agg, writer in target.writers.items():  # stays on the device: no sync per batch
-                        rows[id(writer)].add(agg(features[:, :n], target.spec))
+                        rows[id(writer)].add(agg(cut, target.spec))
             patches += len(batch) * runner.spec.num_patches
         done_images += len(batch)
         forwarded += patches
@@ -252,8 +261,7 @@ def _write_chunk(chunk: int, targets: list[Target], rows: dict[int, _Rows]) -> N
 def planned_patches(targets: list[Target]) -> int:
     """Patches one process forwards for these targets: per group of nested bags, its largest bag on every image
     of a stretch of pending chunks that the group needs."""
-    by_spec = {t.spec: t for t in targets}
-    groups = [[by_spec[spec] for spec in group] for group in nested_groups(list(by_spec))]
+    groups = _forward_groups(targets)
     first = next(iter(targets[0].writers.values()))
     total = 0
     for stretch in _stretches(groups, (0, 1)):

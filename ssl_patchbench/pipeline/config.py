@@ -40,10 +40,19 @@ class EvalConfig:
     )  # inputs are identified by their content (checkpoint sha256, data identity), not by where they lie
     data_dir: str | None = _opt(None, "ImageFolder tree or torchvision root.", "path", numbers=False)
     patches: tuple[str, ...] = _opt(
-        ("central", "1", "16"), "Representations: central, patch counts, or all (sliding).", "csv", numbers=True
+        ("central", "1", "16"),
+        "Representations, mixed freely: central, patch counts (random bags, or g*g grids with --mode grid), and "
+        "sliding (the windows of --patch-size/--stride; all is the same), e.g. central,1,16,256,sliding.",
+        "csv",
+        numbers=True,
     )
     mode: str = _opt(
-        "random", "How patches are laid out.", "choice", numbers=True, choices=("random", "grid", "sliding")
+        "random",
+        "How the counts of --patches are laid out (sliding: a count names the sliding windows, as the token "
+        "sliding does).",
+        "choice",
+        numbers=True,
+        choices=("random", "grid", "sliding"),
     )
     scale: tuple[float, float] | None = _opt(
         None,
@@ -61,7 +70,8 @@ class EvalConfig:
     )
     size: int | None = _opt(
         None,
-        "Patch side in px (sliding windows, or fixed-size random squares).",
+        "Patch side in px: of the sliding windows, or, when --patches has no sliding windows, of fixed-size "
+        "random squares.",
         "int",
         numbers=True,
         option="--patch-size",
@@ -69,14 +79,19 @@ class EvalConfig:
     )
     stride: int | None = _opt(None, "Sliding-window stride in px.", "int", numbers=True, min=1)
     aggregations: tuple[str, ...] = _opt(
-        ("mean",), "mean, concat, gridpool[:K:S]; comma-separate several.", "csv", numbers=True, option="--aggregate"
-    )
-    space: str = _opt(
-        "embedding",
-        "Backbone output h, or projector output z.",
-        "choice",
+        ("mean",),
+        "mean, concat, gridpool[:K:S], comma-separated; each applies to every bag it is defined for (gridpool: "
+        "grid and sliding layouts); central is its one patch.",
+        "csv",
         numbers=True,
-        choices=("embedding", "projection"),
+        option="--aggregate",
+    )
+    space: tuple[str, ...] = _opt(
+        ("embedding",),
+        "embedding (backbone output h), projection (projector output z), or both from one forward "
+        "(embedding,projection); SPACE:central+16 evaluates only those --patches tokens in SPACE.",
+        "csv",
+        numbers=True,
     )
     norm_stats: str = _opt(
         "auto",
@@ -169,7 +184,14 @@ class EvalConfig:
     )  # the files left out change the numbers through the data identity, not the flag itself
 
     def __post_init__(self) -> None:
-        for name, option in (("patches", "--patches"), ("aggregations", "--aggregate"), ("evals", "--eval")):
+        for name, option in (
+            ("patches", "--patches"),
+            ("aggregations", "--aggregate"),
+            ("space", "--space"),
+            ("evals", "--eval"),
+        ):
+            if isinstance(getattr(self, name), str):  # one value, e.g. EvalConfig(space="projection") as before
+                object.__setattr__(self, name, (getattr(self, name),))
             if not getattr(self, name):
                 raise UserError(f"{option} is empty: give at least one value (see patchbench eval --help)")
         unknown = [e for e in self.evals if e not in EVALUATORS]

@@ -21,6 +21,7 @@ from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, de
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import LoadedModel, load_model
 from ssl_patchbench.pipeline.config import EvalConfig
+from ssl_patchbench.pipeline.representations import space_names
 from ssl_patchbench.results.records import DESCRIPTIVE_ZOO_FIELDS, FEATURE_FIELDS, NUMBER_FIELDS
 from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
@@ -37,7 +38,7 @@ class RunContext:
 
     cfg: EvalConfig
     model: LoadedModel
-    encoder: Encoder  # one per run: a compiled encoder is reused by every extraction
+    encoder: Encoder  # one per run, computing every listed space in one forward; reused by every extraction
     splits: dict[str, ImageSplit]
     device: torch.device
     precision: str  # resolved: bf16, fp16 or fp32
@@ -78,7 +79,7 @@ class RunContext:
         return cls(
             cfg=cfg,
             model=model,
-            encoder=Encoder(model, cfg.space),
+            encoder=Encoder(model, space_names(cfg)),
             splits=splits,
             device=device,
             precision=resolve_precision(cfg.precision, device),
@@ -88,9 +89,12 @@ class RunContext:
             environment=environment(device),
         )
 
-    def identity(self, spec: PatchSpec, agg: Aggregation) -> dict:
-        """What a result's numbers depend on: the record's ``NUMBER_FIELDS``, from which every store key derives."""
+    def identity(self, spec: PatchSpec, agg: Aggregation, space: str) -> dict:
+        """What a result's numbers depend on: the record's ``NUMBER_FIELDS``, from which every store key derives.
+        One record per (spec, aggregation, space): a space's numbers do not depend on the other spaces listed."""
         cfg = self.cfg
+        if space not in self.encoder.spaces:
+            raise ValueError(f"space {space!r} is not one of this run's ({', '.join(self.encoder.spaces)})")
         entry = {k: v for k, v in self.model.entry.to_dict().items() if k not in DESCRIPTIVE_ZOO_FIELDS}
         found = {
             "checkpoint_sha256": self.model.checkpoint_sha256,
@@ -101,7 +105,7 @@ class RunContext:
             "n_test": len(self.splits["test"]),
             "patches": spec.to_dict(),
             "aggregation": agg.label,
-            "space": cfg.space,
+            "space": space,
             "precision": self.precision,
             "store_dtype": cfg.store_dtype,
             "seed": cfg.seed,
@@ -132,9 +136,9 @@ class RunContext:
             for split, data in self.splits.items()
         }
 
-    def store_material(self, split: str, spec: PatchSpec, agg: Aggregation) -> dict:
+    def store_material(self, split: str, spec: PatchSpec, agg: Aggregation, space: str) -> dict:
         """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
-        identity = self.identity(spec, agg)
+        identity = self.identity(spec, agg, space)
         return {**{k: identity[k] for k in FEATURE_FIELDS}, "data": identity["data"][split]}
 
     def settings(self, spec: PatchSpec) -> ExtractSettings:

@@ -20,7 +20,7 @@ from ssl_patchbench.features.extract import ProgressFactory, Target, decoder, ex
 from ssl_patchbench.features.store import FeatureStore, StoredFeatures, StoreWriter, store_key
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.context import RunContext
-from ssl_patchbench.pipeline.representations import representations
+from ssl_patchbench.pipeline.representations import Representation, evaluations
 from ssl_patchbench.results.store import append_record
 from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
@@ -34,6 +34,7 @@ class RepresentationResult:
 
     spec: PatchSpec
     aggregation: Aggregation
+    space: str = "embedding"
     knn: dict[int, dict] = field(default_factory=dict)
     linear: dict | None = None
     n_train: int = 0
@@ -47,7 +48,7 @@ class RepresentationResult:
     def row(self) -> dict:
         """The flat JSON row of ``patchbench eval --json``."""
         patches: str | int = self.spec.label if self.spec.mode == "central" else self.spec.num_patches
-        row = {"patches": patches, "mode": self.spec.mode, "aggregation": self.aggregation.label}
+        row = {"patches": patches, "mode": self.spec.mode, "aggregation": self.aggregation.label, "space": self.space}
         for k, metrics in sorted(self.knn.items()):
             row[f"knn@{k}"] = metrics["top1"]
         row.setdefault("knn@20", None)
@@ -73,26 +74,16 @@ def evaluate(cfg: EvalConfig, *, progress: ProgressFactory | None = None) -> lis
         shutdown()
 
 
-Representation = tuple[PatchSpec, Aggregation]
-
-
 def _evaluate(ctx: RunContext) -> list[RepresentationResult]:
-    aggregations = [Aggregation.parse(a) for a in ctx.cfg.aggregations]
-    specs = list(dict.fromkeys(representations(ctx.cfg, ctx.model.entry)))  # a repeated token is one spec
-    for spec, data in itertools.product(specs, ctx.splits.values()):
+    wanted = evaluations(ctx.cfg, ctx.model.entry)
+    for spec, data in itertools.product(dict.fromkeys(rep.spec for rep in wanted), ctx.splits.values()):
         _check_fits(spec, data)
-    wanted: list[Representation] = []
-    for spec in specs:
-        aggs = [Aggregation()] if spec.mode == "central" else aggregations
-        for agg in aggs:
-            agg.check(spec)
-        wanted.extend((spec, agg) for agg in aggs)
     stored = {split: _features(ctx, split, wanted) for split in ctx.splits}
     if not ctx.ranks.is_main:
         return []
     results = []
     for rep in wanted:
-        result = _evaluate_one(ctx, *rep, stored["train"][rep], stored["test"][rep])
+        result = _evaluate_one(ctx, rep, stored["train"][rep], stored["test"][rep])
         append_record(ctx.cfg.results_path or ctx.root / "results.jsonl", result.record)
         results.append(result)
     return results
@@ -144,30 +135,30 @@ def _extract_into(
 
     def open_writers() -> dict[Representation, StoreWriter]:
         return {
-            (spec, agg): store.writer(
+            rep: store.writer(
                 labels=data.labels,
-                dim=agg.output_dim(ctx.encoder.dim, spec),
+                dim=rep.aggregation.output_dim(ctx.encoder.dims[rep.space], rep.spec),
                 dtype=ctx.cfg.store_dtype,
                 chunk_rows=ctx.cfg.chunk_rows,
-                meta={**materials[(spec, agg)], "key": store.key},
-                label=_features_label(split, spec, agg),
+                meta={**materials[rep], "key": store.key},
+                label=_features_label(split, rep),
             )
-            for (spec, agg), store in stores.items()
+            for rep, store in stores.items()
         }
 
     writers = open_writers() if ranks.is_main else {}  # rank 0 lays the files out first
     ranks.barrier()
     writers = writers or open_writers()
     ranks.barrier()  # every rank has opened (and tidied the chunk log) before anyone appends to it
-    by_spec: dict[PatchSpec, dict[Aggregation, StoreWriter]] = {}
-    for (spec, agg), writer in writers.items():
-        by_spec.setdefault(spec, {})[agg] = writer
-    targets = [Target(spec, aggs, ctx.settings(spec)) for spec, aggs in by_spec.items()]
+    by_target: dict[tuple[PatchSpec, str], dict[Aggregation, StoreWriter]] = {}
+    for rep, writer in writers.items():
+        by_target.setdefault((rep.spec, rep.space), {})[rep.aggregation] = writer
+    targets = [Target(spec, aggs, ctx.settings(spec), space) for (spec, space), aggs in by_target.items()]
     first = next(iter(writers.values()))
     pending = set().union(*(w.pending_chunks() for w in writers.values()))
     remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in pending)
     forwards = planned_patches(targets)
-    label = f"{split} {' + '.join(_label(spec) for spec in by_spec)}"
+    label = f"{split} {' + '.join(_label(*target) for target in by_target)}"
     callback = ctx.progress(label, remaining, forwards) if ctx.progress else None
     start = time.perf_counter()
     stats = extract_pass(ctx.encoder, data, targets, progress=callback)
@@ -176,7 +167,7 @@ def _extract_into(
         return
     seconds = time.perf_counter() - start if ranks.active else stats.seconds
     shared = {
-        "representations": [_label(spec) for spec in by_spec],
+        "representations": [_label(*target) for target in by_target],
         "images": remaining,
         "forwarded_patches": forwards,
         "forwarded_patches_per_s": forwards / seconds if seconds > 0 else 0.0,
@@ -204,24 +195,28 @@ def _extract_into(
             writer.seal(extra)
 
 
-def _label(spec: PatchSpec) -> str:
-    return spec.label if spec.mode in ("central", "random") else f"{spec.label} {spec.mode}"
+def _label(spec: PatchSpec, space: str) -> str:
+    """How progress lines and a pass's record name a representation: ``16``, ``25 sliding``, ``central projection``."""
+    name = spec.label if spec.mode in ("central", "random") else f"{spec.label} {spec.mode}"
+    return name if space == "embedding" else f"{name} {space}"
 
 
-def _features_label(split: str, spec: PatchSpec, agg: Aggregation) -> str:
-    """How errors about stored rows name them: ``train features of representation 16 (mean)``."""
-    return f"{split} features of representation {spec.label} ({agg.label})"
+def _features_label(split: str, rep: Representation) -> str:
+    """How errors about stored rows name them: ``train features of representation 16 (mean)``, and the space
+    when it is the projection: ``... central (mean, projection)``."""
+    how = rep.aggregation.label if rep.space == "embedding" else f"{rep.aggregation.label}, {rep.space}"
+    return f"{split} features of representation {rep.spec.label} ({how})"
 
 
 def _evaluate_one(
-    ctx: RunContext, spec: PatchSpec, agg: Aggregation, train_split: SplitFeatures, test_split: SplitFeatures
+    ctx: RunContext, rep: Representation, train_split: SplitFeatures, test_split: SplitFeatures
 ) -> RepresentationResult:
-    cfg = ctx.cfg
+    cfg, (spec, agg, space) = ctx.cfg, rep
     train, test = train_split.stored, test_split.stored
     x_train = torch.from_numpy(np.array(train.features))  # stored dtype (float16); evaluators cast per tile
     x_test = torch.from_numpy(np.array(test.features))
     for split, features in (("train", x_train), ("test", x_test)):
-        check_usable_features(features, _features_label(split, spec, agg))  # before anything is recorded
+        check_usable_features(features, _features_label(split, rep))  # before anything is recorded
     y_train, y_test = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
     num_classes = len(ctx.splits["train"].classes)
     timings: dict[str, float] = {}
@@ -256,11 +251,12 @@ def _evaluate_one(
         timings["probe_seconds"] = probe.seconds
     reused = not (train_split.extracted or test_split.extracted)
     if reused:
-        log.warning("%s %s: reused cached features (no extraction in this run)", spec.label, agg.label)
+        log.warning("%s %s: reused cached features (no extraction in this run)", _label(spec, space), agg.label)
     speed = train.meta.get("extraction", {}) if train_split.extracted else {}
     result = RepresentationResult(
         spec=spec,
         aggregation=agg,
+        space=space,
         knn=knn,
         linear=linear,
         n_train=len(y_train),
@@ -286,7 +282,7 @@ def _record(
     (``reused_features`` is true when no split was extracted), so no extraction is ever counted twice.
     """
     return {
-        **ctx.identity(result.spec, result.aggregation),
+        **ctx.identity(result.spec, result.aggregation, result.space),
         "model": ctx.model.entry.name,
         "checkpoint": ctx.model.checkpoint,
         "representation": result.spec.label,
