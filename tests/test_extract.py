@@ -4,7 +4,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_patchbench.data.datasets import open_split
-from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, PatchRunner, extract, share_slice_size
+from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, PatchRunner, extract
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -128,24 +128,51 @@ def test_interrupted_extraction_resumes_to_identical_features(model, split, tmp_
     np.testing.assert_array_equal(resumed, expected)
 
 
-def test_runners_of_a_pass_share_one_padded_slice_size_when_it_costs_little(model):
-    """One slice shape per pass is one compilation: central (100 patches a slice) and 16 or 48 patches (96) pad
-    to 100; 30 patches (3 images, 90) would waste 10% and keeps its own size."""
+def test_forward_slices_run_on_across_batches_and_only_the_last_is_padded(model):
+    """Batches of 1, 3 and 2 images (3 patches each, 18 in all) through slices of 7: two full slices and a last
+    of 4 padded by 3; each batch hands out exactly the images completed so far; the features equal one
+    unpadded forward of all six images."""
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    sizes = np.full((6, 2), 32)
+    spec = PatchSpec(mode="random", n=3, out_size=32)
     encoder = Encoder(model, "embedding")
-    settings = ExtractSettings(device=CPU, max_patches=100, compile_model=True)
-    specs = [PatchSpec(mode="central", out_size=32)] + [
-        PatchSpec(mode="random", n=n, out_size=32) for n in (16, 48, 30)
-    ]
-    runners = [PatchRunner(encoder, spec, settings) for spec in specs]
-    assert [r.slice_patches for r in runners] == [100, 96, 96, 90]
-    share_slice_size(runners)
-    assert [r.padded_to for r in runners] == [100, 100, 100, 90]
-    eager = [PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=100)) for spec in specs]
-    share_slice_size(eager)  # eager CPU forwards are never padded
-    assert [r.padded_to for r in eager] == [r.slice_patches for r in eager]
+    runner = PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=7), pad=True)
+    blocks = [runner.feed(pixels[lo:hi], sizes[lo:hi], np.arange(lo, hi)) for lo, hi in ((0, 1), (1, 4), (4, 6))]
+    blocks.append(runner.finish())
+    # 3 patches cut (none forwarded), then 12 (7 forwarded: 2 images), then 18 (14: 4 images), then the rest
+    assert [0 if b is None else len(b) for b in blocks] == [0, 2, 2, 2]
+    assert runner.padded == 3
+    whole = PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=1000), pad=False)
+    expected = whole(pixels, sizes, np.arange(6))
+    torch.testing.assert_close(torch.cat([b for b in blocks if b is not None]), expected, rtol=1e-5, atol=1e-5)
+    assert whole.padded == 0
 
 
 def test_the_rate_after_the_first_batch_leaves_out_its_start_up():
     stats = ExtractStats(images=100, patches=1000, seconds=10.0, first_batch_at=None, first_batch=(1.0, 10, 100))
     assert stats.after_first_batch() == {"images_per_s": 10.0, "forwarded_patches_per_s": 100.0}
     assert ExtractStats(10, 100, 1.0, None, (1.0, 10, 100)).after_first_batch() is None
+
+
+def test_a_pass_over_files_cut_into_many_padding_groups_gives_the_features_of_one_group(model, tmp_path, monkeypatch):
+    """Mixed-size files: with a tiny padding bound every image is a group of its own; the slices run on across
+    the groups and the chunks (5 images each), so the stored features are those of whole batches."""
+    from PIL import Image
+
+    from ssl_patchbench.features import extract as extract_module
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        folder = tmp_path / "d" / "train" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = (int(rng.integers(33, 60)), int(rng.integers(33, 60)), 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    split = open_split("folder", "train", data_dir=tmp_path / "d", cache_dir=tmp_path / "cache")
+    assert split.paths is not None  # decoded from the files during the pass
+    spec = PatchSpec(mode="random", n=3, out_size=32)
+    whole = _run(model, split, spec, tmp_path, key="whole", chunk_rows=5, max_patches=7)["mean"]
+    monkeypatch.setattr(extract_module, "_PADDED_MAX_BYTES", 1)
+    assert len(extract_module._bounded(split, np.arange(12))) == 12
+    apart = _run(model, split, spec, tmp_path, key="apart", chunk_rows=5, max_patches=7)["mean"]
+    np.testing.assert_allclose(apart, whole, rtol=1e-5, atol=1e-5)

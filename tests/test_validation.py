@@ -133,7 +133,13 @@ def test_one_large_image_among_small_ones_is_never_held_at_the_large_size(tmp_pa
     assert split.array is None and not list((tmp_path / "cache").glob("*.npy"))  # lazy files, no cache written
     sizes = np.array([[8, 8], [8, 8], [300, 400], [8, 8], [8, 8]])
     assert padding_groups(sizes, max_bytes=8 * 8 * 3 * 2) == [(0, 2), (2, 3), (3, 5)]  # the large one alone
-    assert padding_groups(sizes, max_bytes=1 << 40) == [(0, 5)]
+    assert padding_groups(sizes, max_bytes=1 << 40, max_ratio=1.0) == [(0, 2), (2, 3), (3, 5)]  # no padding at all
+    for lo, hi in padding_groups(sizes, max_bytes=1 << 40):  # padded to the photo: at most 4x the own pixels
+        assert (hi - lo) * sizes[lo:hi].max(axis=0).prod() <= 4 * sizes[lo:hi].prod(axis=1).sum()
+    assert padding_groups(sizes, max_bytes=1 << 40) == [(0, 4), (4, 5)]
+    assert padding_groups(sizes, max_bytes=1 << 40, max_ratio=float("inf")) == [(0, 5)]
+    mixed = np.array([[375, 500], [500, 375], [333, 500], [500, 400]])  # ImageNet's usual shapes: 1.4x padding
+    assert padding_groups(mixed, max_bytes=1 << 40) == [(0, 4)]
 
 
 # ---------------------------------------------------------------- what the model returns

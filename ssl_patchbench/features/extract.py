@@ -1,11 +1,11 @@
 """Batches images through the patch sampler and the model, aggregates per image, streams rows into stores.
 
-The work per batch: uint8 images on the device, every box of the batch cut and resized in one op,
-normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of at most
-``max_patches``, then aggregated. Memory is O(batch x patches x d) whatever the dataset size, and the
-forward slice halves itself on CUDA out-of-memory. On CUDA and with ``compile_model`` every slice is padded
-to the run's one full slice size (static shapes), so a model compiles and cuDNN autotunes once per slice
-size and the last batch reuses those kernels. One pass serves every representation of a split.
+The work per batch: uint8 images on the device, the batch's boxes cut and resized (only the images a cut
+needs converted to float), normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of
+``max_patches`` that run on across batches, then aggregated per image. Memory is O(slice x d) whatever the
+dataset size, and the forward slice halves itself on CUDA out-of-memory. On CUDA and with ``compile_model``
+the last slice of a stretch is padded to the full size (static shapes), so a model compiles and cuDNN
+autotunes once. One pass serves every representation of a split.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -36,7 +36,7 @@ _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are move
 # uint8 bytes of a padded batch of decoded images: 2,000 ImageNet-size images fit (so a batch is one forward
 # slice of the central view); one much larger image among them makes a group of its own
 _PADDED_MAX_BYTES = 2 << 30
-_SHARED_SLICE_WASTE = 0.05  # padded patches a runner may forward to share the pass's one slice size
+_PADDING_MAX_RATIO = 4.0  # padded pixels of a group / its images' own pixels
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class ExtractStats:
     seconds: float
     first_batch_at: float | None = None
     first_batch: tuple[float, int, int] = (0.0, 0, 0)  # seconds, images, forwarded patches
+    padded: int = 0  # patches forwarded only to fill the last slice of a stretch (static shapes)
 
     def after_first_batch(self) -> dict[str, float] | None:
         """Images/s and forwarded patches/s after the first batch (None for a pass of one batch)."""
@@ -175,12 +176,10 @@ def extract_pass(
         raise ValueError("the stores of one pass must share their rows and chunking")
     groups = _forward_groups(targets)
     runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
-    share_slice_size(runners)
     stretches = _stretches(groups, settings.shard)
     plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
-    for stretch in stretches:
-        per_group = [runners[g].images_per_batch for g in stretch.groups]
-        size = max(per_group) - max(per_group) % min(per_group)  # whole batches of every group but one
+    for stretch in stretches:  # a decoded batch fills about one slice of the group with the fewest patches
+        size = max(runners[g].images_per_batch for g in stretch.groups)
         lo, hi = first.chunk_range(stretch.chunks[0])[0], first.chunk_range(stretch.chunks[-1])[1]
         plan.extend((stretch, part) for b in _batches(lo, hi, size) for part in _bounded(split, b))
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
@@ -189,17 +188,19 @@ def extract_pass(
     first_batch_at, first_batch = None, (0.0, 0, 0)
     rows: dict[int, _Rows] = {}
     written = 0
-    for (stretch, _), (batch, pixels, sizes) in zip(plan, images.iterate([b for _, b in plan]), strict=True):
+    decoded = zip(plan, images.iterate([b for _, b in plan]), strict=True)
+    for step, ((stretch, _), (batch, pixels, sizes)) in enumerate(decoded):
         active = [t for g in stretch.groups for t in groups[g]]
         if int(batch[0]) == first.chunk_range(stretch.chunks[0])[0]:  # a stretch begins
             rows = {id(w): _Rows() for t in active for w in t.writers.values()}
             written = 0
+        ends = step + 1 == len(plan) or plan[step + 1][0] is not stretch
         patches = 0
         for g in stretch.groups:
             runner = runners[g]
-            for lo in range(0, len(batch), runner.images_per_batch):
-                part = slice(lo, lo + runner.images_per_batch)
-                features = runner(pixels[part], sizes[part], batch[part])
+            for features in (runner.feed(pixels, sizes, batch), runner.finish() if ends else None):
+                if features is None:
+                    continue
                 for target in groups[g]:
                     cut = features[:, : target.spec.num_patches, encoder.columns(target.space)]
                     for agg, writer in target.writers.items():  # stays on the device: no sync per batch
@@ -214,23 +215,14 @@ def extract_pass(
             first_batch = (time.perf_counter() - start, done_images, forwarded)
         if progress is not None:
             progress(len(batch), patches)
-        while written < len(stretch.chunks) and first.chunk_range(stretch.chunks[written])[1] <= int(batch[-1]) + 1:
+        while written < len(stretch.chunks) and _chunk_ready(first, stretch.chunks[written], rows.values()):
             _write_chunk(stretch.chunks[written], active, rows)
             written += 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    return ExtractStats(done_images, forwarded, seconds, first_batch_at, first_batch)
-
-
-def share_slice_size(runners: list[PatchRunner]) -> None:
-    """Pad the slices of every runner of a pass to one size where that costs at most ``_SHARED_SLICE_WASTE`` of
-    its forwards: one shape is one compilation and one cuDNN autotuning (about 15 s and 1.5 s for a ResNet-50),
-    e.g. central (1,992 patches) and 16 patches (124 x 16 = 1,984) at 224 px."""
-    for runner in runners:
-        peers = [r.slice_patches for r in runners if r.pad_slices and r.max_patches == runner.max_patches]
-        if runner.pad_slices and runner.slice_patches >= (1 - _SHARED_SLICE_WASTE) * max(peers):
-            runner.padded_to = max(peers)
+    padded = sum(r.padded for r in runners)
+    return ExtractStats(done_images, forwarded, seconds, first_batch_at, first_batch, padded)
 
 
 class _Rows:
@@ -238,15 +230,24 @@ class _Rows:
 
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
+        self.count = 0
 
     def add(self, rows: torch.Tensor) -> None:
         self.parts.append(rows)
+        self.count += len(rows)
 
     def take(self, count: int) -> torch.Tensor:
         """The next ``count`` rows (the rest stays for the next chunk)."""
         rows = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         self.parts = [rows[count:]] if len(rows) > count else []
+        self.count -= min(count, len(rows))
         return rows[:count]
+
+
+def _chunk_ready(writer: StoreWriter, chunk: int, rows: Iterable[_Rows]) -> bool:
+    """Whether every store of the stretch holds the rows of its next chunk (forwards lag behind the decoding)."""
+    lo, hi = writer.chunk_range(chunk)
+    return all(r.count >= hi - lo for r in rows)
 
 
 def _write_chunk(chunk: int, targets: list[Target], rows: dict[int, _Rows]) -> None:
@@ -296,10 +297,18 @@ def _batches(lo: int, hi: int, size: int) -> Iterator[np.ndarray]:
 
 
 class PatchRunner:
-    """Sampler + model for one batch of images, with out-of-memory back-off on the forward slice."""
+    """Sampler + model for a stream of image batches: each batch's boxes are cut as it comes and forwarded in slices
+    of ``max_patches`` that run on across batches (a batch's size, or a large image's group of its own, never
+    decides a forward's size), with out-of-memory back-off."""
 
     def __init__(
-        self, encoder: Encoder, spec: PatchSpec, settings: ExtractSettings, *, max_images: int | None = None
+        self,
+        encoder: Encoder,
+        spec: PatchSpec,
+        settings: ExtractSettings,
+        *,
+        max_images: int | None = None,
+        pad: bool | None = None,
     ) -> None:
         self.encoder, self.spec, self.device = encoder, spec, settings.device
         self.dtype = _AUTOCAST[resolve_precision(settings.precision, settings.device)]
@@ -310,56 +319,104 @@ class PatchRunner:
         self.images_per_batch = max(1, min(self.max_patches // spec.num_patches, max_images or sys.maxsize))
         self.forward = encoder.compiled() if settings.compile_model else encoder
         # static shapes: one compilation, and on CUDA one cuDNN autotuning (about 1.5 s for a ResNet-50 slice of
-        # 2k patches, more than the padded patches cost), serves every slice
-        self.pad_slices = settings.compile_model or self.device.type == "cuda"
-        self.padded_to = self.slice_patches
+        # 2k patches), serves every slice: a stream's last slice is padded to full size
+        self.pad_slices = (settings.compile_model or self.device.type == "cuda") if pad is None else pad
+        self.padded = 0  # patches forwarded only to fill a last slice
+        self._crops: list[torch.Tensor] = []  # cut, not yet forwarded
+        self._pending = 0
+        self._features: list[torch.Tensor] = []  # forwarded, not yet handed out (images still incomplete)
 
     @property
     def slice_patches(self) -> int:
-        """The patches of a full forward slice (a padded slice is padded to ``padded_to``, at least this)."""
-        return min(self.max_patches, self.images_per_batch * self.spec.num_patches)
+        """The patches of a forward slice (every slice of a stream but its last, which may be padded to it)."""
+        return self.max_patches
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor:
-        """``pixels``: uint8 (or float) ``[B, 3, H, W]`` on the device -> patch embeddings ``[B, n, d]`` (float32).
-
-        Each forward slice converts only its own images to float, so a decoded batch stays uint8 (a quarter of
-        the memory) whatever its size."""
+    def feed(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor | None:
+        """Cut a batch's boxes (``pixels``: uint8 or float ``[B, 3, H, W]`` on the device) and forward every full
+        slice; returns the patch embeddings ``[k, n, d]`` (float32) of the images whose patches are now all
+        forwarded, in order, or None. Each cut converts only its own images to float: a batch stays uint8."""
         n = self.spec.num_patches
         boxes = self.spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
         boxes_t = to_device(torch.from_numpy(boxes.astype(np.float32)), self.device)
         owner = torch.arange(len(indices), device=self.device).repeat_interleave(n)
-        out = torch.empty(len(boxes), self.encoder.dim, device=self.device)
         start = 0
         while start < len(boxes):
-            end = min(start + self.max_patches, len(boxes))
-            first, last = start // n, (end - 1) // n + 1  # the images this slice's boxes belong to
+            end = min(start + max(1, self.max_patches - self._pending), len(boxes))
+            first, last = start // n, (end - 1) // n + 1  # the images these boxes belong to
+            spec = self.spec
             try:
-                out[start:end] = self._forward(pixels[first:last], boxes_t[start:end], owner[start:end] - first)
+                crops = crop_and_resize(
+                    pixels[first:last],
+                    boxes_t[start:end],
+                    owner[start:end] - first,
+                    spec.out_size,
+                    spec.interpolation,
+                    spec.antialias,
+                )
+            except torch.cuda.OutOfMemoryError:
+                self._back_off()
+                continue
+            self._crops.append(crops)
+            self._pending += end - start
+            start = end
+            if self._pending >= self.max_patches:
+                self._run_pending()
+        return self._complete_images()
+
+    @torch.inference_mode()
+    def finish(self) -> torch.Tensor | None:
+        """Forward what is left (the stream's last slice) and hand out the last images' embeddings."""
+        self._run_pending()
+        out = self._complete_images()
+        assert not self._features, "a stream ended inside an image"
+        return out
+
+    def __call__(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor:
+        """One batch as a stream of its own: patch embeddings ``[B, n, d]`` (float32)."""
+        parts = [p for p in (self.feed(pixels, sizes, indices), self.finish()) if p is not None]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _run_pending(self) -> None:
+        if not self._crops:
+            return
+        crops = torch.cat(self._crops) if len(self._crops) > 1 else self._crops[0]
+        self._crops, self._pending = [], 0
+        start = 0
+        while start < len(crops):
+            end = min(start + self.max_patches, len(crops))
+            try:
+                self._features.append(self._forward(crops[start:end]))
             except torch.cuda.OutOfMemoryError:
                 self._back_off()
                 continue
             start = end
-        return out.view(len(indices), n, -1)
 
-    def _forward(self, pixels: torch.Tensor, boxes: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
-        real = len(boxes)
-        if self.pad_slices and real < self.padded_to:  # repeat the last box: rows are independent in eval mode
-            boxes = torch.cat([boxes, boxes[-1:].expand(self.padded_to - real, 4)])
-            owner = torch.cat([owner, owner[-1:].expand(self.padded_to - real)])
-        crops = crop_and_resize(pixels, boxes, owner, self.spec.out_size, self.spec.interpolation, self.spec.antialias)
+    def _forward(self, crops: torch.Tensor) -> torch.Tensor:
+        real = len(crops)
+        if self.pad_slices and real < self.max_patches:  # repeat the last crop: rows are independent in eval mode
+            crops = torch.cat([crops, crops[-1:].expand(self.max_patches - real, *crops.shape[1:])])
+            self.padded += self.max_patches - real
         if self.device.type == "cuda":
             crops = crops.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, self.dtype) if self.dtype is not None else exact_fp32()
         with autocast:
             return self.forward(crops)[:real].float()
 
+    def _complete_images(self) -> torch.Tensor | None:
+        n = self.spec.num_patches
+        done = sum(len(f) for f in self._features) // n * n
+        if not done:
+            return None
+        features = torch.cat(self._features) if len(self._features) > 1 else self._features[0]
+        self._features = [features[done:]] if len(features) > done else []
+        return features[:done].view(done // n, n, -1)
+
     def _back_off(self) -> None:
         torch.cuda.empty_cache()
         if self.max_patches == 1:
             raise UserError("out of GPU memory even for one patch per forward; use --device cpu")
         self.max_patches //= 2
-        self.padded_to = self.slice_patches
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
@@ -425,16 +482,19 @@ def _bounded(split: ImageSplit, batch: np.ndarray) -> list[np.ndarray]:
     return [batch[lo:hi] for lo, hi in padding_groups(split.sizes(batch), _PADDED_MAX_BYTES)]
 
 
-def padding_groups(sizes: np.ndarray, max_bytes: int) -> list[tuple[int, int]]:
+def padding_groups(sizes: np.ndarray, max_bytes: int, max_ratio: float = _PADDING_MAX_RATIO) -> list[tuple[int, int]]:
     """``(lo, hi)`` ranges of consecutive images whose uint8 RGB copies, padded to the group's largest height and
-    width, take at most ``max_bytes`` (an image larger than that on its own is a group of one)."""
+    width, take at most ``max_bytes`` and at most ``max_ratio`` times the images' own pixels (an image larger than
+    that on its own is a group of one): ImageNet's mixed sizes pad by about 1.4x, while small images beside a huge
+    photo would each be held, and converted to float, at the photo's size."""
     groups: list[tuple[int, int]] = []
-    lo, height, width = 0, 0, 0
+    lo, height, width, own = 0, 0, 0, 0
     for i, (h, w) in enumerate(sizes.tolist()):
         grown_h, grown_w = max(height, h), max(width, w)
-        if i > lo and (i - lo + 1) * grown_h * grown_w * 3 > max_bytes:
+        padded = (i - lo + 1) * grown_h * grown_w
+        if i > lo and (padded * 3 > max_bytes or padded > max_ratio * (own + h * w)):
             groups.append((lo, i))
-            lo, grown_h, grown_w = i, h, w
-        height, width = grown_h, grown_w
+            lo, grown_h, grown_w, own = i, h, w, 0
+        height, width, own = grown_h, grown_w, own + h * w
     groups.append((lo, len(sizes)))
     return groups

@@ -173,6 +173,7 @@ def _extract_into(
         "forwarded_patches_per_s": forwards / seconds if seconds > 0 else 0.0,
         "decoder": decoder(data, ctx.device, gpu_decode=ctx.cfg.decode == "gpu"),
         "first_batch_at": stats.first_batch_at,
+        "padded_patches": stats.padded,
         "after_first_batch": stats.after_first_batch() if not ranks.active else None,
     }
     for target in targets:
