@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The GPU measurements issues 13 and 14 still owe, for one H200 `run` call each (about 9 minutes apiece), from the
+# repo root; DATA holds the materialised CIFAR-10 (python data/materialize.py cifar10 DATA: copy it and
+# cifar10_jpeg.npz into a git-ignored folder that travels with the call) and CKPT the shared VICReg ResNet-18.
+#   benchmarks/input_pipeline_suite.sh imagenet OUT        # ImageNet-like folder: ceilings, eval rates, nvJPEG phases
+#   benchmarks/input_pipeline_suite.sh cifar OUT CKPT DATA # the CIFAR-10 row, and the superset in one call vs three
+# Every line is JSON with the device and the command; OUT gets one .jsonl per script.
+set -uo pipefail
+what=$1 out=$2
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+case $what in
+  imagenet)
+    (cd benchmarks && timeout 420 python imagenet_like.py --root /tmp/bench --train 10000 --val 1000 \
+      --skip "nvjpeg_vs_pil,bf16_noise,model_only") | tee "$out/imagenet_like.jsonl"
+    (cd benchmarks && timeout 120 python vit.py --images 4096 --modes compiled) | tee "$out/vit.jsonl"
+    ;;
+  cifar)
+    ckpt=$3 data=$4
+    timeout 200 benchmarks/cifar10_row.sh "$ckpt" "$data" /tmp/c10 row | tee "$out/cifar10_row.jsonl"
+    timeout 150 benchmarks/cifar10_row.sh "$ckpt" "$data" /tmp/c10 superset | tee -a "$out/cifar10_row.jsonl"
+    timeout 200 benchmarks/cifar10_row.sh "$ckpt" "$data" /tmp/c10 separate | tee -a "$out/cifar10_row.jsonl"
+    ;;
+  *) echo "usage: $0 imagenet|cifar OUT [CKPT DATA]" >&2; exit 2 ;;
+esac
