@@ -2,10 +2,10 @@
 
 The work per batch: uint8 images on the device, the batch's boxes cut and resized (only the images a cut
 needs converted to float), normalised, forwarded in bf16/channels_last on CUDA (float32 on CPU) in slices of
-``max_patches`` that run on across batches, then aggregated per image. Memory is O(slice x d) whatever the
-dataset size, and the forward slice halves itself on CUDA out-of-memory. On CUDA and with ``compile_model``
-the last slice of a stretch is padded to the full size (static shapes), so a model compiles and cuDNN
-autotunes once. One pass serves every representation of a split.
+``max_patches`` that run on across batches, then aggregated per image. Memory is one decoded batch and one
+slice of crops whatever the dataset size, and the forward slice halves itself on CUDA out-of-memory. On CUDA
+and with ``compile_model`` the last slice of a stretch is padded to the full size (static shapes), so a model
+compiles and cuDNN autotunes once. One pass serves every representation of a split.
 """
 
 from __future__ import annotations
@@ -336,15 +336,14 @@ class PatchRunner:
         """Cut a batch's boxes (``pixels``: uint8 or float ``[B, 3, H, W]`` on the device) and forward every full
         slice; returns the patch embeddings ``[k, n, d]`` (float32) of the images whose patches are now all
         forwarded, in order, or None. Each cut converts only its own images to float: a batch stays uint8."""
-        n = self.spec.num_patches
-        boxes = self.spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
+        spec, n = self.spec, self.spec.num_patches
+        boxes = spec.boxes(indices, sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
         boxes_t = to_device(torch.from_numpy(boxes.astype(np.float32)), self.device)
         owner = torch.arange(len(indices), device=self.device).repeat_interleave(n)
         start = 0
         while start < len(boxes):
             end = min(start + max(1, self.max_patches - self._pending), len(boxes))
             first, last = start // n, (end - 1) // n + 1  # the images these boxes belong to
-            spec = self.spec
             try:
                 crops = crop_and_resize(
                     pixels[first:last],
