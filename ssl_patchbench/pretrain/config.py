@@ -7,6 +7,10 @@ from dataclasses import asdict, dataclass
 from ssl_patchbench.core.errors import UserError
 
 METHODS = ("vicreg", "tcr")
+# --compile: the torch.compile mode of views, model and loss (None: eager). "cudagraphs" also replays each
+# compiled graph as a CUDA graph (torch.compile's "reduce-overhead"): the step no longer waits on launches.
+COMPILE_MODES = {"off": None, "on": "default", "cudagraphs": "reduce-overhead"}
+INTERPOLATIONS = ("bicubic", "bilinear")
 # Settings that do not change the numbers a run produces; a resumed run may change them.
 _RUNTIME_FIELDS = ("device", "log_every", "save_every", "compile", "home", "download")
 
@@ -22,6 +26,7 @@ class PretrainConfig:
     train_per_class: int | None = None
     scale: tuple[float, float] = (0.2, 0.2)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bicubic"  # of the views' RandomResizedCrop, as solo-learn's and VICReg's recipes
     num_patches: int = 2
     epochs: int = 100
     batch_size: int = 512
@@ -40,7 +45,7 @@ class PretrainConfig:
     device: str = "auto"
     log_every: int = 50
     save_every: int = 1
-    compile: bool = False
+    compile: str = "off"  # a key of COMPILE_MODES
     home: str | None = None
     download: bool = False
 
@@ -67,6 +72,10 @@ def _validate(cfg: PretrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.batch_size < 2:
         raise UserError("--batch-size must be at least 2: the losses need batch statistics")
+    if cfg.compile not in COMPILE_MODES:
+        raise UserError(f"unknown --compile {cfg.compile!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if cfg.interpolation not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {cfg.precision!r}: choose auto, bf16 or fp32")
 
