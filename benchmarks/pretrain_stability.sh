@@ -24,7 +24,7 @@ for scale in ${SCALES:-0.08,1 0.2}; do
     if [ "$code" = 0 ]; then
       python -c "import json,sys; d=json.load(open(sys.argv[1])); d['diverged']=False; print(json.dumps(d))" "$run.json"
     elif [ "$code" = 124 ]; then
-      python -c "import json,sys; m=[json.loads(l) for l in open(sys.argv[2])]; print(json.dumps({'run': sys.argv[1], 'timed_out': True, 'epochs': int(sys.argv[3]), 'epochs_done': len(m), 'last_loss': m[-1]['loss'] if m else None, 'diverged': False}))" "$run" "$run/metrics.jsonl" "$epochs"
+      python -c "import json,os,sys; m=[json.loads(l) for l in open(sys.argv[2])] if os.path.exists(sys.argv[2]) else []; print(json.dumps({'run': sys.argv[1], 'timed_out': True, 'epochs': int(sys.argv[3]), 'epochs_done': len(m), 'last_loss': m[-1]['loss'] if m else None, 'diverged': False}))" "$run" "$run/metrics.jsonl" "$epochs"
     else
       python -c "import json,sys; print(json.dumps({'run': sys.argv[1], 'diverged': True, 'error': open(sys.argv[2]).read().strip().splitlines()[-1]}))" "$run" "$run.log"
     fi

@@ -253,6 +253,20 @@ def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path)
 
 
 @pytest.mark.slow
+def test_the_views_model_and_loss_trace_as_one_graph_each():
+    """The compile leads of issue 18: with the random numbers drawn first, the views function (crop, colour
+    augmentation, normalisation), the model and the loss each trace into one graph without a break."""
+    run = setup_run(_cfg(batch_size=8))
+    boxes, batch = run.epoch_boxes()[0], run.images[:8]
+    draws, blurs = draw_views(8, 2, run.augments, run.gen, CPU)
+    views = run.views(batch, boxes, draws, blurs)
+    z = [run.model(v) for v in views]
+    for fn, args in ((run.views, (batch, boxes, draws, blurs)), (run.model, (views[0],)), (run.objective, (z,))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["on", "cudagraphs"])
 def test_the_compiled_step_gives_the_eager_views_loss_and_gradients(mode):
     """``--compile`` changes no number: with the same random numbers the compiled views function returns the
