@@ -1,10 +1,12 @@
 """Batched view augmentation on the device: crops of given boxes, flip, BYOL colour augmentation.
 
-The crop boxes come from ``sampling.geometry`` (drawn per epoch, see ``pretrain.train``). Every other
-random draw comes from one ``torch.Generator`` on the images' device, and every operation acts on
-the whole batch at once with per-image parameters (no per-image Python loop, no host sync), so a GPU
-step never waits on the CPU. The colour operations match torchvision's functional ones image by image
-(tested): ColorJitter with its random order of the four operations, grayscale, solarisation, blur.
+The crop boxes come from ``sampling.geometry`` (drawn per epoch, see ``pretrain.train``). Every other random
+draw comes from one ``torch.Generator`` on the images' device, all of a step's at once (``draw_views``) before
+any image is touched, so the augmentation itself (``render_views``) is a pure function that ``torch.compile``
+traces as one graph. Every operation acts on the whole batch at once with per-image parameters (no per-image
+Python loop, no host sync), so a GPU step never waits on the CPU. The colour operations match torchvision's
+functional ones image by image (tested): ColorJitter with its random order of the four operations, grayscale,
+solarisation, blur.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
 
-The dataset sits on the device once as uint8; every step cuts K views per image with one batched
-``crop_and_resize``, augments them on the device (``augment``), runs each view through backbone +
-projector under bf16 autocast (CUDA) and steps LARS on a warm-up + cosine schedule. The only host syncs
-are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch ``OUT/last.ckpt``
-(``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG state) is
-replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
+The dataset sits on the device once as uint8; every step draws its augmentation's random numbers, cuts K views
+per image with one batched ``crop_and_resize`` and augments them on the device (``augment``, a pure function
+of the draws), runs each view through backbone + projector under bf16 autocast (CUDA) and steps LARS on a
+warm-up + cosine schedule; ``--compile`` compiles views, model and loss (optionally as CUDA graphs). The only
+host syncs are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch
+``OUT/last.ckpt`` (``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG
+state) is replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
 continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -156,12 +158,14 @@ def load_images(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor
 def _objective(cfg: PretrainConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """The loss on the K views' projections ``[B, D]`` (any dtype; the losses compute in float32)."""
     if cfg.method == "tcr":
-        return lambda z: tcr_loss(torch.stack([zk.float() for zk in z]), eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
-    sim, var, cov = cfg.vicreg_coefficients
-    return lambda z: vicreg_views(torch.stack([zk.float() for zk in z]), sim=sim, var=var, cov=cov)
+        loss = functools.partial(tcr_loss, eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
+    else:
+        sim, var, cov = cfg.vicreg_coefficients
+        loss = functools.partial(vicreg_views, sim=sim, var=var, cov=cov)
+    return lambda z: loss(torch.stack([zk.float() for zk in z]))
 
 
-def view_maker(cfg: PretrainConfig, entry: ZooEntry, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]]:
+def _view_maker(cfg: PretrainConfig, entry: ZooEntry, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``views(images, boxes, draws, blurs)``: the K normalised model inputs ``[B, 3, S, S]`` of a step (cut,
     augmented, normalised, in the model's memory format), a pure function of its arguments."""
     pre = entry.preprocessing
@@ -267,7 +271,7 @@ def setup_run(cfg: PretrainConfig) -> TrainingRun:
         images=images,
         model=model,
         forward=_compiled(model, cfg),
-        views=_compiled(view_maker(cfg, entry, device), cfg),
+        views=_compiled(_view_maker(cfg, entry, device), cfg),
         augments=byol_augments(entry.preprocessing.input_size),
         optimiser=build_lars(
             model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, trust_clip=cfg.trust_clip
