@@ -136,6 +136,7 @@ def stage_times(cfg: PretrainConfig) -> dict:
         state["views"] = run.views(run.images[batch], boxes, draws, blurs)
 
     def forward_backward() -> None:
+        run.optimiser.zero_grad(set_to_none=True)  # as the step: the last gradients may live in graph memory
         views()  # under CUDA graphs the views of the last step are overwritten: a fresh step each time
         with torch.autocast("cuda", torch.bfloat16):
             z = [run.forward(v) for v in state["views"]]
