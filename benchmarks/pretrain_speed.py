@@ -130,7 +130,7 @@ def stage_times(cfg: PretrainConfig) -> dict:
     state = {}
 
     def views() -> None:
-        if cfg.compile == "cudagraphs":
+        if run.compile == "cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()
         draws, blurs = draw_views(cfg.batch_size, cfg.num_patches, run.augments, run.gen, run.device)
         state["views"] = run.views(run.images[batch], boxes, draws, blurs)

@@ -23,12 +23,14 @@ from ssl_patchbench.pretrain.augment import (
     gaussian_blur,
     make_views,
 )
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
 from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars, lars_param_groups
 from ssl_patchbench.pretrain.losses import vicreg_views
 from ssl_patchbench.pretrain.train import (
     PretrainConfig,
     arch_entry,
     build_trainee,
+    compile_mode,
     load_images,
     pretrain,
     save_solo_checkpoint,
@@ -250,6 +252,16 @@ def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path)
     for mine, theirs in ((trainee.backbone, loaded.backbone), (trainee.projector, loaded.projector)):
         expected, got = mine.state_dict(), theirs.state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_compile_auto_uses_cuda_graphs_only_for_long_cuda_runs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_mode(_cfg(), cuda, AUTO_COMPILE_STEPS) == "cudagraphs"
+    assert compile_mode(_cfg(), cuda, AUTO_COMPILE_STEPS - 1) == "off"
+    assert compile_mode(_cfg(), cpu, 10**9) == "off"
+    assert compile_mode(_cfg(compile="on"), cpu, 1) == "on" and compile_mode(_cfg(compile="off"), cuda, 10**9) == "off"
+    with pytest.raises(UserError, match="unknown --compile"):
+        _cfg(compile="yes")
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from ssl_patchbench.cli.common import (
     out_dir,
     stderr,
 )
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
 
 
 def _eta(seconds: float) -> str:
@@ -169,10 +170,11 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option(
     "--compile",
     "compile_",
-    type=click.Choice(["off", "on", "cudagraphs"]),
-    default="off",
+    type=click.Choice(["auto", "off", "on", "cudagraphs"]),
+    default="auto",
     show_default=True,
-    help="torch.compile views, model and loss; cudagraphs: also replay them as CUDA graphs.",
+    help="torch.compile views, model and loss; cudagraphs: also replay them as CUDA graphs; auto: cudagraphs on "
+    f"CUDA for runs of at least {AUTO_COMPILE_STEPS:,} steps.",
 )
 @click.option(
     "--interpolation",

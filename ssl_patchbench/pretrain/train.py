@@ -36,7 +36,7 @@ from ssl_patchbench.data.datasets import open_split
 from ssl_patchbench.models.archs import build_backbone, build_projector
 from ssl_patchbench.models.registry import ZooEntry, get_entry
 from ssl_patchbench.pretrain.augment import ViewAugment, byol_augments, draw_views, render_views
-from ssl_patchbench.pretrain.config import COMPILE_MODES, PretrainConfig, jsonable
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS, COMPILE_MODES, PretrainConfig, jsonable
 from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars
 from ssl_patchbench.pretrain.losses import tcr_loss, vicreg_views
 from ssl_patchbench.pretrain.state import CheckpointWriter, load_training_state, snapshot
@@ -180,11 +180,19 @@ def _view_maker(cfg: PretrainConfig, entry: ZooEntry, device: torch.device) -> C
     return views
 
 
-def _compiled(fn: Callable, cfg: PretrainConfig) -> Callable:
-    """``fn`` itself (``--compile off``) or under ``torch.compile`` in the mode ``--compile`` names (static shapes:
-    every step has the same batch)."""
-    mode = COMPILE_MODES[cfg.compile]
-    return fn if mode is None else torch.compile(fn, mode=mode, dynamic=False)
+def compile_mode(cfg: PretrainConfig, device: torch.device, total_steps: int) -> str:
+    """``--compile`` resolved: ``auto`` is ``cudagraphs`` on CUDA for a run long enough to pay for the
+    compilation (``AUTO_COMPILE_STEPS``), else ``off`` (a CPU compiles for minutes and gains little)."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    return "cudagraphs" if device.type == "cuda" and total_steps >= AUTO_COMPILE_STEPS else "off"
+
+
+def _compiled(fn: Callable, mode: str) -> Callable:
+    """``fn`` itself (``off``) or under ``torch.compile`` in the mode ``mode`` names (static shapes: every step
+    has the same batch)."""
+    compile_as = COMPILE_MODES[mode]
+    return fn if compile_as is None else torch.compile(fn, mode=compile_as, dynamic=False)
 
 
 def _autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -212,6 +220,7 @@ class TrainingRun:
     objective: Callable[[list[torch.Tensor]], torch.Tensor]
     amp: torch.dtype | None
     steps_per_epoch: int
+    compile: str  # the resolved --compile: off, on or cudagraphs
     start_epoch: int = 0
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0  # in this call, for the ETA
@@ -236,7 +245,7 @@ class TrainingRun:
         cfg = self.cfg
         self.optimiser.zero_grad(set_to_none=True)  # first: under CUDA graphs the last gradients live in graph memory
         draws, blurs = draw_views(cfg.batch_size, cfg.num_patches, self.augments, self.gen, self.device)
-        if cfg.compile == "cudagraphs":
+        if self.compile == "cudagraphs":
             torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are no longer read
         views = self.views(self.images[index], boxes, draws, blurs)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -264,23 +273,25 @@ def setup_run(cfg: PretrainConfig) -> TrainingRun:
     steps = len(images) // cfg.batch_size
     lr = cfg.lr * cfg.batch_size / 256
     warmup = round(min(cfg.warmup_epochs, cfg.epochs / 10) * steps)
+    mode = compile_mode(cfg, device, steps * cfg.epochs)
     return TrainingRun(
         cfg=cfg,
         entry=entry,
         device=device,
         images=images,
         model=model,
-        forward=_compiled(model, cfg),
-        views=_compiled(_view_maker(cfg, entry, device), cfg),
+        forward=_compiled(model, mode),
+        views=_compiled(_view_maker(cfg, entry, device), mode),
         augments=byol_augments(entry.preprocessing.input_size),
         optimiser=build_lars(
             model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, trust_clip=cfg.trust_clip
         ),
         schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        objective=_compiled(_objective(cfg), cfg),
+        objective=_compiled(_objective(cfg), mode),
         amp=_autocast_dtype(cfg, device),
         steps_per_epoch=steps,
+        compile=mode,
     )
 
 
@@ -407,6 +418,7 @@ def _write_config(out_dir: Path, run: TrainingRun) -> None:
             "zoo_entry": run.entry.to_dict(),
             "device": str(run.device),
             "autocast": str(run.amp),
+            "compile": run.compile,
             "steps_per_epoch": run.steps_per_epoch,
             "lr": run.schedule.base_lr,
             "warmup_steps": run.schedule.warmup_steps,
