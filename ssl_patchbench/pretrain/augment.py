@@ -66,7 +66,7 @@ class ViewDraws(NamedTuple):
 
 
 def draw_augment(n: int, aug: ViewAugment, gen: torch.Generator, device: torch.device) -> ViewDraws:
-    """The draws of ``augment`` for ``n`` images, in the order it applies them (flip, jitter: on/off, three
+    """The draws of ``apply_augment`` for ``n`` images, in the order it applies them (flip, jitter: on/off, three
     factors, hue shift, order; grayscale; blur: on/off, sigma; solarisation)."""
     flip = torch.rand(n, generator=gen, device=device) < aug.flip
     on = torch.rand(n, generator=gen, device=device) < aug.jitter
@@ -174,11 +174,6 @@ def apply_augment(x: torch.Tensor, d: ViewDraws, *, blur: bool) -> torch.Tensor:
     if blur:
         x = gaussian_blur(x, d.sigma, kernel_size=max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1))
     return torch.where(d.solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
-
-
-def augment(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Tensor:
-    """``aug`` applied to ``[N, 3, S, S]`` floats in [0, 1] with fresh draws from ``gen``."""
-    return apply_augment(x, draw_augment(len(x), aug, gen, x.device), blur=aug.blur > 0)
 
 
 def draw_views(

@@ -1,7 +1,7 @@
 """I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
 
 The dataset sits on the device once as uint8; every step draws its augmentation's random numbers, cuts K views
-per image with one batched ``crop_and_resize`` and augments them on the device (``augment``, a pure function
+per image with one batched ``crop_and_resize`` and augments them on the device (``pretrain.augment``, a pure function
 of the draws), runs each view through backbone + projector under bf16 autocast (CUDA) and steps LARS on a
 warm-up + cosine schedule; ``--compile`` compiles views, model and loss (optionally as CUDA graphs). The only
 host syncs are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch
