@@ -1,8 +1,10 @@
-"""Pretraining speed: seconds per CIFAR-10 epoch through ``patchbench pretrain`` (eager and compiled), side by
-side with the independent eager VICReg step (``tests/vicreg_reference.py``, mode ``reference``), and where a
-step's time goes (views, forward + loss + backward, LARS), each stage timed with CUDA events.
+"""Pretraining speed: seconds per CIFAR-10 epoch through ``patchbench pretrain`` (modes ``eager``, ``compiled``:
+``--compile on``, ``cudagraphs``: ``--compile cudagraphs``), side by side with the independent eager VICReg step
+(``tests/vicreg_reference.py``, mode ``reference``), and with ``--stages`` where a step's time goes (views,
+forward + loss + backward, LARS), each stage timed with CUDA events.
 
-    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes reference,eager,compiled] [--profile]
+    python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes reference,eager,compiled,cudagraphs]
+        [--stages] [--profile]
 
 DIR holds cifar10/{train,test} (``python ../shared/data/materialize.py cifar10 DIR``). Run from the repository
 root (the reference step is imported from ``tests``). One JSON line per measurement.
@@ -11,6 +13,7 @@ root (the reference step is imported from ``tests``). One JSON line per measurem
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -22,25 +25,29 @@ import torch
 from breakdown import cuda_ms
 from common import emit, kernel_profile
 
-from ssl_patchbench.pretrain.augment import byol_augments, make_views
+from ssl_patchbench.pretrain.augment import byol_augments, draw_views, make_views
 from ssl_patchbench.pretrain.lars import build_lars
-from ssl_patchbench.pretrain.losses import vicreg_views
-from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, load_images, pretrain
+from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, load_images, pretrain, setup_run
 from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.vicreg_reference import ReferenceLARS, reference_step
 
+MODES = {"eager": "off", "compiled": "on", "cudagraphs": "cudagraphs"}  # benchmark mode -> --compile
+
 
 def epochs_timed(cfg: PretrainConfig, epochs: int) -> dict:
-    """The first ``epochs`` of a real run: the median epoch after the first (autotuning, compilation)."""
+    """The first ``epochs`` of a real run: the median epoch after the first (autotuning, compilation), and
+    each epoch's mean loss (the modes must agree on it: same seed, same random numbers)."""
     with tempfile.TemporaryDirectory() as out:
         result = pretrain(cfg, Path(out), resume=False, stop_after=epochs)
+        losses = [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     later = result.epoch_seconds[1:] or result.epoch_seconds
     return {
         "first_epoch_s": round(result.epoch_seconds[0], 2),
         "seconds_per_epoch": round(statistics.median(later), 3),
         "images_per_s": round(result.images_per_s or 0.0),
+        "epoch_losses": [round(v, 3) for v in losses],
     }
 
 
@@ -115,47 +122,33 @@ def lars_step_ms(cfg: PretrainConfig) -> dict:
     }
 
 
-def stage_times(cfg: PretrainConfig, mode: str) -> dict:
-    """Milliseconds per step of each stage on real CIFAR-10 images, the same work as ``pretrain``'s step.
+def stage_times(cfg: PretrainConfig) -> dict:
+    """Milliseconds per step of each stage of the trainer's own step (``--compile`` as in ``cfg``) on real
+    CIFAR-10 images: views (draws + the views function), forward + loss + backward, LARS."""
+    run = setup_run(cfg)
+    batch, boxes = torch.arange(cfg.batch_size, device=run.device), run.epoch_boxes()[0]
+    state = {}
 
-    ``mode``: eager, compiled, or reduce-overhead (compiled model replayed as CUDA graphs; stages only)."""
-    device = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    entry = arch_entry(cfg.arch)
-    images, _ = load_images(cfg, device)
-    model = build_trainee(entry).to(device).train().to(memory_format=torch.channels_last)
-    forward = model if mode == "eager" else torch.compile(model, mode=None if mode == "compiled" else mode)
-    views_of = make_views if mode == "eager" else torch.compile(make_views)
-    optimiser = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
-    gen = torch.Generator(device=device).manual_seed(0)
-    pre = entry.preprocessing
-    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-    batch = images[: cfg.batch_size]
-    u = np.random.default_rng(0).random((2 * cfg.batch_size, ATTEMPTS, 4))
-    h, w = images.shape[-2:]
-    boxes = random_resized_boxes(uniforms_from_array(u), np.full(len(u), h), np.full(len(u), w), scale=cfg.scale,
-                                 ratio=cfg.ratio)  # fmt: skip
-    boxes = torch.from_numpy(boxes).float().to(device)
-
-    def views() -> torch.Tensor:
-        return views_of(batch, boxes, n_views=2, out_size=pre.input_size, augments=byol_augments(pre.input_size),
-                        gen=gen)  # fmt: skip
-
-    fixed = views()
+    def views() -> None:
+        if run.compile == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
+        draws, blurs = draw_views(cfg.batch_size, cfg.num_patches, run.augments, run.gen, run.device)
+        state["views"] = run.views(run.images[batch], boxes, draws, blurs)
 
     def forward_backward() -> None:
+        run.optimiser.zero_grad(set_to_none=True)  # as the step: the last gradients may live in graph memory
+        views()  # under CUDA graphs the views of the last step are overwritten: a fresh step each time
         with torch.autocast("cuda", torch.bfloat16):
-            z = [forward(((v - mean) / std).contiguous(memory_format=torch.channels_last)) for v in fixed]
-        vicreg_views(torch.stack([zk.float() for zk in z])).backward()
+            z = [run.forward(v) for v in state["views"]]
+        run.objective(z).backward()
 
-    for _ in range(3):  # compilation and autotuning
-        views()
+    for _ in range(3):  # compilation, CUDA-graph recording and autotuning
         forward_backward()
+    views_ms = cuda_ms(views)
     return {
-        "views_ms": round(cuda_ms(views), 2),
-        "forward_loss_backward_ms": round(cuda_ms(forward_backward), 2),
-        "lars_step_ms": round(cuda_ms(optimiser.step), 2),
+        "views_ms": round(views_ms, 2),
+        "forward_loss_backward_ms": round(cuda_ms(forward_backward) - views_ms, 2),
+        "lars_step_ms": round(cuda_ms(run.optimiser.step), 2),
     }
 
 
@@ -164,7 +157,8 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder holding cifar10/{train,test}")
     parser.add_argument("--epochs", type=int, default=4, help="epochs timed, of a 150-epoch schedule")
     parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--modes", default="reference,eager,compiled")
+    parser.add_argument("--modes", default="reference,eager,compiled,cudagraphs")
+    parser.add_argument("--stages", action="store_true", help="also each stage's time per step")
     parser.add_argument("--profile", action="store_true", help="also the GPU-busy share of an epoch")
     args = parser.parse_args()
     home = tempfile.mkdtemp()
@@ -175,14 +169,18 @@ def main() -> None:
             fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs}
             emit(**fields, **reference_epochs(cfg, args.epochs), **lars_step_ms(cfg))
             continue
-        runs = mode in ("eager", "compiled")  # what `patchbench pretrain` offers end to end
         cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=args.data, scale=(0.08, 1.0),
-                             epochs=150, batch_size=args.batch_size, compile=mode == "compiled",
-                             log_every=10**9, home=home)  # fmt: skip
+                             epochs=150, batch_size=args.batch_size, compile=MODES[mode], log_every=10**9,
+                             home=home)  # fmt: skip
         fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs}
-        timed = epochs_timed(cfg, args.epochs) if runs else {}
-        busy = gpu_busy(cfg) if args.profile and runs else {}
-        emit(**fields, **stage_times(cfg, mode), **timed, **busy)
+        try:  # a mode that fails (a compiler error) is a result too: the others still run
+            timed = epochs_timed(cfg, args.epochs)
+            stages = stage_times(cfg) if args.stages else {}
+            busy = gpu_busy(cfg) if args.profile else {}
+        except Exception as err:
+            emit(**fields, error=f"{type(err).__name__}: {err}"[:2000])
+            continue
+        emit(**fields, **timed, **stages, **busy)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,26 @@ from ssl_patchbench.pretrain.augment import (
     ViewAugment,
     _blend_slot,
     adjust_hue,
-    augment,
+    apply_augment,
     byol_augments,
     color_jitter,
+    draw_augment,
+    draw_views,
     gaussian_blur,
     make_views,
 )
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
 from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars, lars_param_groups
 from ssl_patchbench.pretrain.losses import vicreg_views
 from ssl_patchbench.pretrain.train import (
     PretrainConfig,
     arch_entry,
     build_trainee,
+    compile_mode,
     load_images,
     pretrain,
     save_solo_checkpoint,
+    setup_run,
 )
 from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 
@@ -147,8 +152,9 @@ def test_hue_and_blur_match_torchvision_per_image():
 def test_color_jitter_is_torchvision_color_jitter_in_each_images_order():
     aug = ViewAugment()
     x = torch.rand(8, 3, 8, 8, generator=_gen(5))
-    got = color_jitter(x, aug, _gen(9))
-    g = _gen(9)  # replay the draws: on/off, three factors, hue shift, then each image's order
+    got = color_jitter(x, draw_augment(8, aug, _gen(9), CPU))
+    g = _gen(9)  # replay the draws: flip, then on/off, three factors, hue shift, each image's order
+    torch.rand(8, generator=g)
     on = torch.rand(8, generator=g) < aug.jitter
     factors = [0.6 + 0.8 * torch.rand(8, generator=g), 0.6 + 0.8 * torch.rand(8, generator=g)]
     factors.append(0.8 + 0.4 * torch.rand(8, generator=g))
@@ -166,7 +172,7 @@ def test_grayscale_and_solarize_match_torchvision():
     x = torch.rand(3, 3, 8, 8, generator=_gen(6))
     always = ViewAugment(flip=0.0, jitter=0.0, grayscale=1.0, solarize=1.0)
     expected = torch.stack([TF.solarize(TF.rgb_to_grayscale(im, 3), 0.5) for im in x])
-    assert torch.allclose(augment(x, always, _gen()), expected, atol=1e-6)
+    assert torch.allclose(apply_augment(x, draw_augment(3, always, _gen(), CPU), blur=False), expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------- the CPU smoke path
@@ -248,6 +254,54 @@ def test_resnet50_checkpoints_load_through_the_resnet50_solo_zoo_entry(tmp_path)
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_compile_auto_uses_cuda_graphs_only_for_long_cuda_runs():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert compile_mode(_cfg(), cuda, AUTO_COMPILE_STEPS) == "cudagraphs"
+    assert compile_mode(_cfg(), cuda, AUTO_COMPILE_STEPS - 1) == "off"
+    assert compile_mode(_cfg(), cpu, 10**9) == "off"
+    assert compile_mode(_cfg(compile="on"), cpu, 1) == "on" and compile_mode(_cfg(compile="off"), cuda, 10**9) == "off"
+    with pytest.raises(UserError, match="unknown --compile"):
+        _cfg(compile="yes")
+
+
+@pytest.mark.slow
+def test_the_views_model_and_loss_trace_as_one_graph_each():
+    """The compile leads of issue 18: with the random numbers drawn first, the views function (crop, colour
+    augmentation, normalisation), the model and the loss each trace into one graph without a break."""
+    run = setup_run(_cfg(batch_size=8))
+    boxes, batch = run.epoch_boxes()[0], run.images[:8]
+    draws, blurs = draw_views(8, 2, run.augments, run.gen, CPU)
+    views = run.views(batch, boxes, draws, blurs)
+    z = [run.model(v) for v in views]
+    for fn, args in ((run.views, (batch, boxes, draws, blurs)), (run.model, (views[0],)), (run.objective, (z,))):
+        explained = torch._dynamo.explain(fn)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["on", "cudagraphs"])
+def test_the_compiled_step_gives_the_eager_views_loss_and_gradients(mode):
+    """``--compile`` changes no number: with the same random numbers the compiled views function returns the
+    eager views, and a compiled step the eager loss, gradients and updated weights (float tolerance). On the
+    CPU ``cudagraphs`` compiles as ``on`` (no CUDA graphs): this checks the step's extra bookkeeping."""
+    runs = {name: setup_run(_cfg(compile=name, batch_size=8)) for name in ("off", mode)}
+    got = {}
+    for name, run in runs.items():
+        boxes, index = run.epoch_boxes()[0], torch.arange(8)
+        draws, blurs = draw_views(8, 2, run.augments, _gen(4), CPU)
+        views = run.views(run.images[index], boxes, draws, blurs)
+        loss = run.step(index, boxes, global_step=3)
+        grads = [p.grad.clone() for p in run.model.parameters()]
+        got[name] = (views, loss, grads, [p.detach().clone() for p in run.model.parameters()])
+    (views, loss, grads, weights), (views_c, loss_c, grads_c, weights_c) = got["off"], got[mode]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(views, views_c, strict=True))
+    assert torch.allclose(loss, loss_c, rtol=1e-4)
+    # relative to each gradient's norm, with a floor for the biases before a batch norm (their gradient is 0 but
+    # for rounding)
+    assert all((a - b).norm() <= 1e-4 * a.norm() + 1e-4 for a, b in zip(grads, grads_c, strict=True))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(weights, weights_c, strict=True))
+
+
 # ---------------------------------------------------------------- stability (issue 18)
 
 
@@ -327,3 +381,26 @@ def test_the_eta_counts_the_steps_left_at_this_calls_step_time(tmp_path):
     assert last_step.step == last_epoch.steps == 3 and last_epoch.eta_s == 0.0
     first = seen[0]  # after 1 of 6 steps: 5 steps left at the time the first one took
     assert first.eta_s > 0 and first.step == 1
+
+
+# ---------------------------------------------------------------- views as RandomResizedCrop cuts them
+
+
+def test_views_are_torchvisions_bicubic_resized_crop_of_the_pil_image():
+    """No colour augmentation: each view is ``TF.resized_crop(pil, top, left, h, w, 32, BICUBIC)`` (solo-learn's
+    and VICReg's RandomResizedCrop) up to Pillow's rounding to uint8, away from the crop's border: there the
+    cubic's taps read the image's pixels beyond the box, where Pillow, given only the crop, repeats its edge."""
+    from PIL import Image
+
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=_gen(3))
+    u = np.random.default_rng(1).random((6, ATTEMPTS, 4))
+    boxes = random_resized_boxes(uniforms_from_array(u), np.full(6, 32), np.full(6, 32), scale=(0.08, 1.0),
+                                 ratio=(3 / 4, 4 / 3))  # fmt: skip
+    plain = ViewAugment(flip=0.0, jitter=0.0, grayscale=0.0, solarize=0.0)
+    views = make_views(images, torch.from_numpy(boxes).float(), n_views=2, out_size=32, augments=(plain,), gen=_gen())
+    for row, (x1, y1, x2, y2) in enumerate(boxes.astype(int).tolist()):
+        pil = Image.fromarray(images[row % 3].permute(1, 2, 0).numpy())
+        crop = TF.resized_crop(pil, y1, x1, y2 - y1, x2 - x1, [32, 32], TF.InterpolationMode.BICUBIC)
+        expected = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255
+        error = (views[row // 3, row % 3] - expected).abs()
+        assert error[:, 3:-3, 3:-3].max() <= 1.1 / 255 and error.mean() < 2.5 / 255, row

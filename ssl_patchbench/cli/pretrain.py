@@ -23,6 +23,7 @@ from ssl_patchbench.cli.common import (
     out_dir,
     stderr,
 )
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
 
 
 def _eta(seconds: float) -> str:
@@ -167,14 +168,27 @@ def summary(cfg, result, wall: float) -> dict:
     "--channels-last/--no-channels-last", default=True, show_default=True, help="Channels-last memory (CUDA)."
 )
 @click.option(
-    "--compile/--no-compile", "compile_", default=False, show_default=True, help="torch.compile the model and views."
+    "--compile",
+    "compile_",
+    type=click.Choice(["auto", "off", "on", "cudagraphs"]),
+    default="auto",
+    show_default=True,
+    help="torch.compile views, model and loss; cudagraphs: also replay them as CUDA graphs; auto: cudagraphs on "
+    f"CUDA for runs of at least {AUTO_COMPILE_STEPS:,} steps.",
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["bicubic", "bilinear"]),
+    default="bicubic",
+    show_default=True,
+    help="Resampling of the views' crops.",
 )
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the weights and the views.")
 @click.option("--log-every", type=POSITIVE, default=50, show_default=True, help="Steps between logged losses (a sync).")
 @click.option("--save-every", type=POSITIVE, default=1, show_default=True, help="Epochs between checkpoints.")
 @click.option("--home", type=click.Path(file_okay=False), help="Cache root (default $PATCHBENCH_HOME).")
 @click.option("--download/--no-download", default=False, show_default=True, help="torchvision download.")
-def pretrain_cmd(scale: str, out: str, resume: bool, compile_: bool, **options) -> None:
+def pretrain_cmd(scale: str, out: str, resume: bool, compile_: str, **options) -> None:
     """I²VICReg / TCR pretraining on fixed-scale patches.
 
     Prints one JSON line when done.

@@ -1,16 +1,19 @@
 """Batched view augmentation on the device: crops of given boxes, flip, BYOL colour augmentation.
 
-The crop boxes come from ``sampling.geometry`` (drawn per epoch, see ``pretrain.train``). Every other
-random draw comes from one ``torch.Generator`` on the images' device, and every operation acts on
-the whole batch at once with per-image parameters (no per-image Python loop, no host sync), so a GPU
-step never waits on the CPU. The colour operations match torchvision's functional ones image by image
-(tested): ColorJitter with its random order of the four operations, grayscale, solarisation, blur.
+The crop boxes come from ``sampling.geometry`` (drawn per epoch, see ``pretrain.train``). Every other random
+draw comes from one ``torch.Generator`` on the images' device, all of a step's at once (``draw_views``) before
+any image is touched, so the augmentation itself (``render_views``) is a pure function that ``torch.compile``
+traces as one graph. Every operation acts on the whole batch at once with per-image parameters (no per-image
+Python loop, no host sync), so a GPU step never waits on the CPU. The colour operations match torchvision's
+functional ones image by image (tested): ColorJitter with its random order of the four operations, grayscale,
+solarisation, blur.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,40 @@ def byol_augments(out_size: int) -> tuple[ViewAugment, ViewAugment]:
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, device: torch.device, lo=0.0, hi=1.0) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(shape, generator=gen, device=device)
+
+
+class ViewDraws(NamedTuple):
+    """Every random number of one recipe's augmentation of ``N`` images, drawn before any image is touched, so
+    that the augmentation itself (``apply_augment``) is a pure function the compiler can fuse whole."""
+
+    flip: torch.Tensor  # [N] bool
+    jitter: torch.Tensor  # [N] bool: colour jitter applied
+    factors: torch.Tensor  # [3, N] brightness, contrast, saturation factors (1 where no jitter)
+    shift: torch.Tensor  # [N] hue shift (0 where no jitter)
+    order: torch.Tensor  # [N, 4] each image's order of the four jitter operations (a permutation of 0..3)
+    gray: torch.Tensor  # [N] bool
+    sigma: torch.Tensor  # [N] blur sigma, 0 = no blur
+    solarize: torch.Tensor  # [N] bool
+
+
+def draw_augment(n: int, aug: ViewAugment, gen: torch.Generator, device: torch.device) -> ViewDraws:
+    """The draws of ``apply_augment`` for ``n`` images, in the order it applies them (flip, jitter: on/off, three
+    factors, hue shift, order; grayscale; blur: on/off, sigma; solarisation)."""
+    flip = torch.rand(n, generator=gen, device=device) < aug.flip
+    on = torch.rand(n, generator=gen, device=device) < aug.jitter
+    factors = torch.stack(
+        [_uniform((n,), gen, device, max(0.0, 1 - s), 1 + s) for s in (aug.brightness, aug.contrast, aug.saturation)]
+    )
+    factors = torch.where(on, factors, torch.ones_like(factors))
+    shift = torch.where(on, _uniform((n,), gen, device, -aug.hue, aug.hue), torch.zeros(n, device=device))
+    order = torch.argsort(torch.rand((n, 4), generator=gen, device=device), dim=1)  # a random permutation per image
+    gray = torch.rand(n, generator=gen, device=device) < aug.grayscale
+    sigma = torch.zeros(n, device=device)
+    if aug.blur > 0:
+        blur = torch.rand(n, generator=gen, device=device) < aug.blur
+        sigma = torch.where(blur, _uniform((n,), gen, device, 0.1, 2.0), sigma)
+    solarize = torch.rand(n, generator=gen, device=device) < aug.solarize
+    return ViewDraws(flip, on, factors, shift, order, gray, sigma, solarize)
 
 
 def gray(x: torch.Tensor) -> torch.Tensor:
@@ -87,26 +124,18 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
 
 
-def color_jitter(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Tensor:
-    """ColorJitter(brightness, contrast, saturation, hue) applied with probability ``aug.jitter``.
+def color_jitter(x: torch.Tensor, d: ViewDraws) -> torch.Tensor:
+    """ColorJitter(brightness, contrast, saturation, hue) where ``d.jitter``, with the factors of ``d``.
 
     As torchvision: factors uniform in ``[max(0, 1-s), 1+s]`` (hue in ``[-h, h]``), the four operations in
     a random order per image. Slot by slot each image applies the operation its order names there; the
     three blends share one formula (blend towards 0, the mean luma or the luma), hue is a separate op.
     """
-    n, dev = len(x), x.device
-    on = torch.rand(n, generator=gen, device=dev) < aug.jitter
-    factors = torch.stack(
-        [_uniform((n,), gen, dev, max(0.0, 1 - s), 1 + s) for s in (aug.brightness, aug.contrast, aug.saturation)]
-    )
-    factors = torch.where(on, factors, torch.ones_like(factors))  # [3, N]
-    shift = torch.where(on, _uniform((n,), gen, dev, -aug.hue, aug.hue), torch.zeros(n, device=dev))
-    order = torch.argsort(torch.rand((n, 4), generator=gen, device=dev), dim=1)  # a random permutation per image
     for slot in range(4):
-        op = order[:, slot]
-        x = _blend_slot(x, op, factors)
-        hue = (op == 3) & on
-        x = torch.where(hue.view(-1, 1, 1, 1), adjust_hue(x, shift), x)
+        op = d.order[:, slot]
+        x = _blend_slot(x, op, d.factors)
+        hue = (op == 3) & d.jitter
+        x = torch.where(hue.view(-1, 1, 1, 1), adjust_hue(x, d.shift), x)
     return x
 
 
@@ -136,20 +165,52 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.view(n, c, h, w)
 
 
-def augment(x: torch.Tensor, aug: ViewAugment, gen: torch.Generator) -> torch.Tensor:
-    """BYOL's order on ``[N, 3, S, S]`` floats in [0, 1]: flip, colour jitter, grayscale, blur, solarise."""
-    n, dev = len(x), x.device
-    flip = torch.rand(n, generator=gen, device=dev) < aug.flip
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    x = color_jitter(x, aug, gen)
-    to_gray = torch.rand(n, generator=gen, device=dev) < aug.grayscale
-    x = torch.where(to_gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
-    if aug.blur > 0:
-        blur = torch.rand(n, generator=gen, device=dev) < aug.blur
-        sigma = torch.where(blur, _uniform((n,), gen, dev, 0.1, 2.0), torch.zeros(n, device=dev))
-        x = gaussian_blur(x, sigma, kernel_size=max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1))
-    solarize = torch.rand(n, generator=gen, device=dev) < aug.solarize
-    return torch.where(solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+def apply_augment(x: torch.Tensor, d: ViewDraws, *, blur: bool) -> torch.Tensor:
+    """BYOL's order on ``[N, 3, S, S]`` floats in [0, 1]: flip, colour jitter, grayscale, blur (only if
+    ``blur``: the recipe blurs at all), solarise; every random number comes from ``d``."""
+    x = torch.where(d.flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    x = color_jitter(x, d)
+    x = torch.where(d.gray.view(-1, 1, 1, 1), gray(x).expand_as(x), x)
+    if blur:
+        x = gaussian_blur(x, d.sigma, kernel_size=max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1))
+    return torch.where(d.solarize.view(-1, 1, 1, 1) & (x >= 0.5), 1.0 - x, x)
+
+
+def draw_views(
+    b: int, n_views: int, augments: Sequence[ViewAugment], gen: torch.Generator, device: torch.device
+) -> tuple[tuple[ViewDraws, ...], tuple[bool, ...]]:
+    """The draws of ``render_views`` for ``n_views`` views of ``b`` images (view k with recipe
+    ``augments[k % len(augments)]``) and whether each recipe blurs: one ``ViewDraws`` over all ``K * B`` views
+    when every view has the same recipe (CIFAR), else one per view."""
+    recipes = augments[:1] if len(set(augments)) == 1 else [augments[k % len(augments)] for k in range(n_views)]
+    rows = b * n_views // len(recipes)
+    return tuple(draw_augment(rows, a, gen, device) for a in recipes), tuple(a.blur > 0 for a in recipes)
+
+
+def render_views(
+    images: torch.Tensor,
+    boxes: torch.Tensor,
+    draws: tuple[ViewDraws, ...],
+    *,
+    blurs: tuple[bool, ...],
+    out_size: int,
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """``[K, B, 3, S, S]`` views in [0, 1] of uint8 images ``[B, 3, H, W]`` cut at ``boxes`` ``[K * B, 4]``
+    (view k of image b at row ``k * B + b``) and augmented with ``draws`` (``draw_views``; ``blurs``: whether
+    each of its recipes blurs). A pure function of its inputs, so ``torch.compile`` fuses it whole.
+
+    The crops are resampled as ``RandomResizedCrop`` does to a PIL image (``crop_and_resize``'s Pillow path;
+    bicubic, as solo-learn's and VICReg's recipes), all views in one call."""
+    b = len(images)
+    n_views = len(boxes) // b
+    owner = torch.arange(b, device=images.device).repeat(n_views)
+    crops = crop_and_resize(images.float(), boxes, owner, out_size, interpolation=interpolation, antialias="pillow")
+    crops = crops.div_(255.0).view(n_views, b, 3, out_size, out_size)
+    if len(draws) == 1:  # one recipe for every view: one batched pass, half the kernel launches
+        return apply_augment(crops.flatten(0, 1), draws[0], blur=blurs[0]).view_as(crops)
+    pairs = zip(crops, draws, blurs, strict=True)
+    return torch.stack([apply_augment(view, d, blur=blur) for view, d, blur in pairs])
 
 
 def make_views(
@@ -160,14 +221,8 @@ def make_views(
     out_size: int,
     augments: Sequence[ViewAugment],
     gen: torch.Generator,
+    interpolation: str = "bicubic",
 ) -> torch.Tensor:
-    """``[K, B, 3, S, S]`` augmented views in [0, 1] of uint8 images ``[B, 3, H, W]``; ``boxes`` ``[K * B, 4]``
-    (view k of image b at row ``k * B + b``); view k uses ``augments[k % len(augments)]``. All crops of all
-    views are cut in one ``crop_and_resize``."""
-    b = len(images)
-    owner = torch.arange(b, device=images.device).repeat(n_views)
-    crops = crop_and_resize(images.float(), boxes, owner, out_size).div_(255.0)
-    if len(set(augments)) == 1:  # one recipe for every view (CIFAR): one batched pass, half the kernel launches
-        return augment(crops, augments[0], gen).view(n_views, b, 3, out_size, out_size)
-    crops = crops.view(n_views, b, 3, out_size, out_size)
-    return torch.stack([augment(crops[k], augments[k % len(augments)], gen) for k in range(n_views)])
+    """``render_views`` with fresh draws from ``gen`` (view k uses ``augments[k % len(augments)]``)."""
+    draws, blurs = draw_views(len(images), n_views, augments, gen, images.device)
+    return render_views(images, boxes, draws, blurs=blurs, out_size=out_size, interpolation=interpolation)

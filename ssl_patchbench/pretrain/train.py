@@ -1,16 +1,18 @@
 """I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
 
-The dataset sits on the device once as uint8; every step cuts K views per image with one batched
-``crop_and_resize``, augments them on the device (``augment``), runs each view through backbone +
-projector under bf16 autocast (CUDA) and steps LARS on a warm-up + cosine schedule. The only host syncs
-are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch ``OUT/last.ckpt``
-(``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG state) is
-replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
+The dataset sits on the device once as uint8; every step draws its augmentation's random numbers, cuts K views
+per image with one batched ``crop_and_resize`` and augments them on the device (``pretrain.augment``, a pure function
+of the draws), runs each view through backbone + projector under bf16 autocast (CUDA) and steps LARS on a
+warm-up + cosine schedule; ``--compile`` compiles views, model and loss (optionally as CUDA graphs). The only
+host syncs are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch
+``OUT/last.ckpt`` (``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG
+state) is replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
 continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -33,8 +35,8 @@ from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.datasets import open_split
 from ssl_patchbench.models.archs import build_backbone, build_projector
 from ssl_patchbench.models.registry import ZooEntry, get_entry
-from ssl_patchbench.pretrain.augment import byol_augments, make_views
-from ssl_patchbench.pretrain.config import PretrainConfig, jsonable
+from ssl_patchbench.pretrain.augment import ViewAugment, byol_augments, draw_views, render_views
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS, COMPILE_MODES, PretrainConfig, jsonable
 from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars
 from ssl_patchbench.pretrain.losses import tcr_loss, vicreg_views
 from ssl_patchbench.pretrain.state import CheckpointWriter, load_training_state, snapshot
@@ -153,12 +155,44 @@ def load_images(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor
     return images, split.identity
 
 
-def _objective(cfg: PretrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss on ``[K, B, D]`` projections."""
+def _objective(cfg: PretrainConfig) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The loss on the K views' projections ``[B, D]`` (any dtype; the losses compute in float32)."""
     if cfg.method == "tcr":
-        return lambda z: tcr_loss(z, eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
-    sim, var, cov = cfg.vicreg_coefficients
-    return lambda z: vicreg_views(z, sim=sim, var=var, cov=cov)
+        loss = functools.partial(tcr_loss, eps=cfg.tcr_eps, lam=cfg.tcr_lambda)
+    else:
+        sim, var, cov = cfg.vicreg_coefficients
+        loss = functools.partial(vicreg_views, sim=sim, var=var, cov=cov)
+    return lambda z: loss(torch.stack([zk.float() for zk in z]))
+
+
+def _view_maker(cfg: PretrainConfig, entry: ZooEntry, device: torch.device) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``views(images, boxes, draws, blurs)``: the K normalised model inputs ``[B, 3, S, S]`` of a step (cut,
+    augmented, normalised, in the model's memory format), a pure function of its arguments."""
+    pre = entry.preprocessing
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def views(images: torch.Tensor, boxes: torch.Tensor, draws: tuple, blurs: tuple[bool, ...]) -> tuple:
+        cut = render_views(images, boxes, draws, blurs=blurs, out_size=pre.input_size, interpolation=cfg.interpolation)
+        return tuple(((v - mean) / std).contiguous(memory_format=memory) for v in cut)
+
+    return views
+
+
+def compile_mode(cfg: PretrainConfig, device: torch.device, total_steps: int) -> str:
+    """``--compile`` resolved: ``auto`` is ``cudagraphs`` on CUDA for a run long enough to pay for the
+    compilation (``AUTO_COMPILE_STEPS``), else ``off`` (a CPU compiles for minutes and gains little)."""
+    if cfg.compile != "auto":
+        return cfg.compile
+    return "cudagraphs" if device.type == "cuda" and total_steps >= AUTO_COMPILE_STEPS else "off"
+
+
+def _compiled(fn: Callable, mode: str) -> Callable:
+    """``fn`` itself (``off``) or under ``torch.compile`` in the mode ``mode`` names (static shapes: every step
+    has the same batch)."""
+    compile_as = COMPILE_MODES[mode]
+    return fn if compile_as is None else torch.compile(fn, mode=compile_as, dynamic=False)
 
 
 def _autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | None:
@@ -169,7 +203,7 @@ def _autocast_dtype(cfg: PretrainConfig, device: torch.device) -> torch.dtype | 
 
 
 @dataclass
-class _Run:
+class TrainingRun:
     """The live state of one run: model, optimiser, schedule, RNG and the fixed inputs of a step."""
 
     cfg: PretrainConfig
@@ -178,15 +212,15 @@ class _Run:
     images: torch.Tensor
     model: Trainee
     forward: Callable[[torch.Tensor], torch.Tensor]
-    views: Callable[..., torch.Tensor]
+    views: Callable[..., tuple[torch.Tensor, ...]]
+    augments: tuple[ViewAugment, ...]
     optimiser: torch.optim.Optimizer
     schedule: WarmupCosine
     gen: torch.Generator
-    objective: Callable[[torch.Tensor], torch.Tensor]
+    objective: Callable[[list[torch.Tensor]], torch.Tensor]
     amp: torch.dtype | None
-    mean: torch.Tensor
-    std: torch.Tensor
     steps_per_epoch: int
+    compile: str  # the resolved --compile: off, on or cudagraphs
     start_epoch: int = 0
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0  # in this call, for the ETA
@@ -204,21 +238,19 @@ class _Run:
         return torch.from_numpy(boxes).float().to(self.device).view(steps, -1, 4)
 
     def step(self, index: torch.Tensor, boxes: torch.Tensor, global_step: int) -> torch.Tensor:
-        """One optimisation step on the images ``index`` cut at ``boxes``; returns the loss (on the device)."""
-        cfg, pre = self.cfg, self.entry.preprocessing
-        views = self.views(
-            self.images[index],
-            boxes,
-            n_views=cfg.num_patches,
-            out_size=pre.input_size,
-            augments=byol_augments(pre.input_size),
-            gen=self.gen,
-        )
-        memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        """One optimisation step on the images ``index`` cut at ``boxes``; returns the loss (on the device).
+
+        The random numbers of the views are drawn first, so views, model and loss are pure functions of their
+        inputs (``--compile`` compiles each whole; ``cudagraphs`` replays them as CUDA graphs)."""
+        cfg = self.cfg
+        self.optimiser.zero_grad(set_to_none=True)  # first: under CUDA graphs the last gradients live in graph memory
+        draws, blurs = draw_views(cfg.batch_size, cfg.num_patches, self.augments, self.gen, self.device)
+        if self.compile == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()  # the graphs' outputs of the last step are no longer read
+        views = self.views(self.images[index], boxes, draws, blurs)
         with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            z = [self.forward(((v - self.mean) / self.std).contiguous(memory_format=memory)) for v in views]
-        loss = self.objective(torch.stack([zk.float() for zk in z]))
-        self.optimiser.zero_grad(set_to_none=True)
+            z = [self.forward(v) for v in views]
+        loss = self.objective(z)
         loss.backward()
         lr = self.schedule(global_step)
         for group in self.optimiser.param_groups:
@@ -227,7 +259,8 @@ class _Run:
         return loss.detach()
 
 
-def _setup(cfg: PretrainConfig) -> _Run:
+def setup_run(cfg: PretrainConfig) -> TrainingRun:
+    """Data on the device, model, optimiser, schedule, generator and the step's (compiled) functions of ``cfg``."""
     device = resolve_device(cfg.device)
     entry = arch_entry(cfg.arch)
     images, _ = load_images(cfg, device)
@@ -240,25 +273,25 @@ def _setup(cfg: PretrainConfig) -> _Run:
     steps = len(images) // cfg.batch_size
     lr = cfg.lr * cfg.batch_size / 256
     warmup = round(min(cfg.warmup_epochs, cfg.epochs / 10) * steps)
-    pre = entry.preprocessing
-    return _Run(
+    mode = compile_mode(cfg, device, steps * cfg.epochs)
+    return TrainingRun(
         cfg=cfg,
         entry=entry,
         device=device,
         images=images,
         model=model,
-        forward=torch.compile(model) if cfg.compile else model,
-        views=torch.compile(make_views) if cfg.compile else make_views,  # fuses the colour ops between draws
+        forward=_compiled(model, mode),
+        views=_compiled(_view_maker(cfg, entry, device), mode),
+        augments=byol_augments(entry.preprocessing.input_size),
         optimiser=build_lars(
             model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, trust_clip=cfg.trust_clip
         ),
         schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
-        objective=_objective(cfg),
+        objective=_compiled(_objective(cfg), mode),
         amp=_autocast_dtype(cfg, device),
-        mean=torch.tensor(pre.mean, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(pre.std, device=device).view(1, 3, 1, 1),
         steps_per_epoch=steps,
+        compile=mode,
     )
 
 
@@ -276,7 +309,7 @@ def pretrain(
     run there is an error. ``stop_after`` ends after that many epochs of this call (tests: a simulated kill).
     """
     out_dir = Path(out_dir)
-    run = _setup(cfg)
+    run = setup_run(cfg)
     path = out_dir / CHECKPOINT_NAME
     if resume and path.exists():
         run.start_epoch = load_training_state(path, cfg.identity(), run.model, run.optimiser, run.gen)
@@ -295,7 +328,7 @@ def pretrain(
 
 
 def _train_epochs(
-    run: _Run,
+    run: TrainingRun,
     out_dir: Path,
     writer: CheckpointWriter,
     reporter: Reporter,
@@ -319,7 +352,7 @@ def _train_epochs(
         reporter.on_epoch(progress)
 
 
-def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
+def _run_epoch(run: TrainingRun, epoch: int, reporter: Reporter) -> Progress:
     """One pass over a fresh permutation (the last partial batch dropped)."""
     cfg, steps = run.cfg, run.steps_per_epoch
     order = torch.randperm(len(run.images), generator=run.gen, device=run.device)
@@ -347,13 +380,13 @@ def _run_epoch(run: _Run, epoch: int, reporter: Reporter) -> Progress:
     return Progress(epoch, cfg.epochs, steps, steps, mean_loss, lr, rate, seconds, _eta(run, epoch, steps - 1))
 
 
-def _eta(run: _Run, epoch: int, step: int) -> float:
+def _eta(run: TrainingRun, epoch: int, step: int) -> float:
     """Seconds left to the end of the run after ``step`` of ``epoch``, at this call's mean step time."""
     left = (run.cfg.epochs - epoch) * run.steps_per_epoch - step - 1
     return left * (time.perf_counter() - run.started) / max(run.steps_done, 1)
 
 
-def _checkpoint_payload(run: _Run, epochs_done: int) -> dict:
+def _checkpoint_payload(run: TrainingRun, epochs_done: int) -> dict:
     """A CPU snapshot of everything a resume needs, in solo-learn's layout (taken now, written later)."""
     meta = {
         "method": run.cfg.method,
@@ -376,7 +409,7 @@ def _checkpoint_payload(run: _Run, epochs_done: int) -> dict:
     )
 
 
-def _write_config(out_dir: Path, run: _Run) -> None:
+def _write_config(out_dir: Path, run: TrainingRun) -> None:
     """``OUT/config.json``: the run's settings, the resolved zoo entry, the data and the software."""
     write_json_atomic(
         out_dir / "config.json",
@@ -385,6 +418,7 @@ def _write_config(out_dir: Path, run: _Run) -> None:
             "zoo_entry": run.entry.to_dict(),
             "device": str(run.device),
             "autocast": str(run.amp),
+            "compile": run.compile,
             "steps_per_epoch": run.steps_per_epoch,
             "lr": run.schedule.base_lr,
             "warmup_steps": run.schedule.warmup_steps,
