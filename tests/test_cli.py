@@ -62,6 +62,28 @@ def test_compile_auto_only_for_large_cuda_extractions(monkeypatch):
         context.compiles("yes", cuda, big)
 
 
+def test_compile_auto_counts_the_patches_of_the_whole_pass(monkeypatch):
+    """Every representation of an eval shares one pass and one slice shape: the rule counts what the pass
+    forwards (central 1 + sliding 25 + the 256-bag that holds the 16-bag: 282 per image), on train + test."""
+    from types import SimpleNamespace
+
+    from ssl_patchbench.pipeline import context
+    from ssl_patchbench.pipeline.config import EvalConfig
+    from ssl_patchbench.sampling.patches import PatchSpec
+
+    seen = []
+    monkeypatch.setattr(context, "compiles", lambda setting, device, patches: seen.append(patches) or False)
+    cfg = EvalConfig(model="m", dataset="cifar10")
+    ranks = SimpleNamespace(rank=0, world=1, active=False)
+    fake = SimpleNamespace(
+        cfg=cfg, device=torch.device("cpu"), precision="fp32", ranks=ranks, splits={"a": [0] * 7, "b": [0] * 3}
+    )
+    specs = [PatchSpec(mode="central"), PatchSpec(mode="random", n=16), PatchSpec(mode="random", n=256)]
+    specs.append(PatchSpec(mode="sliding", size=16, stride=4, out_size=32))
+    context.RunContext.settings(fake, specs + specs[:1])
+    assert seen == [282 * 10]
+
+
 def test_second_run_reuses_the_stores_and_gives_the_same_numbers(capsys, monkeypatch, tiny_checkpoint, cifar_dir):
     args = (
         "eval",

@@ -151,7 +151,7 @@ class EvalConfig:
     )
     compile: str = _opt(
         "auto",
-        "torch.compile the model (auto: on CUDA for representations of at least 4M patches, train + test).",
+        "torch.compile the model (auto: on CUDA when one eval forwards at least 4M patches, train + test).",
         "choice",
         numbers=False,
         choices=("auto", "on", "off"),

@@ -17,7 +17,7 @@ from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, resolve_precision
+from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, nested_groups, resolve_precision
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import LoadedModel, load_model
 from ssl_patchbench.pipeline.config import EvalConfig
@@ -26,9 +26,10 @@ from ssl_patchbench.results.records import DESCRIPTIVE_ZOO_FIELDS, FEATURE_FIELD
 from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
 
-# Patches of one representation (train + test) from which ``--compile auto`` compiles. Measured on an H100: the
-# compilation (5 s for ResNet-18 at 32 px, 11-19 s for ResNet-50 at 224 px) is won back after about 2M and 0.4M
-# patches; 4M keeps small runs (e.g. 25 sliding windows on CIFAR-10, 1.5M patches) on the eager encoder.
+# Patches one eval's pass forwards (train + test, all its representations) from which ``--compile auto``
+# compiles. Measured on an H100: the compilation (5 s for ResNet-18 at 32 px, 11-19 s for ResNet-50 at 224 px) is
+# won back after about 2M and 0.4M patches; 4M keeps small runs (e.g. 25 sliding windows on CIFAR-10 alone, 1.5M
+# patches) on the eager encoder.
 AUTO_COMPILE_MIN_PATCHES = 4_000_000
 
 
@@ -141,10 +142,13 @@ class RunContext:
         identity = self.identity(spec, agg, space)
         return {**{k: identity[k] for k in FEATURE_FIELDS}, "data": identity["data"][split]}
 
-    def settings(self, spec: PatchSpec) -> ExtractSettings:
-        """How the extractions of ``spec`` run (both splits alike, so the test split reuses compiled kernels); the
-        ranks of one host share its cores for decoding."""
-        patches = spec.num_patches * sum(len(data) for data in self.splits.values())
+    def settings(self, specs: list[PatchSpec]) -> ExtractSettings:
+        """How the one pass over each split for ``specs`` runs (both splits alike, so the test split reuses
+        compiled kernels): compiled when the pass forwards enough patches in all (the largest bag of each nested
+        group, on train + test), since every forward slice of a pass has one shape; the ranks of one host share
+        its cores for decoding."""
+        per_image = sum(group[0].num_patches for group in nested_groups(list(dict.fromkeys(specs))))
+        patches = per_image * sum(len(data) for data in self.splits.values())
         return ExtractSettings(
             device=self.device,
             precision=self.precision,

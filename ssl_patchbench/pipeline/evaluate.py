@@ -16,7 +16,14 @@ from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.evaluators.inputs import check_usable_features
 from ssl_patchbench.evaluators.knn import knn_classify
 from ssl_patchbench.evaluators.probe import linear_probe
-from ssl_patchbench.features.extract import ProgressFactory, Target, decoder, extract_pass, planned_patches
+from ssl_patchbench.features.extract import (
+    ExtractSettings,
+    ProgressFactory,
+    Target,
+    decoder,
+    extract_pass,
+    planned_patches,
+)
 from ssl_patchbench.features.store import FeatureStore, StoredFeatures, StoreWriter, store_key
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.context import RunContext
@@ -119,7 +126,8 @@ def _features(ctx: RunContext, split: str, wanted: list[Representation]) -> dict
             todo = [wanted.index(rep) for rep in missing if not stores[rep].is_complete()]
         todo = ranks.broadcast(todo)  # type: ignore[assignment]
         if todo:
-            _extract_into(ctx, split, {wanted[i]: stores[wanted[i]] for i in todo}, materials)
+            settings = ctx.settings([rep.spec for rep in wanted])  # every split alike: compiled kernels reused
+            _extract_into(ctx, split, {wanted[i]: stores[wanted[i]] for i in todo}, materials, settings)
     if not ranks.is_main:
         return {}
     return {rep: SplitFeatures(store.load(), wanted.index(rep) in todo) for rep, store in stores.items()}
@@ -130,6 +138,7 @@ def _extract_into(
     split: str,
     stores: dict[Representation, FeatureStore],
     materials: dict[Representation, dict],
+    settings: ExtractSettings,
 ) -> None:
     data, ranks = ctx.splits[split], ctx.ranks
 
@@ -153,7 +162,7 @@ def _extract_into(
     by_target: dict[tuple[PatchSpec, str], dict[Aggregation, StoreWriter]] = {}
     for rep, writer in writers.items():
         by_target.setdefault((rep.spec, rep.space), {})[rep.aggregation] = writer
-    targets = [Target(spec, aggs, ctx.settings(spec), space) for (spec, space), aggs in by_target.items()]
+    targets = [Target(spec, aggs, settings, space) for (spec, space), aggs in by_target.items()]
     first = next(iter(writers.values()))
     pending = set().union(*(w.pending_chunks() for w in writers.values()))
     remaining = sum(first.chunk_range(c)[1] - first.chunk_range(c)[0] for c in pending)
