@@ -117,7 +117,7 @@ def bench_model(key: str, images: ImageSplit, args: argparse.Namespace, device: 
     pre = model.entry.preprocessing
     spec = PatchSpec(mode="random", n=args.patches, scale=model.entry.patch_scale, out_size=SIZE, resize=pre.resize)
     runner = PatchRunner(encoder, spec, ExtractSettings(device))
-    batch = runner.slice_patches  # the pipeline's forward slice: model-only and pipeline share one compiled graph
+    batch = runner.max_patches  # the pipeline's forward slice: model-only and pipeline share one compiled graph
     warm_split = head(images, 2 * runner.images_per_batch)
     rates = {}
     for mode in args.modes.split(","):

@@ -26,6 +26,7 @@ import torch
 
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.data.check import ends_whole
 from ssl_patchbench.data.decode import check_pixels, decode, unreadable_file
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
@@ -193,8 +194,7 @@ def _for_nvjpeg(path: str, data: bytes) -> bool:
         return False
     height, width, components = header
     check_pixels(path, width, height)
-    # the end marker, maybe followed by zero padding (a tail of more zeros only sends the file to the CPU decoder)
-    return components == 3 and height > 0 and width > 0 and data[-64:].rstrip(b"\x00")[-2:] == b"\xff\xd9"
+    return components == 3 and height > 0 and width > 0 and ends_whole(data, "JPEG")
 
 
 def _read(path: str) -> bytes:

@@ -20,7 +20,7 @@ from ssl_patchbench.data.decode import ImageFileError, decode, image_header
 
 # The bytes a whole file of each format ends with (JPEG: end-of-image; PNG: the IEND chunk and its CRC).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-_TAIL = 1024  # bytes read from a file's end: room for zero padding after the marker
+_TAIL = 1024  # bytes of a file's end that are looked at: room for zero padding after the marker
 _CHUNKS_PER_WORKER = 16  # files are handed to the processes in this many pieces each (balances slow disks)
 
 
@@ -32,8 +32,7 @@ def file_problem(path: str) -> str | None:
         if size == 0:
             return "empty"
         kind, _, _ = image_header(path)
-        marker = END_MARKERS.get(kind or "")
-        if marker is not None and not _tail(path, size).rstrip(b"\x00").endswith(marker):
+        if kind in END_MARKERS and not ends_whole(_tail(path, size), kind):
             decode(path)  # no end marker: only a full decode tells a truncated file from one with trailing bytes
     except ImageFileError as exc:
         return exc.problem
@@ -42,6 +41,12 @@ def file_problem(path: str) -> str | None:
     except UserError:  # a whole image whose values the decoder refuses: not a broken file, the extraction says so
         pass
     return None
+
+
+def ends_whole(data: bytes, kind: str) -> bool:
+    """Whether a file of ``kind`` (a key of ``END_MARKERS``) whose last bytes are ``data`` ends with its end
+    marker, maybe followed by zero padding (within its last ``_TAIL`` bytes)."""
+    return data[-_TAIL:].rstrip(b"\x00").endswith(END_MARKERS[kind])
 
 
 def _tail(path: str, size: int) -> bytes:

@@ -230,17 +230,18 @@ class _Rows:
 
     def __init__(self) -> None:
         self.parts: list[torch.Tensor] = []
-        self.count = 0
+
+    @property
+    def count(self) -> int:
+        return sum(len(part) for part in self.parts)
 
     def add(self, rows: torch.Tensor) -> None:
         self.parts.append(rows)
-        self.count += len(rows)
 
     def take(self, count: int) -> torch.Tensor:
         """The next ``count`` rows (the rest stays for the next chunk)."""
         rows = torch.cat(self.parts) if len(self.parts) > 1 else self.parts[0]
         self.parts = [rows[count:]] if len(rows) > count else []
-        self.count -= min(count, len(rows))
         return rows[:count]
 
 
@@ -323,13 +324,11 @@ class PatchRunner:
         self.pad_slices = (settings.compile_model or self.device.type == "cuda") if pad is None else pad
         self.padded = 0  # patches forwarded only to fill a last slice
         self._crops: list[torch.Tensor] = []  # cut, not yet forwarded
-        self._pending = 0
         self._features: list[torch.Tensor] = []  # forwarded, not yet handed out (images still incomplete)
 
     @property
-    def slice_patches(self) -> int:
-        """The patches of a forward slice (every slice of a stream but its last, which may be padded to it)."""
-        return self.max_patches
+    def _pending(self) -> int:
+        return sum(len(crops) for crops in self._crops)
 
     @torch.inference_mode()
     def feed(self, pixels: torch.Tensor, sizes: np.ndarray, indices: np.ndarray) -> torch.Tensor | None:
@@ -357,7 +356,6 @@ class PatchRunner:
                 self._back_off()
                 continue
             self._crops.append(crops)
-            self._pending += end - start
             start = end
             if self._pending >= self.max_patches:
                 self._run_pending()
@@ -380,7 +378,7 @@ class PatchRunner:
         if not self._crops:
             return
         crops = torch.cat(self._crops) if len(self._crops) > 1 else self._crops[0]
-        self._crops, self._pending = [], 0
+        self._crops = []
         start = 0
         while start < len(crops):
             end = min(start + self.max_patches, len(crops))
@@ -474,8 +472,8 @@ class ImageSource:
 
 
 def _bounded(split: ImageSplit, batch: np.ndarray) -> list[np.ndarray]:
-    """``batch`` cut into consecutive parts whose padded uint8 copy fits ``_PADDED_MAX_BYTES``: one large image
-    among small ones goes alone instead of padding the whole batch to its size (file sizes from the headers)."""
+    """``batch`` cut into the padding groups of :func:`padding_groups` (sizes from the file headers): one large
+    image among small ones is not padded into, nor makes the whole batch padded to its size."""
     if split.paths is None:
         return [batch]
     return [batch[lo:hi] for lo, hi in padding_groups(split.sizes(batch), _PADDED_MAX_BYTES)]
