@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.batches import join_padded, jpeg_header, pad_chw, pad_numpy
+from ssl_patchbench.data.batches import _for_nvjpeg, _read, join_padded, jpeg_header, pad_chw, pad_numpy
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore
@@ -182,6 +182,35 @@ def test_jpeg_header_gives_pils_size_and_components(mixed_split, tmp_path):
             expected = (im.height, im.width, len(im.getbands()))
         assert jpeg_header(Path(path).read_bytes()) == expected
     assert jpeg_header(b"\x89PNG\r\n\x1a\n....") is None
+
+
+def test_nvjpeg_takes_only_whole_three_component_jpegs_and_reads_them_as_pil_does(mixed_split, tmp_path):
+    """The nvJPEG routing reads a file as uint8 (``_read``) and sends grey, truncated and non-JPEG files to the
+    CPU decoder; a frame header behind metadata larger than the first bytes read is still found."""
+    good = mixed_split.paths[0]
+    data = _read(good)
+    assert data.dtype == torch.uint8 and data.numpy().tobytes() == Path(good).read_bytes()
+    assert _for_nvjpeg(good, data)
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (31, 17), 128).save(grey)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(good).read_bytes()[:-600])
+    png = tmp_path / "image.jpg"
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    for path in (grey, truncated, png):
+        assert not _for_nvjpeg(str(path), _read(str(path)))
+    commented = tmp_path / "commented.jpg"  # a 6,000-byte comment segment before the frame header
+    raw = Path(good).read_bytes()
+    comment = b"\xff\xfe" + (6002).to_bytes(2, "big") + b"x" * 6000
+    commented.write_bytes(raw[:2] + comment + raw[2:])
+    assert _for_nvjpeg(str(commented), _read(str(commented)))
+    with Image.open(commented) as im:
+        assert im.size == Image.open(good).size
+
+
+def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):
+    with pytest.raises(UserError, match=r"cannot read image .*missing\.jpg: No such file or directory"):
+        _read(str(tmp_path / "missing.jpg"))
 
 
 def test_a_rerun_on_complete_stores_is_marked_reused_and_claims_no_extraction(

@@ -7,9 +7,10 @@ never changes a feature):
 - :func:`process_batches`: :func:`ssl_patchbench.data.decode.decode` (PIL) in worker processes, one per
   core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
 - :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
-  background thread on a side CUDA stream, two batches ahead; the files are read by a thread pool one
-  batch ahead of that. JPEGs nvJPEG should not see (not 3 components, e.g. grey or CMYK; no end marker,
-  e.g. truncated) and other files go through the CPU decoder, which names a bad file in one error line.
+  background thread on a side CUDA stream, two batches ahead; the files are read by a thread pool
+  (``torchvision.io.read_file``) one batch ahead of that. JPEGs nvJPEG should not see (not 3 components, e.g.
+  grey or CMYK; no end marker, e.g. truncated) and other files go through the CPU decoder, which names a bad
+  file in one error line.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.check import ends_whole
+from ssl_patchbench.data.check import TAIL_BYTES, ends_whole
 from ssl_patchbench.data.decode import check_pixels, decode, unreadable_file
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
@@ -34,6 +35,7 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 256  # images per nvJPEG call: the size its 14.4k images/s ceiling was measured at (one H200)
+_HEADER_BYTES = 4096  # a JPEG's frame header lies within its first bytes unless metadata segments come first
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
@@ -187,22 +189,32 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def _for_nvjpeg(path: str, data: bytes) -> bool:
+def _for_nvjpeg(path: str, data: torch.Tensor) -> bool:
     """True for a complete 3-component JPEG within the pixel limit; False sends the file to the CPU decoder."""
-    header = jpeg_header(data)
+    header = jpeg_header(data[:_HEADER_BYTES].numpy().tobytes())
+    if header is None and len(data) > _HEADER_BYTES:  # a frame header behind large metadata segments
+        header = jpeg_header(data.numpy().tobytes())
     if header is None:
         return False
     height, width, components = header
     check_pixels(path, width, height)
-    return components == 3 and height > 0 and width > 0 and ends_whole(data, "JPEG")
+    tail = data[-TAIL_BYTES:].numpy().tobytes()
+    return components == 3 and height > 0 and width > 0 and ends_whole(tail, "JPEG")
 
 
-def _read(path: str) -> bytes:
+def _read(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, read in C++ (``torchvision.io.read_file``: no Python bytes copied,
+    the GIL released: a thread pool reads in parallel)."""
+    from torchvision.io import read_file
+
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise unreadable_file(path, exc) from exc
+        return read_file(path)
+    except RuntimeError:  # its message is C++'s: Python's open names the cause, in the CPU path's words
+        try:
+            with open(path, "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except OSError as exc:
+            raise unreadable_file(path, exc) from exc
 
 
 def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device) -> Iterator[Batch]:
@@ -267,9 +279,8 @@ def _produce(
                     gpu = [i for i, ok in enumerate(on_gpu) if ok]
                     for lo in range(0, len(gpu), _NVJPEG_BATCH):
                         part = gpu[lo : lo + _NVJPEG_BATCH]
-                        encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in part]
                         try:
-                            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+                            decoded = decode_jpeg([datas[i] for i in part], mode=ImageReadMode.RGB, device=device)
                         except RuntimeError:  # a JPEG nvJPEG refuses: the CPU decoder takes these images
                             decoded = [None] * len(part)
                         for i, image in zip(part, decoded, strict=True):

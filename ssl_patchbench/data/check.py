@@ -20,7 +20,7 @@ from ssl_patchbench.data.decode import ImageFileError, decode, image_header
 
 # The bytes a whole file of each format ends with (JPEG: end-of-image; PNG: the IEND chunk and its CRC).
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-_TAIL = 1024  # bytes of a file's end that are looked at: room for zero padding after the marker
+TAIL_BYTES = 1024  # bytes of a file's end that are looked at: room for zero padding after the marker
 _CHUNKS_PER_WORKER = 16  # files are handed to the processes in this many pieces each (balances slow disks)
 
 
@@ -45,13 +45,13 @@ def file_problem(path: str) -> str | None:
 
 def ends_whole(data: bytes, kind: str) -> bool:
     """Whether a file of ``kind`` (a key of ``END_MARKERS``) whose last bytes are ``data`` ends with its end
-    marker, maybe followed by zero padding (within its last ``_TAIL`` bytes)."""
-    return data[-_TAIL:].rstrip(b"\x00").endswith(END_MARKERS[kind])
+    marker, maybe followed by zero padding (within its last ``TAIL_BYTES`` bytes)."""
+    return data[-TAIL_BYTES:].rstrip(b"\x00").endswith(END_MARKERS[kind])
 
 
 def _tail(path: str, size: int) -> bytes:
     with open(path, "rb") as f:
-        f.seek(max(0, size - _TAIL))
+        f.seek(max(0, size - TAIL_BYTES))
         return f.read()
 
 

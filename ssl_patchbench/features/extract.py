@@ -313,6 +313,9 @@ class PatchRunner:
     ) -> None:
         self.encoder, self.spec, self.device = encoder, spec, settings.device
         self.dtype = _AUTOCAST[resolve_precision(settings.precision, settings.device)]
+        # crops for a reduced-precision forward are resampled in float16 on tensor cores (their rounding is below
+        # the bf16 rounding of the model's input); float32 runs and CPUs keep float32 crops
+        self.crop_dtype = torch.float16 if self.dtype is not None and self.device.type == "cuda" else None
         max_patches = settings.max_patches
         if max_patches is not None and max_patches < 1:
             raise UserError(f"--max-patches must be positive, got {max_patches}")
@@ -351,6 +354,7 @@ class PatchRunner:
                     spec.out_size,
                     spec.interpolation,
                     spec.antialias,
+                    self.crop_dtype,
                 )
             except torch.cuda.OutOfMemoryError:
                 self._back_off()
