@@ -5,9 +5,8 @@ shaped as an eval's, and how far each lands from ``roi_align`` / the float32 Pil
 
 Cases: ImageNet-size images (280-420 x 330-470 px, as ``imagenet_like.py`` writes) with 16 random boxes and with
 the central view (Pillow's filter), ViT-benchmark images (500x375) with 16 boxes, CIFAR (32 px) with 16 boxes.
-Paths: ``roi_align`` on the uint8 batch converted to float32 (the CPU path, and the GPU path before the
-separable one), the separable passes in float16 (what a bf16 eval on CUDA runs), the Pillow path in float32
-and float16. One JSON line per case and path.
+Paths: ``roi_align`` on the uint8 batch converted to float32 (random patches), the Pillow path in float32 and
+in float16 (the central view; float16 is what a bf16 eval on CUDA runs). One JSON line per case and path.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ def case(name: str, spec: PatchSpec, images: int, heights, widths, iters: int) -
     owner = torch.arange(images, device="cuda").repeat_interleave(spec.num_patches)
     paths = {  # name -> (antialias, dtype)
         "roi_align_fp32": ("box", None),
-        "separable_fp16": ("box", torch.float16),
         "pillow_fp32": ("pillow", None),
         "pillow_fp16": ("pillow", torch.float16),
     }

@@ -35,6 +35,7 @@ JPEG_SUFFIXES = (".jpg", ".jpeg")
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 256  # images per nvJPEG call: the size its 14.4k images/s ceiling was measured at (one H200)
+_READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
 _HEADER_BYTES = 4096  # a JPEG's frame header lies within its first bytes unless metadata segments come first
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
@@ -191,15 +192,15 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
 
 def _for_nvjpeg(path: str, data: torch.Tensor) -> bool:
     """True for a complete 3-component JPEG within the pixel limit; False sends the file to the CPU decoder."""
-    header = jpeg_header(data[:_HEADER_BYTES].numpy().tobytes())
-    if header is None and len(data) > _HEADER_BYTES:  # a frame header behind large metadata segments
-        header = jpeg_header(data.numpy().tobytes())
+    raw = data.numpy()  # a view: numpy slices cost a fraction of tensor slices
+    header = jpeg_header(raw[:_HEADER_BYTES].tobytes())
+    if header is None and len(raw) > _HEADER_BYTES:  # a frame header behind large metadata segments
+        header = jpeg_header(raw.tobytes())
     if header is None:
         return False
     height, width, components = header
     check_pixels(path, width, height)
-    tail = data[-TAIL_BYTES:].numpy().tobytes()
-    return components == 3 and height > 0 and width > 0 and ends_whole(tail, "JPEG")
+    return components == 3 and height > 0 and width > 0 and ends_whole(raw[-TAIL_BYTES:].tobytes(), "JPEG")
 
 
 def _read(path: str) -> torch.Tensor:
@@ -215,6 +216,10 @@ def _read(path: str) -> torch.Tensor:
                 return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         except OSError as exc:
             raise unreadable_file(path, exc) from exc
+
+
+def _read_all(paths: Sequence[str]) -> list[torch.Tensor]:
+    return [_read(path) for path in paths]
 
 
 def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device) -> Iterator[Batch]:
@@ -261,16 +266,19 @@ def _produce(
                 continue
 
     try:
-        with ThreadPoolExecutor(max_workers=min(16, decode_workers())) as readers:
+        with ThreadPoolExecutor(max_workers=_READERS) as readers:
 
             def read(indices: np.ndarray) -> list[Future]:
-                return [readers.submit(_read, paths[i]) for i in indices.tolist()]
+                """One task per share of the batch (a task per file costs more than its read: measured)."""
+                names = [paths[i] for i in indices.tolist()]
+                step = -(-len(names) // _READERS)
+                return [readers.submit(_read_all, names[lo : lo + step]) for lo in range(0, len(names), step)]
 
             pending = read(batches[0]) if len(batches) else []
             for b, indices in enumerate(batches):
                 if stop.is_set():
                     return
-                datas = [f.result() for f in pending]
+                datas = [data for f in pending for data in f.result()]
                 pending = read(batches[b + 1]) if b + 1 < len(batches) else []
                 names = [paths[i] for i in indices.tolist()]
                 on_gpu = [_for_nvjpeg(name, data) for name, data in zip(names, datas, strict=True)]

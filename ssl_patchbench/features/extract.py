@@ -277,7 +277,8 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     has drained its queue (one idle gap per batch), a pinned one is queued behind the running work."""
     if device.type != "cuda":
         return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    pinned = tensor if tensor.is_pinned() else tensor.pin_memory()  # the loader's pieces come pinned already
+    return pinned.to(device, non_blocking=True)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -313,8 +314,9 @@ class PatchRunner:
     ) -> None:
         self.encoder, self.spec, self.device = encoder, spec, settings.device
         self.dtype = _AUTOCAST[resolve_precision(settings.precision, settings.device)]
-        # crops for a reduced-precision forward are resampled in float16 on tensor cores (their rounding is below
-        # the bf16 rounding of the model's input); float32 runs and CPUs keep float32 crops
+        # Pillow-resampled crops (the central view) for a reduced-precision forward are computed in float16 on
+        # tensor cores (their rounding is below the bf16 rounding of the model's input); float32 runs and CPUs
+        # keep float32 crops
         self.crop_dtype = torch.float16 if self.dtype is not None and self.device.type == "cuda" else None
         max_patches = settings.max_patches
         if max_patches is not None and max_patches < 1:

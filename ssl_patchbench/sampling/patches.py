@@ -9,7 +9,6 @@ random patches are the 16-patch representation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -205,31 +204,22 @@ def crop_and_resize(
       separable pass per axis (horizontal first, clipped to [0, 255] after each). Taps beyond an image's edge
       read the edge pixel, so an image padded by edge replication gives the same crops.
 
-    ``dtype``: what the separable passes compute in (None: the images' float dtype, or float32). A low
-    precision such as float16 runs both passes on tensor cores, and the box filter then runs as those two
-    passes too (its weights are separable: :func:`_roi_align_matrix`) instead of ``roi_align``'s gather per
-    sample, unless the images are so large that a dense pass costs more than the gathers
-    (``_SEPARABLE_MAX_PIXELS``). The crops then differ from float32 by that dtype's rounding (1e-3 relative for
-    float16, below the bf16 rounding of the model's input).
+    ``dtype``: what Pillow's two passes compute in (None: the images' float dtype, or float32). float16 runs
+    them on tensor cores, twice as fast as float32 on an H200 (``benchmarks/crops.py``); its crops differ from
+    float32's by float16's rounding (2^-11 relative), below the bf16 rounding of the model's input. The box
+    filter always runs as ``roi_align`` in float32 (3 us a 224 px box there: faster than the same filter as
+    two float16 matrix products).
     """
     if interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
     if antialias not in ("box", "pillow"):
         raise ValueError(f"antialias must be 'box' or 'pillow', got {antialias!r}")
     if antialias == "box" and interpolation == "bilinear":
-        small = images.shape[-2] * images.shape[-1] <= _SEPARABLE_MAX_PIXELS
-        if dtype is not None and dtype.itemsize < 4 and small:
-            return _separable_crops(images, boxes.float(), image_index, out_size, _roi_align_matrix, dtype, False)
         rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
         return roi_align(
             _floating(images), rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
         )
-    kernel, support = _KERNELS[interpolation]
-
-    def pillow_matrix(lo: torch.Tensor, hi: torch.Tensor, size: int, out: int) -> torch.Tensor:
-        return _resampling_matrix(lo, hi, size, out, kernel, support)
-
-    return _separable_crops(images, boxes.float(), image_index, out_size, pillow_matrix, dtype, True)
+    return _pillow_crops(images, boxes.float(), image_index, out_size, _KERNELS[interpolation], dtype)
 
 
 def _floating(images: torch.Tensor) -> torch.Tensor:
@@ -251,24 +241,19 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic")
 _KERNELS = {"bilinear": (_triangle, 1.0), "bicubic": (_cubic, 2.0)}  # kernel and its support (px)
-_CHUNK_BYTES = 256 << 20  # bound on what one chunk of separably resampled boxes holds
-# Above this many (padded) pixels per image, one dense pass per box costs more than roi_align's gathers
-_SEPARABLE_MAX_PIXELS = 1024 * 1024
-AxisMatrix = Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor]  # (lo, hi, size, out) -> [M, out, size]
+_CHUNK_BYTES = 256 << 20  # bound on what one chunk of Pillow-resampled boxes holds
 
 
-def _separable_crops(
+def _pillow_crops(
     images: torch.Tensor,
     boxes: torch.Tensor,
     owner: torch.Tensor,
     out_size: int,
-    axis_matrix: AxisMatrix,
+    kernel: tuple,
     dtype: torch.dtype | None,
-    clip: bool,
 ) -> torch.Tensor:
-    """Crops as two matrix products per box, ``rows @ image @ cols^T`` (horizontal pass first; ``clip``: each
-    pass clipped to [0, 255], as Pillow), in chunks of boxes, each chunk holding its boxes' images and
-    resampling matrices."""
+    """Pillow-resampled crops in chunks of boxes, each chunk holding its boxes' images and resampling matrices
+    (computed in ``dtype``: None is the images' float dtype, or float32)."""
     _, channels, height, width = images.shape
     if dtype is None:
         dtype = images.dtype if images.is_floating_point() else torch.float32
@@ -277,13 +262,12 @@ def _separable_crops(
     out = [torch.empty(0, channels, out_size, out_size, dtype=dtype, device=images.device)]
     for start in range(0, len(boxes), step):
         box = boxes[start : start + step]
-        rows = axis_matrix(box[:, 1], box[:, 3], height, out_size).to(dtype)  # [c, out, H]
-        cols = axis_matrix(box[:, 0], box[:, 2], width, out_size).to(dtype)  # [c, out, W]
+        rows = _resampling_matrix(box[:, 1], box[:, 3], height, out_size, *kernel).to(dtype)  # [c, out, H]
+        cols = _resampling_matrix(box[:, 0], box[:, 2], width, out_size, *kernel).to(dtype)  # [c, out, W]
         # the chunk's images, converted here only (and out of a channels-last batch's layout)
         chunk = images[owner[start : start + step]].to(dtype, memory_format=torch.contiguous_format)
-        wide = chunk @ cols[:, None].transpose(-1, -2)
-        crops = rows[:, None] @ (wide.clamp_(0, 255) if clip else wide)  # [c, 3, out, out]
-        out.append(crops.clamp_(0, 255) if clip else crops)
+        wide = (chunk @ cols[:, None].transpose(-1, -2)).clamp_(0, 255)
+        out.append((rows[:, None] @ wide).clamp_(0, 255))  # [c, 3, out, out]
     return torch.cat(out)
 
 
@@ -302,34 +286,6 @@ def _resampling_matrix(
     weight = weight / weight.sum(-1, keepdim=True)
     dense = torch.zeros(len(lo), out_size, size, device=lo.device)
     return dense.scatter_add_(2, index.clamp(0, size - 1).long(), weight)
-
-
-def _roi_align_matrix(lo: torch.Tensor, hi: torch.Tensor, size: int, out_size: int) -> torch.Tensor:
-    """``roi_align``'s weights (``aligned=True``, ``sampling_ratio=-1``) on one axis, dense ``[M, out_size,
-    size]``.
-
-    roi_align averages ``ceil(h / out) x ceil(w / out)`` bilinear samples per output pixel, and a bilinear
-    sample's weight is the product of one weight per axis (a sample outside ``[-1, size]`` on either axis
-    counts as zero, which is a product too): so the average is ``rows @ image @ cols^T``, each matrix built
-    here with roi_align's own float32 steps (positions, clamping at the last pixel, the zero outside)."""
-    start, length = lo - 0.5, hi - lo
-    bin_size = length / out_size
-    grid = torch.ceil(length / out_size)  # samples per output pixel on this axis
-    widest = max(1, math.ceil(size / out_size))  # a box never exceeds the axis: no sync to read grid's maximum
-    sample = torch.arange(widest, device=lo.device, dtype=lo.dtype) + 0.5
-    pixel = torch.arange(out_size, device=lo.device, dtype=lo.dtype)
-    pos = start[:, None, None] + pixel[:, None] * bin_size[:, None, None]
-    pos = pos + sample * bin_size[:, None, None] / grid.clamp(min=1)[:, None, None]  # [M, out, widest]
-    used = (sample < grid[:, None, None]) & (pos >= -1) & (pos <= size)
-    pos = pos.clamp(min=0)
-    low = pos.floor().clamp(max=size - 1)
-    frac = torch.where(low >= size - 1, torch.zeros_like(pos), pos - low)
-    high = (low + 1).clamp(max=size - 1)
-    share = used / grid.clamp(min=1)[:, None, None]
-    dense = torch.zeros(len(lo), out_size, size, device=lo.device)
-    flat = (len(lo), out_size, -1)
-    dense.scatter_add_(2, low.long().view(flat), ((1 - frac) * share).view(flat))
-    return dense.scatter_add_(2, high.long().view(flat), (frac * share).view(flat))
 
 
 def _validate(spec: PatchSpec) -> None:
