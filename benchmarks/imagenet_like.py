@@ -179,19 +179,19 @@ def run_eval(
     mine = records[-len(done.stdout.splitlines()) :]
     for record in mine:
         train, test = (record["timings"].get(f"extraction_{s}") or {} for s in ("train", "test"))
-        first_batch = (train.get("pass") or {}).get("first_batch_at")
+        first_forward = (train.get("pass") or {}).get("first_forward_at")
         emit(
             measurement="eval",
             run=name,
             model=model,
             wall_seconds=round(wall, 1),
-            first_batch_after_seconds=None if first_batch is None else round(first_batch - launched, 1),
+            first_forward_after_seconds=None if first_forward is None else round(first_forward - launched, 1),
             representation=record["representation"],
             reused_features=record["reused_features"],
             train_images_per_s=round(train.get("images_per_s", 0)),
             train_patches_per_s=round(train.get("patches_per_s", 0)),
             train_seconds=train.get("seconds"),
-            after_first_batch=(train.get("pass") or {}).get("after_first_batch"),
+            after_first_forward=(train.get("pass") or {}).get("after_first_forward"),
             test_seconds=test.get("seconds"),
             forwarded_patches_per_s=round((train.get("pass") or {}).get("forwarded_patches_per_s", 0)),
             decoder=(train.get("pass") or {}).get("decoder"),

@@ -90,7 +90,7 @@ def timed_pass(name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, 
         patches_per_s=round(stats.patches / stats.seconds),
         batches=waits.batches,
         waiting_for_batches_s=round(waits.seconds, 2),
-        after_first_batch=stats.after_first_batch(),
+        after_first_forward=stats.after_first_forward(),
     )
 
 

@@ -149,10 +149,10 @@ def test_forward_slices_run_on_across_batches_and_only_the_last_is_padded(model)
     assert whole.padded == 0
 
 
-def test_the_rate_after_the_first_batch_leaves_out_its_start_up():
-    stats = ExtractStats(images=100, patches=1000, seconds=10.0, first_batch_at=None, first_batch=(1.0, 10, 100))
-    assert stats.after_first_batch() == {"images_per_s": 10.0, "forwarded_patches_per_s": 100.0}
-    assert ExtractStats(10, 100, 1.0, None, (1.0, 10, 100)).after_first_batch() is None
+def test_the_rate_after_the_first_forward_leaves_out_its_start_up():
+    stats = ExtractStats(images=100, patches=1000, seconds=10.0, first_forward_at=None, first_forward=(1.0, 10, 100))
+    assert stats.after_first_forward() == {"images_per_s": 10.0, "forwarded_patches_per_s": 100.0}
+    assert ExtractStats(10, 100, 1.0, None, (1.0, 10, 100)).after_first_forward() is None
 
 
 def test_a_pass_over_files_cut_into_many_padding_groups_gives_the_features_of_one_group(model, tmp_path, monkeypatch):
@@ -176,3 +176,28 @@ def test_a_pass_over_files_cut_into_many_padding_groups_gives_the_features_of_on
     assert len(extract_module._bounded(split, np.arange(12))) == 12
     apart = _run(model, split, spec, tmp_path, key="apart", chunk_rows=5, max_patches=7)["mean"]
     np.testing.assert_allclose(apart, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_slices_and_loses_no_patch(model):
+    """A forward that runs out of memory above 4 patches: the slices halve from 16 to 4, every patch is still
+    forwarded once, in order, and the features equal an unhindered run's."""
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    sizes = np.full((5, 2), 32)
+    spec = PatchSpec(mode="random", n=3, out_size=32)
+    encoder = Encoder(model, "embedding")
+    expected = PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=1000))(pixels, sizes, np.arange(5))
+    runner = PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=16), pad=True)
+    seen: list[int] = []
+
+    def scarce(crops: torch.Tensor) -> torch.Tensor:
+        seen.append(len(crops))
+        if len(crops) > 4:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return encoder(crops)
+
+    runner.forward = scarce
+    got = runner(pixels, sizes, np.arange(5))
+    assert runner.max_patches == 4 and seen[:3] == [16, 8, 4]
+    assert runner.slices == 4 and runner.padded == 1  # 15 patches in slices of 4: the last holds 3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -42,19 +42,21 @@ _PADDING_MAX_RATIO = 4.0  # padded pixels of a group / its images' own pixels
 @dataclass(frozen=True)
 class ExtractStats:
     """One pass over a split: the images it covered, the patches it forwarded and its wall time; and its first
-    batch: when it was done (unix time: how long a user waits for a first result), its seconds, images and patches
-    (the rest of the pass is the steady rate a larger dataset runs at, compilation and start-up excluded)."""
+    forward: the decoded batches up to and including the one whose patches first reached the model (a batch of
+    fewer patches than a slice forwards nothing), when they were done (unix time: how long a user waits for a
+    first result, compilation and autotuning included), their seconds, images and patches (the rest of the pass
+    is the steady rate a larger dataset runs at)."""
 
     images: int
     patches: int
     seconds: float
-    first_batch_at: float | None = None
-    first_batch: tuple[float, int, int] = (0.0, 0, 0)  # seconds, images, forwarded patches
+    first_forward_at: float | None = None
+    first_forward: tuple[float, int, int] = (0.0, 0, 0)  # seconds, images, forwarded patches
     padded: int = 0  # patches forwarded only to fill the last slice of a stretch (static shapes)
 
-    def after_first_batch(self) -> dict[str, float] | None:
-        """Images/s and forwarded patches/s after the first batch (None for a pass of one batch)."""
-        seconds, images, patches = self.first_batch
+    def after_first_forward(self) -> dict[str, float] | None:
+        """Images/s and forwarded patches/s after the first forward (None when nothing came after it)."""
+        seconds, images, patches = self.first_forward
         if images >= self.images or self.seconds <= seconds:
             return None
         rest = self.seconds - seconds
@@ -185,7 +187,7 @@ def extract_pass(
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
-    first_batch_at, first_batch = None, (0.0, 0, 0)
+    first_forward_at, first_forward = None, (0.0, 0, 0)
     rows: dict[int, _Rows] = {}
     written = 0
     decoded = zip(plan, images.iterate([b for _, b in plan]), strict=True)
@@ -208,11 +210,11 @@ def extract_pass(
             patches += len(batch) * runner.spec.num_patches
         done_images += len(batch)
         forwarded += patches
-        if first_batch_at is None:
+        if first_forward_at is None and any(r.slices for r in runners):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # once per pass
-            first_batch_at = time.time()
-            first_batch = (time.perf_counter() - start, done_images, forwarded)
+            first_forward_at = time.time()
+            first_forward = (time.perf_counter() - start, done_images, forwarded)
         if progress is not None:
             progress(len(batch), patches)
         while written < len(stretch.chunks) and _chunk_ready(first, stretch.chunks[written], rows.values()):
@@ -222,7 +224,7 @@ def extract_pass(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     padded = sum(r.padded for r in runners)
-    return ExtractStats(done_images, forwarded, seconds, first_batch_at, first_batch, padded)
+    return ExtractStats(done_images, forwarded, seconds, first_forward_at, first_forward, padded)
 
 
 class _Rows:
@@ -328,6 +330,7 @@ class PatchRunner:
         # 2k patches), serves every slice: a stream's last slice is padded to full size
         self.pad_slices = (settings.compile_model or self.device.type == "cuda") if pad is None else pad
         self.padded = 0  # patches forwarded only to fill a last slice
+        self.slices = 0  # forwards run
         self._crops: list[torch.Tensor] = []  # cut, not yet forwarded
         self._features: list[torch.Tensor] = []  # forwarded, not yet handed out (images still incomplete)
 
@@ -381,30 +384,45 @@ class PatchRunner:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _run_pending(self) -> None:
-        if not self._crops:
-            return
-        crops = torch.cat(self._crops) if len(self._crops) > 1 else self._crops[0]
-        self._crops = []
-        start = 0
-        while start < len(crops):
-            end = min(start + self.max_patches, len(crops))
+        """Forward the pending crops in slices of ``max_patches``, taken piece by piece (no concatenation)."""
+        pieces, self._crops = self._crops, []
+        while pieces:
+            taken: list[torch.Tensor] = []
+            count = 0
+            while pieces and count < self.max_patches:
+                piece, need = pieces.pop(0), self.max_patches - count
+                if len(piece) > need:
+                    piece, rest = piece[:need], piece[need:]
+                    pieces.insert(0, rest)
+                taken.append(piece)
+                count += len(piece)
             try:
-                self._features.append(self._forward(crops[start:end]))
+                self._features.append(self._forward(taken, count))
             except torch.cuda.OutOfMemoryError:
                 self._back_off()
-                continue
-            start = end
+                pieces = taken + pieces
 
-    def _forward(self, crops: torch.Tensor) -> torch.Tensor:
-        real = len(crops)
-        if self.pad_slices and real < self.max_patches:  # repeat the last crop: rows are independent in eval mode
-            crops = torch.cat([crops, crops[-1:].expand(self.max_patches - real, *crops.shape[1:])])
-            self.padded += self.max_patches - real
-        if self.device.type == "cuda":
-            crops = crops.contiguous(memory_format=torch.channels_last)
+    def _forward(self, pieces: list[torch.Tensor], real: int) -> torch.Tensor:
+        """One slice: its pieces copied once into the model's input (channels-last on CUDA), the last crop
+        repeated to the full size where slices are padded (rows are independent in eval mode)."""
+        size = self.max_patches if self.pad_slices and real < self.max_patches else real
+        layout = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        if len(pieces) == 1 and size == real:
+            crops = pieces[0].contiguous(memory_format=layout)
+        else:
+            first = pieces[0]
+            crops = torch.empty((size, *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
+            offset = 0
+            for piece in pieces:
+                crops[offset : offset + len(piece)].copy_(piece)
+                offset += len(piece)
+            crops[real:].copy_(pieces[-1][-1:].expand(size - real, *first.shape[1:]))
         autocast = torch.autocast(self.device.type, self.dtype) if self.dtype is not None else exact_fp32()
         with autocast:
-            return self.forward(crops)[:real].float()
+            features = self.forward(crops)[:real].float()
+        self.slices += 1  # counted once it ran (an out-of-memory slice is retried smaller)
+        self.padded += size - real
+        return features
 
     def _complete_images(self) -> torch.Tensor | None:
         n = self.spec.num_patches

@@ -181,9 +181,9 @@ def _extract_into(
         "forwarded_patches": forwards,
         "forwarded_patches_per_s": forwards / seconds if seconds > 0 else 0.0,
         "decoder": decoder(data, ctx.device, gpu_decode=ctx.cfg.decode == "gpu"),
-        "first_batch_at": stats.first_batch_at,
+        "first_forward_at": stats.first_forward_at,
         "padded_patches": stats.padded,
-        "after_first_batch": stats.after_first_batch() if not ranks.active else None,
+        "after_first_forward": stats.after_first_forward() if not ranks.active else None,
     }
     for target in targets:
         patches = remaining * target.spec.num_patches
