@@ -235,7 +235,7 @@ def decoders(data: Path) -> None:
     for gpu in (True, False):
         source = ImageSource(split, torch.device("cuda"), gpu_decode=gpu)
         start = time.perf_counter()
-        for _ in source.iterate(batches):
+        for _ in source.iterate((None, b) for b in batches):
             pass
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start

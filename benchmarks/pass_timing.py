@@ -35,7 +35,7 @@ def decoder_alone(split: ImageSplit, batch: int, *, gpu: bool) -> None:
     batches = [np.arange(i, min(i + batch, len(split))) for i in range(0, len(split), batch)]
     source = ImageSource(split, CUDA, gpu_decode=gpu)
     start = time.perf_counter()
-    for _ in source.iterate(batches):
+    for _ in source.iterate((None, b) for b in batches):
         pass
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start

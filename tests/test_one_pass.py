@@ -159,6 +159,34 @@ def test_padding_a_batch_of_mixed_sizes_changes_no_feature(encoder, mixed_split,
     np.testing.assert_allclose(got[100], got[3], atol=1e-5, rtol=1e-5)
 
 
+def test_file_headers_are_read_as_the_decoding_goes_not_before_the_first_batch(
+    encoder, mixed_split, tmp_path, monkeypatch
+):
+    """The pass plans its padding groups from file headers batch by batch, as the decoder draws them: when the
+    first batch is done only about one batch of headers has been read (on ImageNet, reading all 1.28M first
+    would delay the first result), and every header is read once in all."""
+    read: list[int] = []
+    sizes = ImageSplit.sizes
+
+    def counted(self, indices):
+        read.extend(np.asarray(indices).tolist())
+        return sizes(self, indices)
+
+    monkeypatch.setattr(ImageSplit, "sizes", counted)
+    seen_at_first: list[int] = []
+
+    def progress(images: int, patches: int) -> None:
+        if not seen_at_first:
+            seen_at_first.append(len(read))
+
+    spec = PatchSpec(mode="random", n=3, scale=(0.2, 0.6), seed=2)
+    writers = _writers(encoder, mixed_split, spec, ("mean",), tmp_path, "lazy", chunk_rows=8)
+    settings = ExtractSettings(device=CPU, max_patches=3, decode_workers=0)  # one image per batch
+    extract(encoder, mixed_split, spec, writers, settings, progress=progress)
+    assert seen_at_first[0] <= 2 < len(mixed_split)
+    assert sorted(read) == list(range(len(mixed_split)))
+
+
 def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path):
     broken = tmp_path / "broken.jpg"
     data = Path(mixed_split.paths[3]).read_bytes()

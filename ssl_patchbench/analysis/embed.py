@@ -108,7 +108,7 @@ class PatchEmbedder:
         advance = self.progress(label, len(indices), len(indices) * spec.num_patches) if self.progress else None
         out = []
         with exact_fp32():
-            for batch, pixels, sizes in ImageSource(split, self.device).iterate(batches):
+            for _, batch, pixels, sizes in ImageSource(split, self.device).iterate((None, b) for b in batches):
                 out.append(runner(pixels, sizes, batch).cpu())
                 if advance is not None:
                     advance(len(batch), len(batch) * spec.num_patches)

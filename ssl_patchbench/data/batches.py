@@ -18,7 +18,8 @@ from __future__ import annotations
 import multiprocessing
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 
@@ -99,7 +100,7 @@ def decode_workers() -> int:
 
 
 def process_batches(
-    paths: Sequence[str], batches: Sequence[np.ndarray], *, workers: int | None = None
+    paths: Sequence[str], batches: Iterable[np.ndarray], *, workers: int | None = None
 ) -> Iterator[Batch]:
     """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one)."""
     for parts in process_pieces(paths, batches, workers=workers):
@@ -107,21 +108,28 @@ def process_batches(
 
 
 def process_pieces(
-    paths: Sequence[str], batches: Sequence[np.ndarray], *, workers: int | None = None, pin: bool = False
+    paths: Sequence[str], batches: Iterable[np.ndarray], *, workers: int | None = None, pin: bool = False
 ) -> Iterator[list[Batch]]:
     """Per batch, its decoded pieces: ``[b, h, w, 3]`` uint8 runs of at most ``_PIECE`` consecutive images, each
     edge-padded to its own largest (:func:`join_padded` makes the batch, on whichever device they are moved to).
 
     Each process decodes pieces (a batch of two thousand is thus shared by every core, not decoded by one);
     ``pin``: the loader's own thread copies each piece into pinned memory, ready for an asynchronous copy to a
-    GPU, so the consumer never copies a whole batch on the host."""
+    GPU, so the consumer never copies a whole batch on the host. ``batches`` is drawn only as far as the
+    loader reads ahead (a plan that reads file headers reads them as the decoding goes)."""
     workers = decode_workers() if workers is None else workers
-    pieces = [[indices[i : i + _PIECE] for i in range(0, len(indices), _PIECE)] for indices in batches]
-    flat = [piece.tolist() for batch in pieces for piece in batch]
-    workers = min(workers, len(flat))
+    workers = min(workers, -(-len(paths) // _PIECE))
+    counts: deque[int] = deque()  # pieces per batch, in the order the loader drew them
+
+    def pieces() -> Iterator[list[int]]:
+        for indices in batches:
+            cut = [indices[i : i + _PIECE].tolist() for i in range(0, len(indices), _PIECE)]
+            counts.append(len(cut))
+            yield from cut
+
     loader = torch.utils.data.DataLoader(
         _Files(paths),
-        batch_sampler=flat,
+        batch_sampler=pieces(),
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=pin,
@@ -129,8 +137,8 @@ def process_pieces(
         multiprocessing_context=_fork() if workers else None,
     )
     decoded = iter(loader)
-    for batch in pieces:
-        parts = [next(decoded) for _ in batch]
+    for first in decoded:  # a batch's first piece is drawn after its count was
+        parts = [first, *(next(decoded) for _ in range(counts.popleft() - 1))]
         for part in parts:
             if isinstance(part, UserError):
                 raise part
@@ -222,10 +230,11 @@ def _read_all(paths: Sequence[str]) -> list[torch.Tensor]:
     return [_read(path) for path in paths]
 
 
-def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device) -> Iterator[Batch]:
+def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:
     """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
 
     Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
+    ``batches`` is drawn by the decoding thread alone, one batch ahead of its decoding.
     """
     out: queue.Queue = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
@@ -251,7 +260,7 @@ def nvjpeg_batches(paths: Sequence[str], batches: Sequence[np.ndarray], device: 
 
 
 def _produce(
-    paths: Sequence[str], batches: Sequence[np.ndarray], device: torch.device, out: queue.Queue, stop: threading.Event
+    paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device, out: queue.Queue, stop: threading.Event
 ) -> None:
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -274,12 +283,15 @@ def _produce(
                 step = -(-len(names) // _READERS)
                 return [readers.submit(_read_all, names[lo : lo + step]) for lo in range(0, len(names), step)]
 
-            pending = read(batches[0]) if len(batches) else []
-            for b, indices in enumerate(batches):
+            upcoming = iter(batches)
+            indices = next(upcoming, None)
+            pending = read(indices) if indices is not None else []
+            while indices is not None:
                 if stop.is_set():
                     return
                 datas = [data for f in pending for data in f.result()]
-                pending = read(batches[b + 1]) if b + 1 < len(batches) else []
+                following = next(upcoming, None)
+                pending = read(following) if following is not None else []
                 names = [paths[i] for i in indices.tolist()]
                 on_gpu = [_for_nvjpeg(name, data) for name, data in zip(names, datas, strict=True)]
                 with torch.cuda.stream(stream):
@@ -300,6 +312,7 @@ def _produce(
                     ready = torch.cuda.Event()
                     ready.record(stream)
                 put((pixels, sizes, ready))
+                indices = following
         put(None)
     except BaseException as exc:  # re-raised in the consumer's thread
         put(exc)

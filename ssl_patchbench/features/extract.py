@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
 
 log = logging.getLogger(__name__)
 
+Tag = TypeVar("Tag")  # what a caller of ImageSource.iterate attaches to a batch
 Progress = Callable[[int, int], None]  # (images, patches) done since the last call
 ProgressFactory = Callable[[str, int, int], Progress]  # (description, images, patches to do) -> callback
 _GPU_RESIDENT_MAX_BYTES = 8 << 30  # in-memory datasets up to this size are moved to the GPU once
@@ -178,25 +181,18 @@ def extract_pass(
         raise ValueError("the stores of one pass must share their rows and chunking")
     groups = _forward_groups(targets)
     runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
-    stretches = _stretches(groups, settings.shard)
-    plan: list[tuple[_Stretch, np.ndarray]] = []  # per decoded batch: its stretch and image indices
-    for stretch in stretches:  # a decoded batch fills about one slice of the group with the fewest patches
-        size = max(runners[g].images_per_batch for g in stretch.groups)
-        lo, hi = first.chunk_range(stretch.chunks[0])[0], first.chunk_range(stretch.chunks[-1])[1]
-        plan.extend((stretch, part) for b in _batches(lo, hi, size) for part in _bounded(split, b))
+    plan = _plan(split, _stretches(groups, settings.shard), runners, first)
     images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
     start = time.perf_counter()
     done_images = forwarded = 0
     first_forward_at, first_forward = None, (0.0, 0, 0)
     rows: dict[int, _Rows] = {}
     written = 0
-    decoded = zip(plan, images.iterate([b for _, b in plan]), strict=True)
-    for step, ((stretch, _), (batch, pixels, sizes)) in enumerate(decoded):
+    for (stretch, ends), batch, pixels, sizes in images.iterate(plan):
         active = [t for g in stretch.groups for t in groups[g]]
         if int(batch[0]) == first.chunk_range(stretch.chunks[0])[0]:  # a stretch begins
             rows = {id(w): _Rows() for t in active for w in t.writers.values()}
             written = 0
-        ends = step + 1 == len(plan) or plan[step + 1][0] is not stretch
         patches = 0
         for g in stretch.groups:
             runner = runners[g]
@@ -225,6 +221,23 @@ def extract_pass(
     seconds = time.perf_counter() - start
     padded = sum(r.padded for r in runners)
     return ExtractStats(done_images, forwarded, seconds, first_forward_at, first_forward, padded)
+
+
+def _plan(
+    split: ImageSplit, stretches: list[_Stretch], runners: list[PatchRunner], writer: StoreWriter
+) -> Iterator[tuple[tuple[_Stretch, bool], np.ndarray]]:
+    """The pass's decoded batches, drawn as the decoding goes: ``((stretch, whether it is the stretch's last),
+    image indices)``. A batch fills about one slice of the stretch's group with the fewest patches, cut into the
+    padding groups of its file headers (read here, so only as far ahead as the decoder reads, not for the whole
+    split before the first batch)."""
+    for stretch in stretches:
+        size = max(runners[g].images_per_batch for g in stretch.groups)
+        lo, hi = writer.chunk_range(stretch.chunks[0])[0], writer.chunk_range(stretch.chunks[-1])[1]
+        batches = list(_batches(lo, hi, size))  # index ranges: no header read yet
+        for b, indices in enumerate(batches):
+            parts = _bounded(split, indices)
+            for i, part in enumerate(parts):
+                yield (stretch, b + 1 == len(batches) and i + 1 == len(parts)), part
 
 
 class _Rows:
@@ -467,23 +480,36 @@ class ImageSource:
             fits = device.type != "cuda" or array.numel() <= _GPU_RESIDENT_MAX_BYTES
             self.resident = array.to(device) if fits else array
 
-    def iterate(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor, np.ndarray]]:
-        """Yield ``(indices, pixels, sizes)`` per batch (uint8 pixels), decoding the next batches while this one
-        runs."""
+    def iterate(
+        self, batches: Iterable[tuple[Tag, np.ndarray]]
+    ) -> Iterator[tuple[Tag, np.ndarray, torch.Tensor, np.ndarray]]:
+        """Yield ``(tag, indices, pixels, sizes)`` per ``(tag, indices)`` of ``batches`` (uint8 pixels), decoding
+        the next batches while this one runs. ``batches`` is drawn by the decoder alone (a background thread for
+        nvJPEG), as far ahead as it reads; the tags come back in order."""
+        drawn: deque[tuple[Tag, np.ndarray]] = deque()  # appends and pops are atomic: safe across the threads
+
+        def indices() -> Iterator[np.ndarray]:
+            for tag, batch in batches:
+                drawn.append((tag, batch))
+                yield batch
+
+        for pixels, sizes in self._decoded(indices()):
+            tag, batch = drawn.popleft()
+            yield tag, batch, pixels, sizes
+
+    def _decoded(self, batches: Iterator[np.ndarray]) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
         if self.resident is not None:
             for indices in batches:
-                yield (indices, *self._slice(indices))
+                yield self._slice(indices)
             return
         paths = self.split.paths or []
         if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
-            for indices, batch in zip(batches, nvjpeg_batches(paths, batches, self.device), strict=True):
-                yield indices, *batch
+            yield from nvjpeg_batches(paths, batches, self.device)
             return
         # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there
-        pieces = process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda")
-        for indices, parts in zip(batches, pieces, strict=True):
+        for parts in process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda"):
             uint8, sizes = join_padded([(to_device(pixels, self.device), part_sizes) for pixels, part_sizes in parts])
-            yield indices, uint8.permute(0, 3, 1, 2), sizes
+            yield uint8.permute(0, 3, 1, 2), sizes
 
     def _slice(self, indices: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         index = torch.from_numpy(indices)
