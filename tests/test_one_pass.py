@@ -13,7 +13,7 @@ from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.data.batches import _for_nvjpeg, _read, join_padded, jpeg_header, pad_chw, pad_numpy
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
-from ssl_patchbench.features.store import FeatureStore
+from ssl_patchbench.features.store import FeatureStore, StoreWriter
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
 from ssl_patchbench.results.store import read_records
@@ -294,3 +294,24 @@ def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch
     chw, _ = pad_chw([torch.from_numpy(im).permute(2, 0, 1) for im in images])
     np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
     assert (height, width) == (8, 10)
+
+
+def test_a_chunk_that_fails_to_store_stops_the_pass_with_its_error_and_keeps_the_others(
+    encoder, split, tmp_path, monkeypatch
+):
+    """Chunks are stored by a background thread: a failure (here the store's check refusing chunk 1) is still
+    the pass's one error, and the chunks stored before it stay done (the next run redoes only chunk 1 and on)."""
+    real = StoreWriter.write_chunk
+
+    def refuse_chunk_1(self, chunk, rows):
+        if chunk == 1:
+            raise UserError("the model returned non-finite (NaN or inf) rows")
+        real(self, chunk, rows)
+
+    monkeypatch.setattr(StoreWriter, "write_chunk", refuse_chunk_1)
+    spec = PatchSpec(mode="random", n=2, seed=3)
+    writers = _writers(encoder, split, spec, ("mean",), tmp_path, "fail", chunk_rows=8)  # 20 images: 3 chunks
+    with pytest.raises(UserError, match="non-finite"):
+        extract(encoder, split, spec, writers, ExtractSettings(device=CPU, max_patches=4, decode_workers=0))
+    (writer,) = writers.values()
+    assert 0 not in writer.pending_chunks() and 1 in writer.pending_chunks()
