@@ -79,6 +79,7 @@ class LoadedModel:
 
     @property
     def has_projector(self) -> bool:
+        """Whether the projection space can be evaluated."""
         return self.projector is not None
 
 
