@@ -315,41 +315,46 @@ def test_every_key_or_shape_mismatch_is_named(tiny_zoo: Path, tmp_path: Path, ed
         loading.load_model("tiny_dinov2_reg", checkpoint=path)
 
 
-def _eval_error(capsys, monkeypatch, tmp_path: Path, *args: str) -> str:
-    code, _, err = run_cli(
-        capsys, monkeypatch, "eval", *args, "--dataset", "folder", "--data-dir", str(tmp_path), "--device", "cpu"
-    )
+def _eval_error(capsys, monkeypatch, cifar_dir: Path, *args: str) -> str:
+    """The one error line of an eval on real images (a checkpoint's keys are checked when the model is built,
+    after the data are opened)."""
+    data = ["--dataset", "cifar10", "--data-dir", str(cifar_dir), "--train-per-class", "2", "--test-per-class", "2"]
+    code, _, err = run_cli(capsys, monkeypatch, "eval", *args, *data, "--device", "cpu")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
 
-def test_dino_file_for_a_dinov2_entry_is_one_error_line(tiny_zoo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_dino_file_for_a_dinov2_entry_is_one_error_line(
+    tiny_zoo: Path, tmp_path: Path, cifar_dir: Path, capsys, monkeypatch
+) -> None:
     path = tmp_path / "dino.pth"
     upstream_file("dino", path)
-    line = _eval_error(capsys, monkeypatch, tmp_path, "--model", "tiny_dinov2", "--checkpoint", str(path))
+    line = _eval_error(capsys, monkeypatch, cifar_dir, "--model", "tiny_dinov2", "--checkpoint", str(path))
     assert "4 missing (blocks.0.ls1.gamma, blocks.0.ls2.gamma" in line and "use the zoo entry" in line
 
 
-def test_truncated_vit_file_is_one_error_line(tiny_zoo: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+def test_truncated_vit_file_is_one_error_line(
+    tiny_zoo: Path, tmp_path: Path, cifar_dir: Path, capsys, monkeypatch
+) -> None:
     path = tmp_path / "mae.pth"
     upstream_file("mae", path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    line = _eval_error(capsys, monkeypatch, tmp_path, "--model", "tiny_mae", "--checkpoint", str(path))
+    line = _eval_error(capsys, monkeypatch, cifar_dir, "--model", "tiny_mae", "--checkpoint", str(path))
     assert "is truncated or corrupt" in line
 
 
 def test_readout_options_are_refused_where_they_cannot_apply(
-    tiny_zoo: Path, tmp_path: Path, capsys, monkeypatch
+    tiny_zoo: Path, tmp_path: Path, cifar_dir: Path, capsys, monkeypatch
 ) -> None:
     path = tmp_path / "ibot.pth"
     upstream_file("ibot", path)
     line = _eval_error(
-        capsys, monkeypatch, tmp_path, "--model", "tiny_ibot", "--checkpoint", str(path), "--last-blocks", "3"
+        capsys, monkeypatch, cifar_dir, "--model", "tiny_ibot", "--checkpoint", str(path), "--last-blocks", "3"
     )
     assert "--last-blocks 3: `tiny_ibot` has 2 blocks" in line
     line = _eval_error(
-        capsys, monkeypatch, tmp_path, "--model", "tiny_cifar", "--checkpoint", str(path), "--pool", "cls"
+        capsys, monkeypatch, cifar_dir, "--model", "tiny_cifar", "--checkpoint", str(path), "--pool", "cls"
     )
     assert "apply to Vision Transformer entries; 'tiny_cifar'" in line
 

@@ -2,6 +2,8 @@
 
 Bottom floor: knows torch, torchvision and timm, nothing about checkpoints or the zoo. Every backbone
 maps a normalised float batch (B, 3, S, S) to its (B, D) embedding, so callers never special-case an arch.
+torchvision and timm are imported by the functions that build from them: importing torchvision pulls in
+torch._dynamo (seconds), which a rerun on stored features never needs.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision import models
-from torchvision.models.resnet import BasicBlock
 
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.models.registry import TIMM_PREFIX, TINY_ARCH, ZooEntry, check_arch
@@ -62,6 +62,8 @@ def _timm_backbone(name: str, *, pretrained: bool) -> tuple[nn.Module, int]:
 
 def _torchvision_resnet(arch: str, stem: str) -> tuple[nn.Module, int]:
     """torchvision ResNet with `fc` removed, so state-dict names are torchvision's minus `fc.*`."""
+    from torchvision import models
+
     model = getattr(models, arch)(weights=None)
     dim = model.fc.in_features
     model.fc = nn.Identity()
@@ -114,8 +116,10 @@ class TinyResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def _downsampling_block(inplanes: int, planes: int) -> BasicBlock:
-    """A stride-2 residual block with a 1x1 projection shortcut, as in a ResNet stage entry."""
+def _downsampling_block(inplanes: int, planes: int) -> nn.Module:
+    """A stride-2 residual block with a 1x1 projection shortcut, as in a ResNet stage entry (torchvision's)."""
+    from torchvision.models.resnet import BasicBlock
+
     shortcut = nn.Sequential(nn.Conv2d(inplanes, planes, kernel_size=1, stride=2, bias=False), nn.BatchNorm2d(planes))
     return BasicBlock(inplanes, planes, stride=2, downsample=shortcut)
 

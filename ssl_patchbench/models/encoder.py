@@ -9,9 +9,24 @@ import torch
 from torch import nn
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.models.loading import LoadedModel
+from ssl_patchbench.models.loading import LoadedModel, ResolvedModel
 
 SPACES = ("embedding", "projection")
+
+
+def check_spaces(model: LoadedModel | ResolvedModel, spaces: str | Sequence[str]) -> tuple[str, ...]:
+    """``spaces`` as a tuple, each known and each one the model can give: projection needs projector weights
+    (decided from the state dicts, so a resolved model's answer is the built one's)."""
+    spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
+    if not spaces or len(set(spaces)) != len(spaces):
+        raise ValueError(f"an encoder needs distinct spaces, got {spaces}")
+    for space in spaces:
+        if space not in SPACES:
+            raise UserError(f"unknown space {space!r}: choose embedding or projection")
+    if "projection" in spaces and not model.has_projector:
+        reason = model.projector_note or f"{model.entry.name}: the checkpoint has no projector weights"
+        raise UserError(f"{reason}; use --space embedding")
+    return spaces
 
 
 class Encoder(nn.Module):
@@ -24,15 +39,7 @@ class Encoder(nn.Module):
 
     def __init__(self, model: LoadedModel, spaces: str | Sequence[str]) -> None:
         super().__init__()
-        self.spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
-        if not self.spaces or len(set(self.spaces)) != len(self.spaces):
-            raise ValueError(f"an encoder needs distinct spaces, got {self.spaces}")
-        for space in self.spaces:
-            if space not in SPACES:
-                raise UserError(f"unknown space {space!r}: choose embedding or projection")
-        if "projection" in self.spaces and model.projector is None:
-            reason = model.projector_note or f"{model.entry.name}: the checkpoint has no projector weights"
-            raise UserError(f"{reason}; use --space embedding")
+        self.spaces = check_spaces(model, spaces)
         pre = model.entry.preprocessing
         self.backbone = model.backbone
         self.projector = model.projector if "projection" in self.spaces else None

@@ -37,6 +37,30 @@ NORM_STATS = ("auto", "entry", *SOLO_STATS)
 
 
 @dataclass(frozen=True)
+class ResolvedModel:
+    """A checkpoint read, hashed and split into its modules' state dicts, with no module built: all that a
+    result's identity needs (the entry as trained, the checkpoint's SHA-256 and origin), so a rerun whose
+    features are all stored never pays for building the network (nor for importing torchvision).
+
+    ``projector_note`` says why the projection space is unavailable when the state dicts and the training
+    configuration already tell (a projector that cannot be rebuilt from its keys is found when it is built).
+    """
+
+    entry: ZooEntry
+    checkpoint_sha256: str
+    checkpoint: str
+    backbone_state: dict[str, torch.Tensor]
+    projector_state: dict[str, torch.Tensor]
+    training: TrainingInfo
+    projector_note: str | None = None
+
+    @property
+    def has_projector(self) -> bool:
+        """Whether there are projector weights that a build may load."""
+        return bool(self.projector_state) and self.projector_note is None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """A zoo entry's modules in eval mode (float32) plus the provenance of their weights.
 
@@ -53,6 +77,11 @@ class LoadedModel:
     checkpoint: str
     projector_note: str | None = None
 
+    @property
+    def has_projector(self) -> bool:
+        """Whether the projection space can be evaluated."""
+        return self.projector is not None
+
 
 def load_model(
     name: str,
@@ -64,17 +93,43 @@ def load_model(
     pool: str | None = None,
     last_blocks: int | None = None,
 ) -> LoadedModel:
-    """Entry `name` with its weights loaded strictly; `checkpoint` (path or URL) overrides the entry's source,
+    """Entry `name` with its weights loaded strictly: :func:`resolve_model`, then :func:`build_model`."""
+    return build_model(
+        resolve_model(
+            name,
+            checkpoint=checkpoint,
+            trust_pickle=trust_pickle,
+            cache_dir=cache_dir,
+            norm_stats=norm_stats,
+            pool=pool,
+            last_blocks=last_blocks,
+        )
+    )
+
+
+def resolve_model(
+    name: str,
+    *,
+    checkpoint: str | Path | None = None,
+    trust_pickle: bool = False,
+    cache_dir: Path | None = None,
+    norm_stats: str = "auto",
+    pool: str | None = None,
+    last_blocks: int | None = None,
+) -> ResolvedModel:
+    """Entry `name`'s checkpoint read, hashed and split; `checkpoint` (path or URL) overrides the entry's source,
     `pool` and `last_blocks` a ViT entry's readout (the returned entry carries the readout used).
 
     `norm_stats`: `auto` normalises as the checkpoint's training did where a solo-learn configuration names its
     dataset (else as the entry says), `entry` always as the entry says, or a dataset name: solo-learn's statistics.
+    timm's own weights have no file to hash: their hash is taken over the tensors, so resolving them builds timm's
+    model.
     """
     if norm_stats not in NORM_STATS:
         raise UserError(f"unknown normalisation statistics {norm_stats!r}: choose one of {', '.join(NORM_STATS)}")
     entry = get_entry(name).with_readout(pool, last_blocks)
     if entry.source.timm_pretrained and checkpoint is None:
-        return _load_timm_pretrained(_as_trained(entry, TrainingInfo(), norm_stats))
+        return _resolve_timm_pretrained(_as_trained(entry, TrainingInfo(), norm_stats))
     path, digest, origin = _resolve(entry, checkpoint, cache_dir or default_cache_dir())
     raw = load_file(path, trust_pickle=trust_pickle)
     state = _find_state_dict(raw, entry.weights.containers, path, quantized=entry.quantized)
@@ -83,16 +138,35 @@ def load_model(
         info = training_info(raw, path)
         layout = dataclasses.replace(layout, projector_prefix=info.projector_prefix)
     backbone_sd, projector_sd = _split(state, layout)
-    backbone, dim = _load_backbone(entry, backbone_sd)
-    projector, note = _load_projector(entry, info, projector_sd, dim) if projector_sd else (None, None)
-    return LoadedModel(
+    note = None
+    if projector_sd and not rebuilds(info.method) and entry.projector is None:
+        note = _projector_unavailable(entry, projector_sd, unknown_method(info))
+    return ResolvedModel(
         entry=_as_trained(entry, info, norm_stats),
+        checkpoint_sha256=digest,
+        checkpoint=origin,
+        backbone_state=backbone_sd,
+        projector_state=projector_sd,
+        training=info,
+        projector_note=note,
+    )
+
+
+def build_model(model: ResolvedModel) -> LoadedModel:
+    """The resolved model's backbone and projector, their weights loaded strictly (a missing, unexpected or
+    mis-shaped key is an error; a projector that cannot be rebuilt is left out with the reason)."""
+    backbone, dim = _load_backbone(model.entry, model.backbone_state)
+    projector, note = None, model.projector_note
+    if model.has_projector:
+        projector, note = _load_projector(model.entry, model.training, model.projector_state, dim)
+    return LoadedModel(
+        entry=model.entry,
         backbone=backbone.float().eval(),
         projector=projector,
         embed_dim=dim,
         projection_dim=_out_features(projector),
-        checkpoint_sha256=digest,
-        checkpoint=origin,
+        checkpoint_sha256=model.checkpoint_sha256,
+        checkpoint=model.checkpoint,
         projector_note=note,
     )
 
@@ -125,17 +199,17 @@ def _load_backbone(entry: ZooEntry, state: dict[str, torch.Tensor]) -> tuple[nn.
     return backbone, dim
 
 
-def _load_timm_pretrained(entry: ZooEntry) -> LoadedModel:
+def _resolve_timm_pretrained(entry: ZooEntry) -> ResolvedModel:
     """timm's own weights; their provenance hash is taken over the tensors (timm hides the file)."""
-    backbone, dim = build_backbone(entry.arch, stem=entry.stem, pretrained=True)
-    return LoadedModel(
+    backbone, _ = build_backbone(entry.arch, stem=entry.stem, pretrained=True)
+    state = backbone.state_dict()
+    return ResolvedModel(
         entry=entry,
-        backbone=backbone.float().eval(),
-        projector=None,
-        embed_dim=dim,
-        projection_dim=None,
-        checkpoint_sha256=state_dict_sha256(backbone.state_dict()),
+        checkpoint_sha256=state_dict_sha256(state),
         checkpoint=entry.arch,
+        backbone_state=state,
+        projector_state={},
+        training=TrainingInfo(),
     )
 
 
@@ -277,15 +351,15 @@ def _load_strict(
 def _load_projector(
     entry: ZooEntry, info: TrainingInfo, state: dict[str, torch.Tensor], in_dim: int
 ) -> tuple[nn.Module | None, str | None]:
-    """The projector the checkpoint's method trains (rebuilt from its keys), else the entry's ReLU MLP layout;
-    one that cannot be rebuilt exactly is left out with the reason (the embedding space still loads)."""
+    """The projector the checkpoint's method trains (rebuilt from its keys), else the entry's ReLU MLP layout
+    (:func:`resolve_model` has made sure there is one); one that cannot be rebuilt exactly is left out with the
+    reason (the embedding space still loads)."""
     try:
         if rebuilds(info.method):
             projector = build_projector_for(info, state)
-        elif entry.projector is not None:
-            projector = build_projector(in_dim, entry.projector, batchnorm=entry.projector_batchnorm)
         else:
-            raise ProjectorUnavailable(unknown_method(info))
+            assert entry.projector is not None  # else resolve_model noted the projector unavailable
+            projector = build_projector(in_dim, entry.projector, batchnorm=entry.projector_batchnorm)
         first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
         if first.in_features != in_dim:
             raise ProjectorUnavailable(
@@ -293,10 +367,15 @@ def _load_projector(
             )
         _load_strict(projector, state, entry.weights.allow_missing, what=f"`{entry.name}` projector")
     except UserError as err:
-        note = f"`{entry.name}`: projector not loaded ({err}); its {len(state)} keys are ignored"
-        log.warning("%s: only --space embedding can be evaluated", note)
-        return None, note
+        return None, _projector_unavailable(entry, state, str(err))
     return projector.float().eval(), None
+
+
+def _projector_unavailable(entry: ZooEntry, state: dict[str, torch.Tensor], reason: str) -> str:
+    """The note of a projector left out (logged as a warning): why, and that its keys are ignored."""
+    note = f"`{entry.name}`: projector not loaded ({reason}); its {len(state)} keys are ignored"
+    log.warning("%s: only --space embedding can be evaluated", note)
+    return note
 
 
 def _out_features(projector: nn.Module | None) -> int | None:

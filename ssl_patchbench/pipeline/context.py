@@ -1,5 +1,6 @@
-"""The run context: everything one ``evaluate`` resolves once (model, encoder, data, device, precision, ranks,
-environment) and passes down, and the one place that says what identifies a result."""
+"""The run context: everything one ``evaluate`` resolves once (model, data, device, precision, ranks, environment)
+and passes down, and the one place that says what identifies a result. The network is built only when an
+extraction needs it: a rerun whose stores are all complete reads and hashes the checkpoint, builds nothing."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, nested_groups, resolve_precision
-from ssl_patchbench.models.encoder import Encoder
-from ssl_patchbench.models.loading import LoadedModel, load_model
+from ssl_patchbench.models.encoder import Encoder, check_spaces
+from ssl_patchbench.models.loading import ResolvedModel, build_model, resolve_model
 from ssl_patchbench.pipeline.config import EvalConfig
 from ssl_patchbench.pipeline.representations import space_names
 from ssl_patchbench.results.records import DESCRIPTIVE_ZOO_FIELDS, FEATURE_FIELDS, NUMBER_FIELDS
@@ -38,8 +39,8 @@ class RunContext:
     """One evaluation's resolved inputs; built once, read by every stage."""
 
     cfg: EvalConfig
-    model: LoadedModel
-    encoder: Encoder  # one per run, computing every listed space in one forward; reused by every extraction
+    model: ResolvedModel
+    spaces: tuple[str, ...]  # what --space lists, each one the model can give
     splits: dict[str, ImageSplit]
     device: torch.device
     precision: str  # resolved: bf16, fp16 or fp32
@@ -56,7 +57,7 @@ class RunContext:
         if device.type == "cpu":
             use_available_cores()
         root = cfg.home or home()
-        model = load_model(  # a ViT's readout (--pool, --last-blocks) lands in model.entry, so in zoo_entry
+        model = resolve_model(  # a ViT's readout (--pool, --last-blocks) lands in model.entry, so in zoo_entry
             cfg.model,
             checkpoint=cfg.checkpoint,
             trust_pickle=cfg.trust_checkpoint,
@@ -80,7 +81,7 @@ class RunContext:
         return cls(
             cfg=cfg,
             model=model,
-            encoder=Encoder(model, space_names(cfg)),
+            spaces=check_spaces(model, space_names(cfg)),
             splits=splits,
             device=device,
             precision=resolve_precision(cfg.precision, device),
@@ -94,8 +95,8 @@ class RunContext:
         """What a result's numbers depend on: the record's ``NUMBER_FIELDS``, from which every store key derives.
         One record per (spec, aggregation, space): a space's numbers do not depend on the other spaces listed."""
         cfg = self.cfg
-        if space not in self.encoder.spaces:
-            raise ValueError(f"space {space!r} is not one of this run's ({', '.join(self.encoder.spaces)})")
+        if space not in self.spaces:
+            raise ValueError(f"space {space!r} is not one of this run's ({', '.join(self.spaces)})")
         entry = {k: v for k, v in self.model.entry.to_dict().items() if k not in DESCRIPTIVE_ZOO_FIELDS}
         found = {
             "checkpoint_sha256": self.model.checkpoint_sha256,
@@ -124,6 +125,12 @@ class RunContext:
         }
         assert tuple(found) == NUMBER_FIELDS, "identity() and results.NUMBER_FIELDS must name the same fields"
         return found
+
+    @functools.cached_property
+    def encoder(self) -> Encoder:
+        """The network, built on the first extraction: one per run, computing every listed space in one forward,
+        reused by every extraction (a missing or unexpected key is an error here)."""
+        return Encoder(build_model(self.model), self.spaces)
 
     @functools.cached_property
     def data_identities(self) -> dict[str, dict]:

@@ -141,12 +141,13 @@ def _extract_into(
     settings: ExtractSettings,
 ) -> None:
     data, ranks = ctx.splits[split], ctx.ranks
+    encoder = ctx.encoder  # built by every rank before any store is laid out: a checkpoint that fails, fails alike
 
     def open_writers() -> dict[Representation, StoreWriter]:
         return {
             rep: store.writer(
                 labels=data.labels,
-                dim=rep.aggregation.output_dim(ctx.encoder.dims[rep.space], rep.spec),
+                dim=rep.aggregation.output_dim(encoder.dims[rep.space], rep.spec),
                 dtype=ctx.cfg.store_dtype,
                 chunk_rows=ctx.cfg.chunk_rows,
                 meta={**materials[rep], "key": store.key},
@@ -170,7 +171,7 @@ def _extract_into(
     label = f"{split} {' + '.join(_label(*target) for target in by_target)}"
     callback = ctx.progress(label, remaining, forwards) if ctx.progress else None
     start = time.perf_counter()
-    stats = extract_pass(ctx.encoder, data, targets, progress=callback)
+    stats = extract_pass(encoder, data, targets, progress=callback)
     ranks.barrier()
     if not ranks.is_main:
         return

@@ -14,7 +14,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.sampling.geometry import random_resized_boxes
@@ -215,6 +214,8 @@ def crop_and_resize(
     if antialias not in ("box", "pillow"):
         raise ValueError(f"antialias must be 'box' or 'pillow', got {antialias!r}")
     if antialias == "box" and interpolation == "bilinear":
+        from torchvision.ops import roi_align  # imported when cropping: torchvision pulls in torch._dynamo
+
         rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
         return roi_align(
             _floating(images), rois, output_size=out_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
