@@ -19,10 +19,9 @@ from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, ImageSource, PatchRunner, ProgressFactory
 from ssl_patchbench.models.encoder import Encoder
+from ssl_patchbench.models.encoder import check_spaces as encoder_spaces
 from ssl_patchbench.models.loading import LoadedModel, load_model
 from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
-
-SPACES = ("embedding", "projection")
 
 
 @dataclass(frozen=True)
@@ -71,15 +70,10 @@ def central_spec(model: LoadedModel) -> PatchSpec:
 
 
 def check_spaces(model: LoadedModel, spaces: tuple[str, ...]) -> tuple[str, ...]:
-    """The asked-for spaces, validated; projection needs projector weights."""
-    for space in spaces:
-        if space not in SPACES:
-            raise UserError(f"unknown space {space!r}: choose embedding or projection")
-    if "projection" in spaces and model.projector is None:
-        raise UserError(f"{model.entry.name}: the checkpoint has no projector weights; use --space embedding")
+    """The asked-for spaces, validated as an eval's (projection needs projector weights)."""
     if not spaces:
         raise UserError("no space given: choose embedding, projection or both")
-    return spaces
+    return encoder_spaces(model, tuple(dict.fromkeys(spaces)))
 
 
 class PatchEmbedder:
