@@ -10,6 +10,7 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,28 +84,10 @@ class LoadedModel:
         return self.projector is not None
 
 
-def load_model(
-    name: str,
-    *,
-    checkpoint: str | Path | None = None,
-    trust_pickle: bool = False,
-    cache_dir: Path | None = None,
-    norm_stats: str = "auto",
-    pool: str | None = None,
-    last_blocks: int | None = None,
-) -> LoadedModel:
-    """Entry `name` with its weights loaded strictly: :func:`resolve_model`, then :func:`build_model`."""
-    return build_model(
-        resolve_model(
-            name,
-            checkpoint=checkpoint,
-            trust_pickle=trust_pickle,
-            cache_dir=cache_dir,
-            norm_stats=norm_stats,
-            pool=pool,
-            last_blocks=last_blocks,
-        )
-    )
+def load_model(name: str, **options: Any) -> LoadedModel:
+    """Entry `name` with its weights loaded strictly: :func:`resolve_model` (which takes the same keyword
+    options), then :func:`build_model`."""
+    return build_model(resolve_model(name, **options))
 
 
 def resolve_model(
