@@ -4,7 +4,15 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_patchbench.data.datasets import open_split
-from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, PatchRunner, extract
+from ssl_patchbench.features.extract import (
+    ExtractSettings,
+    ExtractStats,
+    PatchRunner,
+    Target,
+    _plan,
+    _stretches,
+    extract,
+)
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -201,3 +209,19 @@ def test_out_of_memory_halves_the_slices_and_loses_no_patch(model):
     assert runner.max_patches == 4 and seen[:3] == [16, 8, 4]
     assert runner.slices == 4 and runner.padded == 1  # 15 patches in slices of 4: the last holds 3
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decoded_batches_hold_at_least_the_decoders_fewest_images(model, split, tmp_path):
+    """A 4-patch pass in slices of 8 forwards 2 images a slice; with ``fewest=5`` (the nvJPEG decoder's minimum
+    is 1,024) each decoded batch still holds 5 images, the stretch of all 30 images (chunks of 8) ends on exactly
+    one batch marked last, and every image is planned once, in order."""
+    spec = PatchSpec(mode="random", n=4, out_size=32)
+    writer = FeatureStore(tmp_path, "plan").writer(labels=split.labels, dim=8, dtype="float32", chunk_rows=8, meta={})
+    runner = PatchRunner(Encoder(model, "embedding"), spec, ExtractSettings(device=CPU, max_patches=8))
+    stretches = _stretches([[Target(spec, {Aggregation(): writer}, ExtractSettings(device=CPU))]], (0, 1))
+    assert len(split) == 30
+    for fewest, sizes in ((1, [2] * 15), (5, [5] * 6)):
+        planned = list(_plan(split, stretches, [runner], writer, fewest))
+        assert [len(batch) for _, batch in planned] == sizes
+        assert [last for (_, last), _ in planned] == [False] * (len(sizes) - 1) + [True]
+        np.testing.assert_array_equal(np.concatenate([batch for _, batch in planned]), np.arange(len(split)))
