@@ -106,3 +106,19 @@ def test_a_cached_rerun_imports_neither_torchvision_nor_timm(capsys, monkeypatch
     row, imported = done.stdout.splitlines()
     assert json.loads(row)["reused_features"] is True
     assert json.loads(imported) == [False, False]
+
+
+def test_a_build_that_releases_the_weights_leaves_no_second_copy(tiny_checkpoint):
+    """A run keeps its resolved model: once the network is built from it, it holds no state dict of its own,
+    and the built network's weights are the checkpoint's."""
+    from ssl_patchbench.models.loading import build_model, resolve_model
+
+    resolved = resolve_model("tiny_cifar", checkpoint=tiny_checkpoint)
+    expected = {k: v.clone() for k, v in resolved.weights["backbone"].items()}
+    built = build_model(resolved, release=True)
+    assert resolved.weights == {}
+    state = built.backbone.state_dict()
+    assert set(expected) == set(state)
+    assert all(torch.equal(state[k], v.to(state[k].dtype)) for k, v in expected.items())
+    with pytest.raises(ValueError, match="released"):
+        build_model(resolved)

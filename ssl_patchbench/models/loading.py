@@ -43,22 +43,20 @@ class ResolvedModel:
     result's identity needs (the entry as trained, the checkpoint's SHA-256 and origin), so a rerun whose
     features are all stored never pays for building the network (nor for importing torchvision).
 
-    ``projector_note`` says why the projection space is unavailable when the state dicts and the training
-    configuration already tell (a projector that cannot be rebuilt from its keys is found when it is built).
+    ``weights`` holds the ``backbone`` and ``projector`` state dicts until a build that releases them (a run
+    keeps the resolved model: it must not keep a second copy of the weights beside the built network).
+    ``has_projector``: there are projector weights a build may load; ``projector_note`` says why the projection
+    space is unavailable when the state dicts and the training configuration already tell (a projector that
+    cannot be rebuilt from its keys is found when it is built).
     """
 
     entry: ZooEntry
     checkpoint_sha256: str
     checkpoint: str
-    backbone_state: dict[str, torch.Tensor]
-    projector_state: dict[str, torch.Tensor]
+    weights: dict[str, dict[str, torch.Tensor]]
     training: TrainingInfo
+    has_projector: bool = False
     projector_note: str | None = None
-
-    @property
-    def has_projector(self) -> bool:
-        """Whether there are projector weights that a build may load."""
-        return bool(self.projector_state) and self.projector_note is None
 
 
 @dataclass(frozen=True)
@@ -128,20 +126,25 @@ def resolve_model(
         entry=_as_trained(entry, info, norm_stats),
         checkpoint_sha256=digest,
         checkpoint=origin,
-        backbone_state=backbone_sd,
-        projector_state=projector_sd,
+        weights={"backbone": backbone_sd, "projector": projector_sd},
         training=info,
+        has_projector=bool(projector_sd) and note is None,
         projector_note=note,
     )
 
 
-def build_model(model: ResolvedModel) -> LoadedModel:
+def build_model(model: ResolvedModel, *, release: bool = False) -> LoadedModel:
     """The resolved model's backbone and projector, their weights loaded strictly (a missing, unexpected or
-    mis-shaped key is an error; a projector that cannot be rebuilt is left out with the reason)."""
-    backbone, dim = _load_backbone(model.entry, model.backbone_state)
+    mis-shaped key is an error; a projector that cannot be rebuilt is left out with the reason). ``release``:
+    the resolved model lets go of its state dicts once they are loaded (it cannot be built again)."""
+    if not model.weights:
+        raise ValueError(f"{model.entry.name}: its weights were released by an earlier build")
+    backbone, dim = _load_backbone(model.entry, model.weights["backbone"])
     projector, note = None, model.projector_note
     if model.has_projector:
-        projector, note = _load_projector(model.entry, model.training, model.projector_state, dim)
+        projector, note = _load_projector(model.entry, model.training, model.weights["projector"], dim)
+    if release:
+        model.weights.clear()
     return LoadedModel(
         entry=model.entry,
         backbone=backbone.float().eval(),
@@ -190,8 +193,7 @@ def _resolve_timm_pretrained(entry: ZooEntry) -> ResolvedModel:
         entry=entry,
         checkpoint_sha256=state_dict_sha256(state),
         checkpoint=entry.arch,
-        backbone_state=state,
-        projector_state={},
+        weights={"backbone": state, "projector": {}},
         training=TrainingInfo(),
     )
 

@@ -130,7 +130,7 @@ class RunContext:
     def encoder(self) -> Encoder:
         """The network, built on the first extraction: one per run, computing every listed space in one forward,
         reused by every extraction (a missing or unexpected key is an error here)."""
-        return Encoder(build_model(self.model), self.spaces)
+        return Encoder(build_model(self.model, release=True), self.spaces)  # no second copy of the weights
 
     @functools.cached_property
     def data_identities(self) -> dict[str, dict]:
