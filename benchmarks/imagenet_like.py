@@ -252,7 +252,7 @@ def nvjpeg_phases(paths: list[str], batch: int = 1992) -> None:
 
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ssl_patchbench.data.batches import _NVJPEG_BATCH, _for_nvjpeg, _read, pad_chw
+    from ssl_patchbench.data.batches import _NVJPEG_BATCH, _READERS, _for_nvjpeg, pad_chw, read_shares
 
     phases = dict.fromkeys(("read", "check", "decode", "pad"), 0.0)
 
@@ -264,10 +264,10 @@ def nvjpeg_phases(paths: list[str], batch: int = 1992) -> None:
         phases[name] += time.perf_counter() - start
         return out
 
-    with ThreadPoolExecutor(16) as readers:
+    with ThreadPoolExecutor(_READERS) as readers:
         for lo in range(0, len(paths), batch):
             names = paths[lo : lo + batch]
-            datas = step("read", lambda names=names: list(readers.map(_read, names)))
+            datas = step("read", lambda names=names: [d for f in read_shares(readers, names) for d in f.result()])
             step(
                 "check", lambda names=names, datas=datas: [_for_nvjpeg(n, d) for n, d in zip(names, datas, strict=True)]
             )

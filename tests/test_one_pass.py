@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.batches import _for_nvjpeg, _read, join_padded, jpeg_header, pad_chw, pad_numpy
+from ssl_patchbench.data.batches import (
+    _for_nvjpeg,
+    _read,
+    join_padded,
+    jpeg_header,
+    pad_chw,
+    pad_numpy,
+    read_shares,
+)
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore, StoreWriter
@@ -234,6 +242,17 @@ def test_nvjpeg_takes_only_whole_three_component_jpegs_and_reads_them_as_pil_doe
     assert _for_nvjpeg(str(commented), _read(str(commented)))
     with Image.open(commented) as im:
         assert im.size == Image.open(good).size
+
+
+def test_files_read_in_shares_come_back_whole_and_in_order(mixed_split):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [*mixed_split.paths, mixed_split.paths[0]]  # 9 files: shares of 3, 3 and 3 for 4 readers
+    with ThreadPoolExecutor(max_workers=4) as readers:
+        got = [data for share in read_shares(readers, paths) for data in share.result()]
+    assert [d.numpy().tobytes() for d in got] == [Path(p).read_bytes() for p in paths]
+    with ThreadPoolExecutor(max_workers=4) as readers:
+        assert read_shares(readers, []) == []
 
 
 def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):

@@ -230,6 +230,13 @@ def _read_all(paths: Sequence[str]) -> list[torch.Tensor]:
     return [_read(path) for path in paths]
 
 
+def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str]) -> list[Future]:
+    """The files read by ``readers`` (``_READERS`` threads), one task per share of them (a task per file costs
+    more than its read: measured); each future gives its share's tensors, in order."""
+    step = max(1, -(-len(paths) // _READERS))
+    return [readers.submit(_read_all, paths[lo : lo + step]) for lo in range(0, len(paths), step)]
+
+
 def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:
     """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
 
@@ -278,10 +285,7 @@ def _produce(
         with ThreadPoolExecutor(max_workers=_READERS) as readers:
 
             def read(indices: np.ndarray) -> list[Future]:
-                """One task per share of the batch (a task per file costs more than its read: measured)."""
-                names = [paths[i] for i in indices.tolist()]
-                step = -(-len(names) // _READERS)
-                return [readers.submit(_read_all, names[lo : lo + step]) for lo in range(0, len(names), step)]
+                return read_shares(readers, [paths[i] for i in indices.tolist()])
 
             upcoming = iter(batches)
             indices = next(upcoming, None)
