@@ -23,7 +23,7 @@ from ssl_patchbench.cli.common import (
     out_dir,
     stderr,
 )
-from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
+from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS, COMPILE_MODES, INTERPOLATIONS
 
 
 def _eta(seconds: float) -> str:
@@ -170,7 +170,7 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option(
     "--compile",
     "compile_",
-    type=click.Choice(["auto", "off", "on", "cudagraphs"]),
+    type=click.Choice(["auto", *COMPILE_MODES]),
     default="auto",
     show_default=True,
     help="torch.compile views, model and loss; cudagraphs: also replay them as CUDA graphs; auto: cudagraphs on "
@@ -178,7 +178,7 @@ def summary(cfg, result, wall: float) -> dict:
 )
 @click.option(
     "--interpolation",
-    type=click.Choice(["bicubic", "bilinear"]),
+    type=click.Choice(INTERPOLATIONS),
     default="bicubic",
     show_default=True,
     help="Resampling of the views' crops.",
