@@ -59,6 +59,8 @@ def kernel_profile(profile: torch.profiler.profile, top: int = 10) -> tuple[floa
     characters; kernels whose cut names coincide are summed)."""
     per_name: dict[str, float] = {}
     for event in profile.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:  # CPU operators' device time is their kernels'
+            continue
         name = event.key[:70]
         per_name[name] = per_name.get(name, 0.0) + event.self_device_time_total / 1e3
     ranked = sorted(per_name.items(), key=lambda item: item[1], reverse=True)[:top]

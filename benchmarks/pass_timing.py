@@ -1,7 +1,7 @@
 """Where a file-backed extraction pass waits: its decoder alone, the pass with the main thread's time split into
 waiting for decoded batches and the rest, and the same pass on images already in memory (no decoder).
 
-    python benchmarks/pass_timing.py --data DIR --checkpoint RN50.pth [--images 4000] [--profile TRACE.json]
+    python benchmarks/pass_timing.py --data DIR --checkpoint RN50.pth [--images 4000] [--profile DIR]
 
 DIR is an ImageFolder written by ``imagenet_like.py`` (``DIR/train``); the checkpoint a ResNet-50 as VICReg's
 file. The encoder is compiled once, on a warm-up pass, so every timed pass is steady state. One JSON line per
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import emit
+from torch.autograd import DeviceType
 
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.data.decode import decode
@@ -107,7 +108,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--skip", default="")
-    parser.add_argument("--profile", type=Path, help="also profile the in-memory 16-patch pass: Chrome trace here")
+    parser.add_argument(
+        "--profile", type=Path, help="also profile the central nvJPEG pass and the in-memory 16-patch pass: a folder"
+    )
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     full = open_split("imagenet", "train", data_dir=args.data)
@@ -133,26 +136,41 @@ def main() -> None:
     for name, step in steps.items():
         if name not in skip:
             step()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        profiled_pass("central nvjpeg", encoder, split, central, args.profile / "central_nvjpeg.json.gz", gpu=True)
     if "memory" not in skip:
         memory = in_memory(split, (280, 330))
         timed_pass("16 in memory", encoder, memory, sixteen)
         timed_pass("48 in memory", encoder, memory, forty_eight)
         if args.profile:
-            profiled_pass(encoder, memory, sixteen, args.profile)
+            profiled_pass("16 in memory", encoder, memory, sixteen, args.profile / "16_in_memory.json.gz")
 
 
-def profiled_pass(encoder: Encoder, split: ImageSplit, spec: PatchSpec, trace: Path) -> None:
-    """The in-memory pass under the PyTorch profiler (host and GPU): its top operators by GPU time and by host
-    time, and a Chrome trace at ``trace`` whose gaps between kernels show what the GPU waits for. (Run 5: the
-    in-memory overhead over the model fits 85 us per image + 2.4 us per patch; this is where to look.)"""
+def profiled_pass(
+    name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, trace: Path, *, gpu: bool = False
+) -> None:
+    """A pass under the PyTorch profiler (host and GPU): its GPU kernel seconds against its wall time, its top
+    operators by GPU time and by host time, and a gzipped Chrome trace at ``trace`` whose gaps between kernels
+    show what the GPU waits for. (Run 5: the in-memory overhead over the model fits 85 us per image + 2.4 us
+    per patch, and the central nvJPEG pass ran at a third of nvJPEG's ceiling; this is where to look.)"""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as profile:
-        timed_pass("16 in memory, profiled", encoder, split, spec)
+        timed_pass(f"{name}, profiled", encoder, split, spec, gpu=gpu)
+    wall = time.perf_counter() - start
     profile.export_chrome_trace(str(trace))
     averages = profile.key_averages()
+    kernel_s = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e6
+    emit(measurement="profile", run=name, wall_s=round(wall, 2), gpu_kernel_s=round(kernel_s, 2))
     for column in ("self_device_time_total", "self_cpu_time_total"):
         top = sorted(averages, key=lambda e: getattr(e, column), reverse=True)[:25]
-        emit(measurement="profile", by=column, top_ms={e.key[:80]: round(getattr(e, column) / 1e3, 1) for e in top})
+        emit(
+            measurement="profile",
+            run=name,
+            by=column,
+            top_ms={e.key[:80]: round(getattr(e, column) / 1e3, 1) for e in top},
+        )
 
 
 if __name__ == "__main__":
