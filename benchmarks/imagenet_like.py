@@ -9,7 +9,8 @@ ResNet-50 saved as VICReg's file (a torchvision state dict without ``fc.*``); sp
 Measured, one JSON line each:
 - ``pil_decode``: PIL (``data.decode.decode``) in one process per core, every train file;
 - ``gpu_decode``: ``torchvision.io.decode_jpeg(device="cuda")`` in batches of 256, the files already in memory;
-- ``model_only``: the compiled encoder (bf16, channels_last) on ready 224 px batches of the eval's slice size;
+- ``model_only``: the compiled encoder (bf16) on ready 224 px batches of the eval's slice size, in the eval's
+  input layout (``model_only_channels_last``: handed over in channels-last instead, the layout before 2026-12-02);
 - ``eval``: ``patchbench eval --decode gpu`` as a user runs it (a fresh process and cache): central, 16, 48,
   central+16+48 in one call, a rerun on complete stores, and central with the default (PIL) decoder; wall
   seconds and the stores' extraction rates;
@@ -38,7 +39,7 @@ from PIL import Image
 
 from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.decode import decode
-from ssl_patchbench.features.extract import ExtractSettings, default_max_patches, extract
+from ssl_patchbench.features.extract import ExtractSettings, default_max_patches, extract, input_layout
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -127,12 +128,15 @@ def gpu_decode(paths: list[str], batch: int = 256) -> None:
     emit(measurement="gpu_decode", batch=batch, images=len(paths), images_per_s=round(len(paths) / seconds))
 
 
-def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30) -> None:
+def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: torch.memory_format | None = None) -> None:
+    """The encoder alone on one ready batch of the eval's slice size, handed over in the eval's layout
+    (``input_layout``) unless ``layout`` says otherwise."""
     encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding").cuda().eval()
     encoder = encoder.to(memory_format=torch.channels_last)
     torch.backends.cudnn.benchmark = True
     size = default_max_patches(torch.device("cuda"), 224)
-    x = torch.rand(size, 3, 224, 224, device="cuda").mul(255).contiguous(memory_format=torch.channels_last)
+    layout = layout or input_layout(torch.device("cuda"), compiled=compiled)
+    x = torch.rand(size, 3, 224, 224, device="cuda").mul(255).contiguous(memory_format=layout)
     forward = encoder.compiled() if compiled else encoder
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
         start = time.perf_counter()
@@ -150,6 +154,7 @@ def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30) -> None:
     emit(
         measurement="model_only",
         compiled=compiled,
+        layout="channels_last" if layout == torch.channels_last else "contiguous",
         batch=size,
         patches_per_s=round(size * iters / seconds),
         first_call_seconds=round(first_seconds, 1),
@@ -458,6 +463,7 @@ def main() -> None:
         "pil_decode": lambda: pil_decode(paths["train"]),
         "gpu_decode": lambda: gpu_decode(paths["train"]),
         "model_only_compiled": lambda: model_only(checkpoint, compiled=True),
+        "model_only_channels_last": lambda: model_only(checkpoint, compiled=True, layout=torch.channels_last),
         "central": lambda: run_eval("central", checkpoint, data, root / "home_c", "--patches", "central", *gpu),
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),

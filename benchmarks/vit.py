@@ -35,7 +35,7 @@ from extraction import head, ours, synthetic
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssl_patchbench.data.datasets import ImageSplit
-from ssl_patchbench.features.extract import ExtractSettings, PatchRunner
+from ssl_patchbench.features.extract import ExtractSettings, PatchRunner, input_layout
 from ssl_patchbench.models.archs import build_entry_backbone
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import LoadedModel
@@ -73,9 +73,9 @@ def counted_flops(encoder: Encoder, size: int) -> float:
 def model_only(encoder: Encoder, batch: int, device: torch.device, *, compiled: bool, iters: int) -> dict:
     """Patches/s (224 px forward samples) of the encoder alone on one ready batch, bf16 on CUDA (fp32 on CPU)."""
     forward = encoder.compiled() if compiled else encoder
-    x = torch.rand(batch, 3, SIZE, SIZE, device=device) * 255
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = (torch.rand(batch, 3, SIZE, SIZE, device=device) * 255).contiguous(
+        memory_format=input_layout(device, compiled=compiled)
+    )  # as the pipeline hands its slices over: the compiled graph is shared
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def run(n: int) -> None:

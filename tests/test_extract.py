@@ -12,6 +12,7 @@ from ssl_patchbench.features.extract import (
     _plan,
     _stretches,
     extract,
+    input_layout,
 )
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
@@ -155,6 +156,31 @@ def test_forward_slices_run_on_across_batches_and_only_the_last_is_padded(model)
     expected = whole(pixels, sizes, np.arange(6))
     torch.testing.assert_close(torch.cat([b for b in blocks if b is not None]), expected, rtol=1e-5, atol=1e-5)
     assert whole.padded == 0
+
+
+def test_slices_reach_the_encoder_in_the_layout_chosen_and_the_features_do_not_depend_on_it(model):
+    """Eager CUDA forwards take channels-last slices, compiled ones (and CPUs) the crops as cut; whichever layout
+    a slice is assembled in (one piece, or pieces plus padding), the encoder sees it so and returns the same rows."""
+    cuda = torch.device("cuda")
+    assert input_layout(cuda, compiled=False) == torch.channels_last
+    assert input_layout(cuda, compiled=True) == input_layout(CPU, compiled=False) == torch.contiguous_format
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    sizes, spec = np.full((4, 2), 32), PatchSpec(mode="random", n=3, out_size=32)
+    encoder = Encoder(model, "embedding")
+    rows = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for max_patches in (12, 5):  # one piece per slice; several pieces and a padded last slice
+            seen = []
+            runner = PatchRunner(encoder, spec, ExtractSettings(device=CPU, max_patches=max_patches), pad=True)
+            runner.layout = layout
+            runner.forward = lambda x, seen=seen, fmt=layout: (
+                seen.append(x.is_contiguous(memory_format=fmt)) or encoder(x)
+            )
+            rows[layout, max_patches] = runner(pixels, sizes, np.arange(4))
+            assert seen and all(seen)
+    for got in rows.values():
+        torch.testing.assert_close(got, rows[torch.contiguous_format, 12], rtol=1e-5, atol=1e-5)
 
 
 def test_the_rate_after_the_first_forward_leaves_out_its_start_up():

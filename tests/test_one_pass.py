@@ -255,6 +255,23 @@ def test_files_read_in_shares_come_back_whole_and_in_order(mixed_split):
         assert read_shares(readers, []) == []
 
 
+def test_files_read_and_checked_in_shares_say_which_go_to_nvjpeg(mixed_split, tmp_path, monkeypatch):
+    """The decoder's readers also run the nvJPEG check, each file's verdict beside its bytes; a file over the
+    pixel limit is the check's error, raised where the share is collected."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(mixed_split.paths[0]).read_bytes()[:-600])
+    paths = [mixed_split.paths[0], str(truncated), *mixed_split.paths[1:3]]
+    with ThreadPoolExecutor(max_workers=4) as readers:
+        got = [pair for share in read_shares(readers, paths, check=True) for pair in share.result()]
+    assert [ok for _, ok in got] == [True, False, True, True]
+    assert [d.numpy().tobytes() for d, _ in got] == [Path(p).read_bytes() for p in paths]
+    monkeypatch.setattr("ssl_patchbench.data.decode.MAX_PIXELS", 100)
+    with ThreadPoolExecutor(max_workers=4) as readers, pytest.raises(UserError, match=r"0\.jpg"):
+        [share.result() for share in read_shares(readers, paths, check=True)]
+
+
 def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot read image .*missing\.jpg: No such file or directory"):
         _read(str(tmp_path / "missing.jpg"))

@@ -7,8 +7,9 @@ never changes a feature):
 - :func:`process_batches`: :func:`ssl_patchbench.data.decode.decode` (PIL) in worker processes, one per
   core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
 - :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
-  background thread on a side CUDA stream, two batches ahead; the files are read by a thread pool
-  (``torchvision.io.read_file``) one batch ahead of that. JPEGs nvJPEG should not see (not 3 components, e.g.
+  background thread on a side CUDA stream, two batches ahead, and padded into a batch by the caller's thread
+  as it takes them; the files are read and checked by a thread pool (``torchvision.io.read_file``) one batch
+  ahead of the decoding. JPEGs nvJPEG should not see (not 3 components, e.g.
   grey or CMYK; no end marker, e.g. truncated) and other files go through the CPU decoder, which names a bad
   file in one error line.
 """
@@ -230,18 +231,25 @@ def _read_all(paths: Sequence[str]) -> list[torch.Tensor]:
     return [_read(path) for path in paths]
 
 
-def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str]) -> list[Future]:
+def _read_checked(paths: Sequence[str]) -> list[tuple[torch.Tensor, bool]]:
+    return [(data, _for_nvjpeg(path, data)) for path, data in zip(paths, _read_all(paths), strict=True)]
+
+
+def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str], *, check: bool = False) -> list[Future]:
     """The files read by ``readers`` (``_READERS`` threads), one task per share of them (a task per file costs
-    more than its read: measured); each future gives its share's tensors, in order."""
+    more than its read: measured); each future gives its share's tensors, in order. ``check``: each tensor
+    comes with whether nvJPEG may decode it (:func:`_for_nvjpeg`, run in the readers, off the decoder's thread)."""
+    task = _read_checked if check else _read_all
     step = max(1, -(-len(paths) // _READERS))
-    return [readers.submit(_read_all, paths[lo : lo + step]) for lo in range(0, len(paths), step)]
+    return [readers.submit(task, paths[lo : lo + step]) for lo in range(0, len(paths), step)]
 
 
 def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:
     """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
 
-    Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
-    ``batches`` is drawn by the decoding thread alone, one batch ahead of its decoding.
+    Each batch is padded on the caller's current stream once the decode stream's event says its images are
+    ready (the padding's thousands of launches are thus not in the decoding thread's way). ``batches`` is drawn
+    by the decoding thread alone, one batch ahead of its decoding.
     """
     out: queue.Queue = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
@@ -254,11 +262,12 @@ def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: 
                 return
             if isinstance(item, BaseException):
                 raise item
-            pixels, sizes, ready = item
+            images, ready = item
             stream = torch.cuda.current_stream(device)
             stream.wait_event(ready)
-            pixels.record_stream(stream)  # its memory is not reused before this stream is done with it
-            yield pixels, sizes
+            for image in images:
+                image.record_stream(stream)  # its memory is not reused before this stream is done with it
+            yield pad_chw(images)  # here, not in the decoding thread: the next batch's decoding goes on meanwhile
     finally:
         stop.set()
         while producer.is_alive():  # unblock a producer waiting on a full queue
@@ -285,7 +294,7 @@ def _produce(
         with ThreadPoolExecutor(max_workers=_READERS) as readers:
 
             def read(indices: np.ndarray) -> list[Future]:
-                return read_shares(readers, [paths[i] for i in indices.tolist()])
+                return read_shares(readers, [paths[i] for i in indices.tolist()], check=True)
 
             upcoming = iter(batches)
             indices = next(upcoming, None)
@@ -293,11 +302,10 @@ def _produce(
             while indices is not None:
                 if stop.is_set():
                     return
-                datas = [data for f in pending for data in f.result()]
+                datas, on_gpu = zip(*[checked for f in pending for checked in f.result()], strict=True)
                 following = next(upcoming, None)
                 pending = read(following) if following is not None else []
                 names = [paths[i] for i in indices.tolist()]
-                on_gpu = [_for_nvjpeg(name, data) for name, data in zip(names, datas, strict=True)]
                 with torch.cuda.stream(stream):
                     images: list[torch.Tensor | None] = [None] * len(names)
                     gpu = [i for i, ok in enumerate(on_gpu) if ok]
@@ -312,10 +320,9 @@ def _produce(
                     for i, image in enumerate(images):
                         if image is None:
                             images[i] = torch.from_numpy(decode(names[i])).permute(2, 0, 1).to(device)
-                    pixels, sizes = pad_chw(images)  # type: ignore[arg-type]
                     ready = torch.cuda.Event()
                     ready.record(stream)
-                put((pixels, sizes, ready))
+                put((images, ready))
                 indices = following
         put(None)
     except BaseException as exc:  # re-raised in the consumer's thread
