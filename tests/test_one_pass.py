@@ -313,7 +313,7 @@ def test_batches_that_straddle_chunks_and_a_resumed_gap_give_the_same_rows(encod
     np.testing.assert_allclose(_features(resumed)["mean"], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch():
+def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch(monkeypatch):
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(5, 9), (8, 4), (3, 3), (7, 10), (6, 2)]]
     expected, sizes = pad_numpy(images)  # np.pad(mode="edge") of each image to the largest
@@ -327,8 +327,14 @@ def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch
     joined, joined_sizes = join_padded([pad_numpy(images[:2]), pad_numpy(images[2:3]), pad_numpy(images[3:])])
     np.testing.assert_array_equal(joined.numpy(), expected.numpy())
     np.testing.assert_array_equal(joined_sizes, sizes)
-    chw, _ = pad_chw([torch.from_numpy(im).permute(2, 0, 1) for im in images])
-    np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
+    chw_images = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
+    for elements in (1 << 25, 2 * 3 * 8 * 10, 1):  # the gather in one chunk, in chunks of 2 images, of 1
+        monkeypatch.setattr("ssl_patchbench.data.batches._PAD_INDEX_ELEMENTS", elements)
+        chw, chw_sizes = pad_chw(chw_images)
+        np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
+        np.testing.assert_array_equal(chw_sizes, sizes)
+    same = [chw_images[3], chw_images[3].flip(1)]  # equal sizes: nothing to pad
+    np.testing.assert_array_equal(pad_chw(same)[0].numpy(), torch.stack(same).numpy())
     assert (height, width) == (8, 10)
 
 

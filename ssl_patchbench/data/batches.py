@@ -7,9 +7,8 @@ never changes a feature):
 - :func:`process_batches`: :func:`ssl_patchbench.data.decode.decode` (PIL) in worker processes, one per
   core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
 - :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
-  background thread on a side CUDA stream, two batches ahead, and padded into a batch by the caller's thread
-  as it takes them; the files are read and checked by a thread pool (``torchvision.io.read_file``) one batch
-  ahead of the decoding. JPEGs nvJPEG should not see (not 3 components, e.g.
+  background thread on a side CUDA stream, two batches ahead; the files are read and checked by a thread pool
+  (``torchvision.io.read_file``) one batch ahead of the decoding. JPEGs nvJPEG should not see (not 3 components, e.g.
   grey or CMYK; no end marker, e.g. truncated) and other files go through the CPU decoder, which names a bad
   file in one error line.
 """
@@ -38,6 +37,7 @@ _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 256  # images per nvJPEG call: the size its 14.4k images/s ceiling was measured at (one H200)
 _READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
+_PAD_INDEX_ELEMENTS = 1 << 25  # gather indices (int64) that pad_chw builds at a time: 256 MB
 _HEADER_BYTES = 4096  # a JPEG's frame header lies within its first bytes unless metadata segments come first
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
@@ -60,20 +60,30 @@ def pad_numpy(images: Sequence[np.ndarray]) -> Batch:
 def pad_chw(images: Sequence[torch.Tensor]) -> Batch:
     """``[3, h, w]`` images (any device) -> ``[B, 3, H, W]`` (edge-replicated to the largest) and their sizes.
 
-    One copy per image, then the edges of the whole batch in two gathers (on a GPU: three kernels per image
-    would be thousands of launches per batch)."""
+    The images are joined end to end (one ``cat``), then every padded pixel is read from its image, at its row
+    and column clamped to the image (``index_select`` of a few chunks of images): a few dozen kernels per batch,
+    where a copy per image would be thousands, whose launches fill the GPU's queue behind the model's work."""
     sizes = np.array([im.shape[1:] for im in images])
     height, width = (int(s) for s in sizes.max(axis=0))
-    out = images[0].new_empty((len(images), 3, height, width))
-    for i, im in enumerate(images):
-        out[i, :, : im.shape[1], : im.shape[2]] = im
     if (sizes == (height, width)).all():
-        return out, sizes
-    limits = torch.from_numpy(sizes - 1).to(out.device, non_blocking=True)
-    rows = torch.arange(height, device=out.device).minimum(limits[:, :1])  # [B, H]: row r reads min(r, h - 1)
-    cols = torch.arange(width, device=out.device).minimum(limits[:, 1:])  # [B, W]
-    out = out.gather(2, rows[:, None, :, None].expand(-1, 3, -1, width))
-    return out.gather(3, cols[:, None, None, :].expand(-1, 3, height, -1)), sizes
+        return torch.stack(list(images)), sizes
+    device = images[0].device
+    flat = torch.cat([im.reshape(-1) for im in images])
+    planes = sizes[:, 0] * sizes[:, 1]
+    starts = np.concatenate([[0], np.cumsum(3 * planes)[:-1]])
+    meta = torch.from_numpy(np.stack([starts, planes, sizes[:, 0], sizes[:, 1]], axis=1).astype(np.int64))
+    meta = meta.to(device, non_blocking=True)
+    out = torch.empty((len(images), 3, height, width), dtype=torch.uint8, device=device)
+    rows, cols, channels = (torch.arange(n, device=device) for n in (height, width, 3))
+    step = max(1, _PAD_INDEX_ELEMENTS // (3 * height * width))
+    for lo in range(0, len(images), step):
+        start, plane, h, w = meta[lo : lo + step].unbind(1)
+        row_starts = rows.minimum(h[:, None] - 1) * w[:, None]  # [b, H]: row r reads row min(r, h - 1)
+        col = cols.minimum(w[:, None] - 1)  # [b, W]
+        plane_starts = start[:, None] + channels * plane[:, None]  # [b, 3]
+        index = plane_starts[:, :, None, None] + row_starts[:, None, :, None] + col[:, None, None, :]
+        torch.index_select(flat, 0, index.view(-1), out=out[lo : lo + step].view(-1))
+    return out, sizes
 
 
 class _Files(torch.utils.data.Dataset):
@@ -247,9 +257,8 @@ def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str], *, check: boo
 def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:
     """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
 
-    Each batch is padded on the caller's current stream once the decode stream's event says its images are
-    ready (the padding's thousands of launches are thus not in the decoding thread's way). ``batches`` is drawn
-    by the decoding thread alone, one batch ahead of its decoding.
+    Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
+    ``batches`` is drawn by the decoding thread alone, one batch ahead of its decoding.
     """
     out: queue.Queue = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
@@ -262,12 +271,11 @@ def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: 
                 return
             if isinstance(item, BaseException):
                 raise item
-            images, ready = item
+            pixels, sizes, ready = item
             stream = torch.cuda.current_stream(device)
             stream.wait_event(ready)
-            for image in images:
-                image.record_stream(stream)  # its memory is not reused before this stream is done with it
-            yield pad_chw(images)  # here, not in the decoding thread: the next batch's decoding goes on meanwhile
+            pixels.record_stream(stream)  # its memory is not reused before this stream is done with it
+            yield pixels, sizes
     finally:
         stop.set()
         while producer.is_alive():  # unblock a producer waiting on a full queue
@@ -320,9 +328,10 @@ def _produce(
                     for i, image in enumerate(images):
                         if image is None:
                             images[i] = torch.from_numpy(decode(names[i])).permute(2, 0, 1).to(device)
+                    pixels, sizes = pad_chw(images)  # type: ignore[arg-type]
                     ready = torch.cuda.Event()
                     ready.record(stream)
-                put((images, ready))
+                put((pixels, sizes, ready))
                 indices = following
         put(None)
     except BaseException as exc:  # re-raised in the consumer's thread
