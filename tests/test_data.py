@@ -55,3 +55,36 @@ def test_digits_are_offline_32px_and_disjoint():
 def test_missing_or_unknown_data_is_a_user_error(name, data_dir, match):
     with pytest.raises(UserError, match=match):
         open_split(name, "train", data_dir=data_dir)
+
+
+def test_a_folder_is_listed_as_pathlib_lists_it(tmp_path):
+    """The listing (os.scandir) finds what ``Path.rglob`` + ``is_file`` finds: nested folders, upper-case
+    suffixes and links to files count; folders that are links, broken links and other files do not; the store
+    key's file hash is over the names relative to the split folder."""
+    import hashlib
+    import os
+
+    from ssl_patchbench.data.datasets import IMAGE_SUFFIXES
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls / "deep" / "er").mkdir(parents=True)
+            for name in ("x.jpg", "deep/y.PNG", "deep/er/z.jpeg", "notes.txt"):
+                Image.new("RGB", (5, 4)).save(tmp_path / split / cls / name, format="PNG")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (5, 4)).save(outside / "o.jpg")
+    (tmp_path / "train" / "a" / "linked_dir").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "train" / "a" / "linked.jpg").symlink_to(outside / "o.jpg")
+    (tmp_path / "train" / "a" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    split = open_split("folder", "train", data_dir=tmp_path)
+    folder = tmp_path / "train"
+    expected = [
+        str(p)
+        for cls in ("a", "b")
+        for p in sorted((folder / cls).rglob("*"), key=str)
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    ]
+    assert split.paths == sorted(expected[:4]) + sorted(expected[4:]) and len(expected) == 7
+    relative = "\n".join(os.path.relpath(p, folder) for p in expected)
+    assert split.identity["files_sha256"] == hashlib.sha256(relative.encode()).hexdigest()
