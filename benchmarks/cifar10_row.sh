@@ -10,6 +10,11 @@
 #   DATA_ROOT holds cifar10/{train,test} (python ../shared/data/materialize.py cifar10 DATA_ROOT).
 set -euo pipefail
 ckpt=$1 data=$2 work=$3 what=${4:-row}
+# start every eval as on a usual install, with its modules' bytecode cached (benchmarks/common.py: cache_bytecode)
+python -c "import sys; sys.path.insert(0, sys.argv[1]); from common import cache_bytecode; cache_bytecode(sys.argv[2])" \
+  "$(dirname "$0")" "$work/pycache"
+export PYTHONPYCACHEPREFIX=$work/pycache
+unset PYTHONDONTWRITEBYTECODE
 timed() {  # HOME NAME ARGS...: run `patchbench eval ARGS` and print its rows and one line with its wall seconds
   local home=$1 name=$2 start end
   shift 2
@@ -19,7 +24,7 @@ timed() {  # HOME NAME ARGS...: run `patchbench eval ARGS` and print its rows an
   end=$(date +%s.%N)
   python -c "import json, torch; print(json.dumps({'measurement': 'cifar10_eval', 'run': '$name', \
 'wall_seconds': round($end - $start, 1), 'gpu': torch.cuda.get_device_name(0), 'date': '$(date -u +%F)', \
-'command': 'patchbench eval $*'}))"
+'child_bytecode': 'cached', 'command': 'patchbench eval $*'}))"
 }
 windows=(--patch-size 16 --stride 4 --aggregate mean,gridpool)
 case $what in

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from common import emit
+from common import cache_bytecode, emit
 from PIL import Image
 
 from ssl_patchbench.data.batches import decode_workers
@@ -447,6 +447,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated measurements to leave out")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
+    cache_bytecode(args.root / "pycache")  # every eval below starts as on a usual install
     data = args.root / "imagenet_like"
     paths = write_folder(data, args.train, args.val, args.classes)
     checkpoint = args.root / "vicreg_rn50_random.pth"
