@@ -14,12 +14,12 @@ from ssl_patchbench.data.batches import (
     _for_nvjpeg,
     _read,
     join_padded,
-    jpeg_header,
     pad_chw,
     pad_numpy,
     read_shares,
 )
 from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.data.decode import image_size, jpeg_header
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore, StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -218,6 +218,31 @@ def test_jpeg_header_gives_pils_size_and_components(mixed_split, tmp_path):
             expected = (im.height, im.width, len(im.getbands()))
         assert jpeg_header(Path(path).read_bytes()) == expected
     assert jpeg_header(b"\x89PNG\r\n\x1a\n....") is None
+
+
+def test_image_size_reads_jpeg_frame_headers_as_pillow_and_refuses_a_bomb(mixed_split, tmp_path, monkeypatch):
+    """A JPEG's size comes from its frame header (Pillow is not asked); a PNG named .jpg, a frame header behind
+    more metadata than the first bytes read, and a missing file go through Pillow, with its size or its error;
+    a header over the pixel limit is refused before anything is decoded."""
+    seen = []
+    real = Image.open
+    monkeypatch.setattr("ssl_patchbench.data.decode.Image.open", lambda *a, **k: seen.append(a[0]) or real(*a, **k))
+    png = tmp_path / "png.jpg"
+    Image.new("RGB", (13, 9)).save(png, format="PNG")
+    commented = tmp_path / "commented.jpg"  # a 6,000-byte comment segment before the frame header
+    raw = Path(mixed_split.paths[0]).read_bytes()
+    commented.write_bytes(raw[:2] + b"\xff\xfe" + (6002).to_bytes(2, "big") + b"x" * 6000 + raw[2:])
+    for path in [*mixed_split.paths, str(png), str(commented)]:
+        with real(path) as im:
+            assert image_size(path) == (im.height, im.width)
+    assert seen == [str(png), str(commented)]  # the eight plain JPEGs never reached Pillow
+    with pytest.raises(UserError, match=r"cannot read image .*missing\.jpg"):
+        image_size(str(tmp_path / "missing.jpg"))
+    at = raw.index(b"\xff\xc0") + 5  # baseline frame header: length (2), precision (1), then height, width
+    bomb = tmp_path / "bomb.jpg"
+    bomb.write_bytes(raw[:at] + (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big") + raw[at + 4 :])
+    with pytest.raises(UserError, match=r"bomb\.jpg is 20000x20000 px"):
+        image_size(str(bomb))
 
 
 def test_nvjpeg_takes_only_whole_three_component_jpegs_and_reads_them_as_pil_does(mixed_split, tmp_path):

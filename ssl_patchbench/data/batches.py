@@ -29,17 +29,14 @@ import torch
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.data.check import TAIL_BYTES, ends_whole
-from ssl_patchbench.data.decode import check_pixels, decode, unreadable_file
+from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, check_pixels, decode, jpeg_header, unreadable_file
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 256  # images per nvJPEG call: the size its 14.4k images/s ceiling was measured at (one H200)
 _READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
 _PAD_INDEX_ELEMENTS = 1 << 25  # gather indices (int64) that pad_chw builds at a time: 256 MB
-_HEADER_BYTES = 4096  # a JPEG's frame header lies within its first bytes unless metadata segments come first
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
 def pad_numpy(images: Sequence[np.ndarray]) -> Batch:
@@ -186,34 +183,11 @@ def all_jpeg(paths: Sequence[str]) -> bool:
     return bool(paths) and all(p.lower().endswith(JPEG_SUFFIXES) for p in paths)
 
 
-def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """(height, width, components) from a JPEG's frame header, or None when ``data`` has none (not a JPEG)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker in _SOF_MARKERS:
-            if pos + 10 > len(data):
-                return None
-            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
-            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
-            return height, width, data[pos + 9]
-        pos += 2 + length
-    return None
-
-
 def _for_nvjpeg(path: str, data: torch.Tensor) -> bool:
     """True for a complete 3-component JPEG within the pixel limit; False sends the file to the CPU decoder."""
     raw = data.numpy()  # a view: numpy slices cost a fraction of tensor slices
-    header = jpeg_header(raw[:_HEADER_BYTES].tobytes())
-    if header is None and len(raw) > _HEADER_BYTES:  # a frame header behind large metadata segments
+    header = jpeg_header(raw[:HEADER_BYTES].tobytes())
+    if header is None and len(raw) > HEADER_BYTES:  # a frame header behind large metadata segments
         header = jpeg_header(raw.tobytes())
     if header is None:
         return False
