@@ -14,12 +14,13 @@ from ssl_patchbench.data.batches import (
     _for_nvjpeg,
     _read,
     join_padded,
+    nvjpeg_batches,
     pad_chw,
     pad_numpy,
     read_shares,
 )
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.data.decode import image_size, jpeg_header
+from ssl_patchbench.data.decode import decode, image_size, jpeg_header
 from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore, StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -295,6 +296,56 @@ def test_files_read_and_checked_in_shares_say_which_go_to_nvjpeg(mixed_split, tm
     monkeypatch.setattr("ssl_patchbench.data.decode.MAX_PIXELS", 100)
     with ThreadPoolExecutor(max_workers=4) as readers, pytest.raises(UserError, match=r"0\.jpg"):
         [share.result() for share in read_shares(readers, paths, check=True)]
+
+
+class _NoStream:
+    """Stands in for a CUDA stream or event where the test runs the nvJPEG decoder's threads on the CPU."""
+
+    def __init__(self, *_args) -> None:
+        pass
+
+    def wait_event(self, _event) -> None:
+        pass
+
+    def record(self, _stream=None) -> None:
+        pass
+
+
+def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_bad_file(
+    mixed_split, tmp_path, monkeypatch
+):
+    """The planner, reader and decoding threads of ``nvjpeg_batches`` run on the CPU (torchvision's CPU decoder in
+    nvJPEG's place, CUDA's streams and events stubbed): every batch comes back in the order drawn, as the files
+    decoded one by one and edge-padded, a grey JPEG through the CPU decoder; a truncated file is its error line."""
+    from contextlib import nullcontext
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
+    monkeypatch.setattr(torch.cuda, "Event", _NoStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _NoStream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    grey = tmp_path / "grey.jpg"
+    Image.new("L", (31, 17), 99).save(grey)
+    paths = [*mixed_split.paths, str(grey)]
+    batches = [np.array([0, 1, 2]), np.array([8, 3]), np.array([4, 5, 6, 7])]
+    got = list(nvjpeg_batches(paths, iter(batches), torch.device("cpu")))
+    assert len(got) == len(batches)
+    for indices, (pixels, sizes) in zip(batches, got, strict=True):
+        images = [
+            torch.from_numpy(decode(paths[i])).permute(2, 0, 1)
+            if paths[i] == str(grey)
+            else decode_jpeg(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)), mode=ImageReadMode.RGB)
+            for i in indices
+        ]
+        expected, expected_sizes = pad_numpy([im.permute(1, 2, 0).numpy() for im in images])
+        np.testing.assert_array_equal(pixels.permute(0, 2, 3, 1).numpy(), expected.numpy())
+        np.testing.assert_array_equal(sizes, expected_sizes)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(Path(paths[0]).read_bytes()[:300])
+    with pytest.raises(UserError, match=r"truncated\.jpg"):
+        list(nvjpeg_batches([*paths, str(truncated)], iter([np.array([0, 1]), np.array([9, 2])]), torch.device("cpu")))
 
 
 def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):

@@ -232,7 +232,7 @@ def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: 
     """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
 
     Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
-    ``batches`` is drawn by the decoding thread alone, one batch ahead of its decoding.
+    ``batches`` is drawn by one planner thread, one batch ahead of the decoding (its files read meanwhile).
     """
     out: queue.Queue = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
@@ -273,20 +273,24 @@ def _produce(
                 continue
 
     try:
-        with ThreadPoolExecutor(max_workers=_READERS) as readers:
-
-            def read(indices: np.ndarray) -> list[Future]:
-                return read_shares(readers, [paths[i] for i in indices.tolist()], check=True)
-
+        with ThreadPoolExecutor(max_workers=_READERS) as readers, ThreadPoolExecutor(max_workers=1) as planner:
             upcoming = iter(batches)
-            indices = next(upcoming, None)
-            pending = read(indices) if indices is not None else []
-            while indices is not None:
-                if stop.is_set():
-                    return
+
+            def draw() -> tuple[np.ndarray | None, list[Future]]:
+                """The next batch, its files' reads under way (in the planner thread: drawing a batch reads its
+                file headers, which then overlaps this thread's decoding)."""
+                indices = next(upcoming, None)
+                if indices is None:
+                    return None, []
+                return indices, read_shares(readers, [paths[i] for i in indices.tolist()], check=True)
+
+            ahead = planner.submit(draw)
+            while True:
+                indices, pending = ahead.result()
+                if indices is None or stop.is_set():
+                    break
                 datas, on_gpu = zip(*[checked for f in pending for checked in f.result()], strict=True)
-                following = next(upcoming, None)
-                pending = read(following) if following is not None else []
+                ahead = planner.submit(draw)
                 names = [paths[i] for i in indices.tolist()]
                 with torch.cuda.stream(stream):
                     images: list[torch.Tensor | None] = [None] * len(names)
@@ -306,7 +310,6 @@ def _produce(
                     ready = torch.cuda.Event()
                     ready.record(stream)
                 put((pixels, sizes, ready))
-                indices = following
         put(None)
     except BaseException as exc:  # re-raised in the consumer's thread
         put(exc)
