@@ -67,8 +67,12 @@ class ImageSplit:
         """``[B, 2]`` (height, width) of images ``indices``, from the arrays or the file headers (not decoded)."""
         if self.array is not None:
             return np.tile(self.array.shape[1:3], (len(indices), 1))
-        with ThreadPoolExecutor(max_workers=min(8, available_cores())) as pool:  # header reads wait on the disk
-            found = list(pool.map(image_size, [self.paths[i] for i in indices]))  # type: ignore[index]
+        paths = [self.paths[i] for i in indices]  # type: ignore[index]
+        threads = min(8, available_cores())  # header reads wait on the disk when it is cold
+        step = max(1, -(-len(paths) // threads))  # one task per share: a task per file costs more than its read
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            shares = pool.map(_image_sizes, [paths[lo : lo + step] for lo in range(0, len(paths), step)])
+            found = [size for share in shares for size in share]
         return np.array(found, dtype=np.int64).reshape(-1, 2)
 
     def subset(self, per_class: int | None) -> ImageSplit:
@@ -86,6 +90,10 @@ class ImageSplit:
             paths=None if self.paths is None else [self.paths[i] for i in keep],
             skipped=self.skipped,
         )
+
+
+def _image_sizes(paths: list[str]) -> list[tuple[int, int]]:
+    return [image_size(path) for path in paths]
 
 
 def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
