@@ -238,7 +238,10 @@ def test_image_size_reads_jpeg_frame_headers_as_pillow_and_refuses_a_bomb(mixed_
             assert image_size(path) == (im.height, im.width)
     assert seen == [str(png), str(commented)]  # the eight plain JPEGs never reached Pillow
     order = np.array([5, 0, 7, 2, 2, 6, 1, 3, 4])  # in shares of the pool's threads, back in this order
-    expected = [(real(mixed_split.paths[i]).height, real(mixed_split.paths[i]).width) for i in order]
+    expected = []
+    for i in order:
+        with real(mixed_split.paths[i]) as im:
+            expected.append((im.height, im.width))
     np.testing.assert_array_equal(mixed_split.sizes(order), expected)
     with pytest.raises(UserError, match=r"cannot read image .*missing\.jpg"):
         image_size(str(tmp_path / "missing.jpg"))
