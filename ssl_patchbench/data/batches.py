@@ -7,10 +7,10 @@ never changes a feature):
 - :func:`process_batches`: :func:`ssl_patchbench.data.decode.decode` (PIL) in worker processes, one per
   core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
 - :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
-  background thread on a side CUDA stream, two batches ahead; the files are read and checked by a thread pool
-  (``torchvision.io.read_file``) one batch ahead of the decoding. JPEGs nvJPEG should not see (not 3 components, e.g.
-  grey or CMYK; no end marker, e.g. truncated) and other files go through the CPU decoder, which names a bad
-  file in one error line.
+  background thread on a side CUDA stream, two batches ahead; a planner thread draws the next batch and a
+  thread pool reads and checks its files (``torchvision.io.read_file``) while the current one decodes. JPEGs
+  nvJPEG should not see (not 3 components, e.g. grey or CMYK; no end marker, e.g. truncated) and other files
+  go through the CPU decoder, which names a bad file in one error line.
 """
 
 from __future__ import annotations
