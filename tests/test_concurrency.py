@@ -112,3 +112,16 @@ def test_results_lines_are_never_interleaved_or_lost(tmp_path):
     assert all(r["payload"] == str(r["writer"]) * (20_000 + 997 * r["i"]) for r in records)
     for w in range(4):  # each writer's lines stay in its order
         assert [r["i"] for r in records if r["writer"] == w] == list(range(50))
+
+
+def test_work_in_shares_is_one_task_per_consecutive_share_in_order():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ssl_patchbench.core.shares import submit_shares
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = submit_shares(pool, lambda part: [(len(part), x * x) for x in part], list(range(10)), 3)
+        got = [pair for future in futures for pair in future.result()]
+        assert submit_shares(pool, lambda part: list(part), [], 3) == []
+    assert [x for _, x in got] == [x * x for x in range(10)]
+    assert [n for n, _ in got] == [4] * 4 + [4] * 4 + [2] * 2  # ceil(10 / 3) = 4 items a share: 4, 4, 2

@@ -28,6 +28,7 @@ import torch
 
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
+from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.check import TAIL_BYTES, ends_whole
 from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, check_pixels, decode, jpeg_header, unreadable_file
 
@@ -220,12 +221,10 @@ def _read_checked(paths: Sequence[str]) -> list[tuple[torch.Tensor, bool]]:
 
 
 def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str], *, check: bool = False) -> list[Future]:
-    """The files read by ``readers`` (``_READERS`` threads), one task per share of them (a task per file costs
-    more than its read: measured); each future gives its share's tensors, in order. ``check``: each tensor
+    """The files read by ``readers`` (``_READERS`` threads), one task per share of them
+    (:mod:`ssl_patchbench.core.shares`); each future gives its share's tensors, in order. ``check``: each tensor
     comes with whether nvJPEG may decode it (:func:`_for_nvjpeg`, run in the readers, off the decoder's thread)."""
-    task = _read_checked if check else _read_all
-    step = max(1, -(-len(paths) // _READERS))
-    return [readers.submit(task, paths[lo : lo + step]) for lo in range(0, len(paths), step)]
+    return submit_shares(readers, _read_checked if check else _read_all, paths, _READERS)
 
 
 def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:

@@ -22,6 +22,7 @@ from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError, did_you_mean
 from ssl_patchbench.core.files import atomic_path
 from ssl_patchbench.core.paths import home
+from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.batches import process_batches
 from ssl_patchbench.data.check import bad_files
 from ssl_patchbench.data.decode import decode, image_size, shown
@@ -69,10 +70,8 @@ class ImageSplit:
             return np.tile(self.array.shape[1:3], (len(indices), 1))
         paths = [self.paths[i] for i in indices]  # type: ignore[index]
         threads = min(8, available_cores())  # header reads wait on the disk when it is cold
-        step = max(1, -(-len(paths) // threads))  # one task per share: a task per file costs more than its read
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            shares = pool.map(_image_sizes, [paths[lo : lo + step] for lo in range(0, len(paths), step)])
-            found = [size for share in shares for size in share]
+            found = [size for share in submit_shares(pool, _image_sizes, paths, threads) for size in share.result()]
         return np.array(found, dtype=np.int64).reshape(-1, 2)
 
     def subset(self, per_class: int | None) -> ImageSplit:
