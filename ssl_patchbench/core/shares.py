@@ -1,7 +1,8 @@
 """Work on many small files in a thread pool, one task per share of them.
 
-A task per file costs more than a header or file read itself (measured: 82 against 31 us a header on 2 cores,
-74 against 20 us a file read on an H200), so the files are cut into one consecutive share per thread.
+A task per file costs more than a header or file read itself (measured: a JPEG header in 82 us as a task of its
+own against 31 us in shares, on 2 cores; a 108 KB file in 74 us as a task of its own against 20 us read in one
+thread, on the H200 machine), so the files are cut into one consecutive share per thread.
 """
 
 from __future__ import annotations
