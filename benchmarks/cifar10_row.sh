@@ -15,16 +15,37 @@ python -c "import sys; sys.path.insert(0, sys.argv[1]); from common import cache
   "$(dirname "$0")" "$work/pycache"
 export PYTHONPYCACHEPREFIX=$work/pycache
 unset PYTHONDONTWRITEBYTECODE
-timed() {  # HOME NAME ARGS...: run `patchbench eval ARGS` and print its rows and one line with its wall seconds
-  local home=$1 name=$2 start end
+timed() {  # HOME NAME ARGS...: run `patchbench eval ARGS`; print its rows, one line with its wall seconds and one
+  # with where that time went (each record's kNN and probe seconds, each pass's seconds and first forward); its
+  # info log goes to stderr, every line prefixed with the seconds since the command started
+  local home=$1 name=$2 start end before
   shift 2
+  before=0
+  if [[ -f $home/results.jsonl ]]; then before=$(wc -l <"$home/results.jsonl"); fi
   start=$(date +%s.%N)
-  python -m ssl_patchbench eval --model resnet18_cifar --checkpoint "$ckpt" --dataset cifar10 --data-dir "$data" \
-    --home "$home" --json "$@"
+  python -m ssl_patchbench -v eval --model resnet18_cifar --checkpoint "$ckpt" --dataset cifar10 --data-dir "$data" \
+    --home "$home" --json "$@" 2> >(python -u -c "import sys, time
+for line in sys.stdin: print(f'{time.time() - $start:7.2f} {line}', end='', file=sys.stderr)")
   end=$(date +%s.%N)
   python -c "import json, torch; print(json.dumps({'measurement': 'cifar10_eval', 'run': '$name', \
-'wall_seconds': round($end - $start, 1), 'gpu': torch.cuda.get_device_name(0), 'date': '$(date -u +%F)', \
+'wall_seconds': round($end - $start, 1), 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none', 'date': '$(date -u +%F)', \
 'child_bytecode': 'cached', 'command': 'patchbench eval $*'}))"
+  python - "$home/results.jsonl" "$start" "$name" "$before" <<'PY'
+import json, sys
+recent = [json.loads(line) for line in open(sys.argv[1])][int(sys.argv[4]):]
+started = float(sys.argv[2])
+def split_pass(timing):
+    if not timing:
+        return None
+    first = timing["pass"].get("first_forward_at")
+    return {"seconds": timing["seconds"], "first_forward_after_s": round(first - started, 2) if first else None}
+print(json.dumps({"measurement": "cifar10_eval_timings", "run": sys.argv[3], "records": [
+    {"representation": r["representation"], "aggregation": r.get("aggregation"), "space": r.get("space"),
+     "knn_seconds": round(r["timings"].get("knn_seconds", 0.0), 2),
+     "probe_seconds": round(r["timings"].get("probe_seconds", 0.0), 2),
+     "train_pass": split_pass(r["timings"].get("extraction_train")),
+     "test_pass": split_pass(r["timings"].get("extraction_test"))} for r in recent]}))
+PY
 }
 windows=(--patch-size 16 --stride 4 --aggregate mean,gridpool)
 case $what in
