@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,13 +176,20 @@ def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: tor
 
 
 def run_eval(
-    name: str, checkpoint: Path, data: Path, home: Path, *extra: str, profile: bool = False, model: str = "vicreg_rn50"
+    name: str,
+    checkpoint: Path,
+    data: Path,
+    home: Path,
+    *extra: str,
+    profile: bool = False,
+    model: str = "vicreg_rn50",
+    prefix: tuple[str, ...] = (),
 ) -> list[dict]:
     """``patchbench eval`` in a fresh process, as a user runs it; its records, wall seconds and the seconds from
     the command's start to its first batch done (``profile``: under cProfile, whose top entries by cumulative
-    time are emitted too)."""
+    time are emitted too; ``prefix``: a command it runs under, such as a sampling profiler)."""
     profiler = ["-m", "cProfile", "-o", str(home / "eval.prof")] if profile else []
-    command = [sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", model, "--checkpoint"]
+    command = [*prefix, sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", model, "--checkpoint"]
     command += [str(checkpoint), "--dataset", "imagenet", "--data-dir", str(data), "--eval", "knn", "--json"]
     command += ["--home", str(home), *extra]
     launched = time.time()
@@ -217,6 +225,19 @@ def run_eval(
             knn_seconds=round(record["timings"].get("knn_seconds", 0), 2),
         )
     return mine
+
+
+def spied_central(checkpoint: Path, data: Path, root: Path) -> None:
+    """The central ``--decode gpu`` eval under py-spy (where installed), twice: every thread's samples while it
+    runs (``central_threads.spy``) and only the thread holding the GIL (``central_gil.spy``), as raw stacks."""
+    if shutil.which("py-spy") is None:
+        emit(measurement="central py-spy", error="py-spy is not installed")
+        return
+    for kind, flags in (("threads", ()), ("gil", ("--gil",))):
+        out = root / f"central_{kind}.spy"
+        spy = ("py-spy", "record", "--threads", "--rate", "250", "--format", "raw", "--output", str(out), *flags, "--")
+        home, args = root / f"home_spy_{kind}", ("--patches", "central", "--decode", "gpu")
+        run_eval(f"central py-spy {kind}", checkpoint, data, home, *args, prefix=spy)
 
 
 def emit_profile(name: str, path: Path, wall: float, top: int = 25) -> None:
@@ -500,6 +521,7 @@ def main() -> None:
         "central+16+48": lambda: run_eval(
             "central+16+48", checkpoint, data, root / "home_all", "--patches", "central,16,48", *compiled
         ),
+        "central py-spy": lambda: spied_central(checkpoint, data, root),
         "imports": imports,
         "nvjpeg_phases": lambda: nvjpeg_phases(paths["train"]),
         "file_reads": lambda: file_reads(paths["train"]),
