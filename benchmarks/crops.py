@@ -5,9 +5,8 @@ shaped as an eval's, and how far each lands from ``roi_align`` / the float32 Pil
 
 Cases: ImageNet-size images (280-420 x 330-470 px, as ``imagenet_like.py`` writes) with 16 random boxes and with
 the central view (Pillow's filter), ViT-benchmark images (500x375) with 16 boxes, CIFAR (32 px) with 16 boxes.
-Paths: torchvision's ``roi_align`` on the uint8 batch converted to float32 and ``sampling.roi_crops``' Triton
-kernel on the uint8 batch as it is (random patches: the same numbers), the Pillow path in float32 and in float16
-(the central view; float16 is what a bf16 eval on CUDA runs). One JSON line per case and path.
+Paths: ``roi_align`` on the uint8 batch converted to float32 (random patches), the Pillow path in float32 and
+in float16 (the central view; float16 is what a bf16 eval on CUDA runs). One JSON line per case and path.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 from breakdown import cuda_ms
 from common import emit
-from torchvision.ops import roi_align
 
 from ssl_patchbench.sampling.patches import PatchSpec, crop_and_resize
 
@@ -37,14 +35,8 @@ def case(name: str, spec: PatchSpec, images: int, heights, widths, iters: int) -
     boxes = spec.boxes(np.arange(images), sizes[:, 0], sizes[:, 1]).reshape(-1, 4)
     boxes_t = torch.from_numpy(boxes).float().cuda()
     owner = torch.arange(images, device="cuda").repeat_interleave(spec.num_patches)
-    rois = torch.cat([owner.float()[:, None], boxes_t], 1)
-
-    def torchvision_roi_align() -> torch.Tensor:  # what the box filter ran before sampling.roi_crops
-        return roi_align(pixels.float(), rois, spec.out_size, 1.0, -1, True)
-
-    paths = {  # name -> (antialias, dtype); the first of each antialias is the reference of the others
+    paths = {  # name -> (antialias, dtype)
         "roi_align_fp32": ("box", None),
-        "roi_crops_triton": ("box", None),
         "pillow_fp32": ("pillow", None),
         "pillow_fp16": ("pillow", torch.float16),
     }
@@ -55,9 +47,6 @@ def case(name: str, spec: PatchSpec, images: int, heights, widths, iters: int) -
 
         def crops(antialias=antialias, dtype=dtype) -> torch.Tensor:
             return crop_and_resize(pixels, boxes_t, owner, spec.out_size, spec.interpolation, antialias, dtype)
-
-        if path == "roi_align_fp32":
-            crops = torchvision_roi_align
 
         out = crops().float()
         reference.setdefault(antialias, out)
