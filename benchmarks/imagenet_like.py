@@ -501,6 +501,9 @@ def main() -> None:
         "model_only_compiled": lambda: model_only(checkpoint, compiled=True),
         "model_only_channels_last": lambda: model_only(checkpoint, compiled=True, layout=torch.channels_last),
         "central": lambda: run_eval("central", checkpoint, data, root / "home_c", "--patches", "central", *gpu),
+        "central compiled": lambda: run_eval(
+            "central compiled", checkpoint, data, root / "home_cc", "--patches", "central", *gpu, *compiled
+        ),
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
         "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),
