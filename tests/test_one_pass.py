@@ -317,6 +317,7 @@ class _NoStream:
         pass
 
 
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # the grey file's CPU fallback
 def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_bad_file(
     mixed_split, tmp_path, monkeypatch
 ):
@@ -340,7 +341,7 @@ def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_
     assert len(got) == len(batches)
     for indices, (pixels, sizes) in zip(batches, got, strict=True):
         images = [
-            torch.from_numpy(decode(paths[i])).permute(2, 0, 1)
+            torch.tensor(decode(paths[i])).permute(2, 0, 1)
             if paths[i] == str(grey)
             else decode_jpeg(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)), mode=ImageReadMode.RGB)
             for i in indices

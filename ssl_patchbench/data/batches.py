@@ -303,8 +303,8 @@ def _produce(
                         for i, image in zip(part, decoded, strict=True):
                             images[i] = image
                     for i, image in enumerate(images):
-                        if image is None:
-                            images[i] = torch.from_numpy(decode(names[i])).permute(2, 0, 1).to(device)
+                        if image is None:  # torch.tensor copies Pillow's read-only array
+                            images[i] = torch.tensor(decode(names[i]), device=device).permute(2, 0, 1)
                     pixels, sizes = pad_chw(images)  # type: ignore[arg-type]
                     ready = torch.cuda.Event()
                     ready.record(stream)
