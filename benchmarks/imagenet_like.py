@@ -13,8 +13,9 @@ Measured, one JSON line each:
 - ``model_only``: the compiled encoder (bf16) on ready 224 px batches of the eval's slice size, in the eval's
   input layout (``model_only_channels_last``: handed over in channels-last instead, the layout before 2026-12-02);
 - ``eval``: ``patchbench eval --decode gpu`` as a user runs it (a fresh process and cache): central, 16, 48,
-  central+16+48 in one call, a rerun on complete stores, and central with the default (PIL) decoder; wall
-  seconds and the stores' extraction rates;
+  central+16+48 in one call, a rerun on complete stores, central with the default (PIL) decoder and with the
+  compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
+  it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
