@@ -30,7 +30,7 @@ from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.check import TAIL_BYTES, ends_whole
-from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, check_pixels, decode, jpeg_header, unreadable_file
+from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, checked_jpeg_header, decode, unreadable_file
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
@@ -187,14 +187,10 @@ def all_jpeg(paths: Sequence[str]) -> bool:
 def _for_nvjpeg(path: str, data: torch.Tensor) -> bool:
     """True for a complete 3-component JPEG within the pixel limit; False sends the file to the CPU decoder."""
     raw = data.numpy()  # a view: numpy slices cost a fraction of tensor slices
-    header = jpeg_header(raw[:HEADER_BYTES].tobytes())
+    header = checked_jpeg_header(path, raw[:HEADER_BYTES].tobytes())
     if header is None and len(raw) > HEADER_BYTES:  # a frame header behind large metadata segments
-        header = jpeg_header(raw.tobytes())
-    if header is None:
-        return False
-    height, width, components = header
-    check_pixels(path, width, height)
-    return components == 3 and height > 0 and width > 0 and ends_whole(raw[-TAIL_BYTES:].tobytes(), "JPEG")
+        header = checked_jpeg_header(path, raw.tobytes())
+    return header is not None and header[2] == 3 and ends_whole(raw[-TAIL_BYTES:].tobytes(), "JPEG")
 
 
 def _read(path: str) -> torch.Tensor:

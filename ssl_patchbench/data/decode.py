@@ -106,14 +106,20 @@ def _jpeg_size(path: str) -> tuple[int, int] | None:
     there, or the file cannot be read (Pillow then says why, in the decoders' words)."""
     try:
         with open(path, "rb") as f:
-            header = jpeg_header(f.read(HEADER_BYTES))
+            header = checked_jpeg_header(path, f.read(HEADER_BYTES))
     except OSError:
         return None
+    return None if header is None else header[:2]
+
+
+def checked_jpeg_header(path: str, data: bytes) -> tuple[int, int, int] | None:
+    """:func:`jpeg_header` of ``data``, None also for a side of 0 pixels; an image over the pixel limit is
+    refused, by its path (what every reader of JPEG headers checks before the file is decoded)."""
+    header = jpeg_header(data)
     if header is None or 0 in header[:2]:
         return None
-    height, width, _ = header
-    check_pixels(path, width, height)
-    return height, width
+    check_pixels(path, header[1], header[0])
+    return header
 
 
 def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
