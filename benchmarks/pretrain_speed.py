@@ -4,7 +4,7 @@
 forward + loss + backward, LARS), each stage timed with CUDA events.
 
     python benchmarks/pretrain_speed.py --data DIR [--epochs 4] [--modes reference,eager,compiled,cudagraphs]
-        [--stages] [--profile]
+        [--stages] [--profile] [--schedule-epochs 150] [--seed 0] [--save FILE]
 
 DIR holds cifar10/{train,test} (``python ../shared/data/materialize.py cifar10 DIR``). Run from the repository
 root (the reference step is imported from ``tests``). One JSON line per measurement.
@@ -25,9 +25,18 @@ import torch
 from breakdown import cuda_ms
 from common import emit, kernel_profile
 
+from ssl_patchbench.core.devices import resolve_device
 from ssl_patchbench.pretrain.augment import byol_augments, draw_views, make_views
-from ssl_patchbench.pretrain.lars import build_lars
-from ssl_patchbench.pretrain.train import PretrainConfig, arch_entry, build_trainee, load_images, pretrain, setup_run
+from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars
+from ssl_patchbench.pretrain.train import (
+    PretrainConfig,
+    arch_entry,
+    build_trainee,
+    load_images,
+    pretrain,
+    save_solo_checkpoint,
+    setup_run,
+)
 from ssl_patchbench.sampling.geometry import ATTEMPTS, random_resized_boxes, uniforms_from_array
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -67,22 +76,25 @@ def gpu_busy(cfg: PretrainConfig) -> dict:
     }
 
 
-def reference_epochs(cfg: PretrainConfig, epochs: int) -> dict:
+def reference_epochs(cfg: PretrainConfig, epochs: int, save: Path | None = None) -> dict:
     """The independent eager step over the same data: views cut and augmented as the trainer does, then
-    ``reference_step`` (VICReg's LARS, one parameter at a time; bf16 autocast; channels_last)."""
-    device = torch.device("cuda")
+    ``reference_step`` (VICReg's LARS, one parameter at a time; bf16 autocast; channels_last), on the trainer's
+    schedule of ``cfg.epochs`` (1 warm-up epoch, cosine), seeded by ``cfg.seed``. With ``save`` its weights
+    after ``epochs`` go there in solo-learn's layout, for ``patchbench eval`` (the quality side by side)."""
+    device = resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True
     entry = arch_entry(cfg.arch)
     images, _ = load_images(cfg, device)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     model = build_trainee(entry).to(device).train().to(memory_format=torch.channels_last)
     lr = cfg.lr * cfg.batch_size / 256
     optimiser = ReferenceLARS(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    gen, rng = torch.Generator(device=device).manual_seed(0), np.random.default_rng(0)
+    gen, rng = torch.Generator(device=device).manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
     pre = entry.preprocessing
     mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     steps, rows = len(images) // cfg.batch_size, 2 * cfg.batch_size
+    schedule = WarmupCosine(lr, steps, steps * cfg.epochs)
     seconds, losses = [], []
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -98,10 +110,13 @@ def reference_epochs(cfg: PretrainConfig, epochs: int) -> dict:
             views = make_views(batch, boxes[i], n_views=2, out_size=pre.input_size,
                                augments=byol_augments(pre.input_size), gen=gen)  # fmt: skip
             x, y = (((v - mean) / std).contiguous(memory_format=torch.channels_last) for v in views)
-            warm = min(1.0, (epoch * steps + i + 1) / steps)  # a 1-epoch linear warm-up, as the issue's script
-            total += reference_step(model, optimiser, x, y, lr * warm, amp=torch.bfloat16)
+            amp = torch.bfloat16 if device.type == "cuda" else None
+            total += reference_step(model, optimiser, x, y, schedule(epoch * steps + i), amp=amp)
         losses.append(round(total.item() / steps, 3))
         seconds.append(time.perf_counter() - start)
+    if save is not None:
+        meta = {"method": "vicreg", "arch": cfg.arch, "scale": list(cfg.scale), "epochs": epochs, "seed": cfg.seed}
+        save_solo_checkpoint(save, model.backbone, model.projector, meta)
     later = seconds[1:] or seconds
     return {"first_epoch_s": round(seconds[0], 2), "seconds_per_epoch": round(statistics.median(later), 3),
             "epoch_losses": losses}  # fmt: skip
@@ -126,7 +141,7 @@ def stage_times(cfg: PretrainConfig) -> dict:
     """Milliseconds per step of each stage of the trainer's own step (``--compile`` as in ``cfg``) on real
     CIFAR-10 images: views (draws + the views function), forward + loss + backward, LARS."""
     run = setup_run(cfg)
-    batch, boxes = torch.arange(cfg.batch_size, device=run.device), run.epoch_boxes()[0]
+    batch, boxes = torch.arange(cfg.batch_size, device=run.device), run.epoch_boxes(0)[0].to(run.device)
     state = {}
 
     def views() -> None:
@@ -155,23 +170,29 @@ def stage_times(cfg: PretrainConfig) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True, help="folder holding cifar10/{train,test}")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs timed, of a 150-epoch schedule")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs timed, of a --schedule-epochs schedule")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--modes", default="reference,eager,compiled,cudagraphs")
     parser.add_argument("--stages", action="store_true", help="also each stage's time per step")
     parser.add_argument("--profile", action="store_true", help="also the GPU-busy share of an epoch")
+    parser.add_argument("--schedule-epochs", type=int, default=150, help="the schedule's length (cosine)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", type=Path, help="reference mode: write its weights there after --epochs")
     args = parser.parse_args()
     home = tempfile.mkdtemp()
     for mode in args.modes.split(","):
         if mode == "reference":
             cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=args.data, scale=(0.08, 1.0),
-                                 batch_size=args.batch_size, home=home)  # fmt: skip
-            fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs}
-            emit(**fields, **reference_epochs(cfg, args.epochs), **lars_step_ms(cfg))
+                                 epochs=args.schedule_epochs, batch_size=args.batch_size, seed=args.seed,
+                                 home=home)  # fmt: skip
+            fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs,
+                      "schedule_epochs": args.schedule_epochs, "seed": args.seed}  # fmt: skip
+            lars = lars_step_ms(cfg) if torch.cuda.is_available() else {}
+            emit(**fields, **reference_epochs(cfg, args.epochs, args.save), **lars)
             continue
         cfg = PretrainConfig(arch="resnet18_cifar", dataset="cifar10", data_dir=args.data, scale=(0.08, 1.0),
-                             epochs=150, batch_size=args.batch_size, compile=MODES[mode], log_every=10**9,
-                             home=home)  # fmt: skip
+                             epochs=args.schedule_epochs, batch_size=args.batch_size, compile=MODES[mode],
+                             log_every=10**9, home=home)  # fmt: skip
         fields = {"bench": "pretrain-speed", "mode": mode, "batch_size": args.batch_size, "epochs": args.epochs}
         try:  # a mode that fails (a compiler error) is a result too: the others still run
             timed = epochs_timed(cfg, args.epochs)

@@ -26,6 +26,7 @@ from ssl_patchbench.pretrain.augment import (
 from ssl_patchbench.pretrain.config import AUTO_COMPILE_STEPS
 from ssl_patchbench.pretrain.lars import WarmupCosine, build_lars, lars_param_groups
 from ssl_patchbench.pretrain.losses import vicreg_views
+from ssl_patchbench.pretrain.state import CheckpointWriter
 from ssl_patchbench.pretrain.train import (
     PretrainConfig,
     arch_entry,
@@ -204,6 +205,32 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     )
 
 
+def test_epoch_boxes_are_a_pure_function_of_seed_and_epoch():
+    """What lets the trainer draw the next epoch's boxes during this one, and a resumed run draw the same."""
+    run, again, other = setup_run(_cfg()), setup_run(_cfg()), setup_run(_cfg(seed=1))
+    assert torch.equal(run.epoch_boxes(1), again.epoch_boxes(1))
+    assert not torch.equal(run.epoch_boxes(0), run.epoch_boxes(1))
+    assert not torch.equal(run.epoch_boxes(1), other.epoch_boxes(1))
+    assert run.epoch_boxes(0).shape == (run.steps_per_epoch, 2 * 10, 4)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_a_checkpoint_holds_the_state_at_submit_even_as_training_goes_on(tmp_path, device):
+    """The writer copies on the device and moves the copy to the host on a side stream: the file must hold
+    the values of the moment of ``submit``, not those of the steps queued after it."""
+    weights = torch.arange(2**22, dtype=torch.float32, device=device)
+    expected = weights.cpu().clone()
+    writer = CheckpointWriter()
+    writer.submit(tmp_path / "c.ckpt", {"w": weights, "n": 3}, torch.device(device))
+    for _ in range(50):  # the next "epoch": in place, queued right behind the copy
+        weights.mul_(1.5).add_(1.0)
+    writer.wait()
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert saved["n"] == 3 and torch.equal(saved["w"], expected)
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     pretrain(_cfg(epochs=1), tmp_path)
     with pytest.raises(UserError, match="different run"):
@@ -269,7 +296,7 @@ def test_the_views_model_and_loss_trace_as_one_graph_each():
     """The compile leads of issue 18: with the random numbers drawn first, the views function (crop, colour
     augmentation, normalisation), the model and the loss each trace into one graph without a break."""
     run = setup_run(_cfg(batch_size=8))
-    boxes, batch = run.epoch_boxes()[0], run.images[:8]
+    boxes, batch = run.epoch_boxes(0)[0], run.images[:8]
     draws, blurs = draw_views(8, 2, run.augments, run.gen, CPU)
     views = run.views(batch, boxes, draws, blurs)
     z = [run.model(v) for v in views]
@@ -287,7 +314,7 @@ def test_the_compiled_step_gives_the_eager_views_loss_and_gradients(mode):
     runs = {name: setup_run(_cfg(compile=name, batch_size=8)) for name in ("off", mode)}
     got = {}
     for name, run in runs.items():
-        boxes, index = run.epoch_boxes()[0], torch.arange(8)
+        boxes, index = run.epoch_boxes(0)[0], torch.arange(8)
         draws, blurs = draw_views(8, 2, run.augments, _gen(4), CPU)
         views = run.views(run.images[index], boxes, draws, blurs)
         loss = run.step(index, boxes, global_step=3)

@@ -1,14 +1,16 @@
 """Pretraining checkpoints: CPU snapshots, atomic writes off the training thread, and resuming.
 
-A snapshot is taken between steps (one device-to-host copy), then written by a background thread while
-the next epoch trains; the file is replaced by an atomic rename, so a kill at any moment leaves the
-previous complete checkpoint. Loading uses ``weights_only=True``: the file holds tensors, numbers and
+Between epochs the training state is copied on its device (asynchronous kernels: the next epoch starts at
+once); a background thread moves that copy to the host on a side stream, so the copy engine works while the
+next epoch trains, and writes it; the file is replaced by an atomic rename, so a kill at any moment leaves
+the previous complete checkpoint. Loading uses ``weights_only=True``: the file holds tensors, numbers and
 strings only.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,12 +22,16 @@ from ssl_patchbench.core.files import atomic_path
 
 def snapshot(obj):
     """A deep copy of nested dicts/lists with every tensor copied to the CPU (never aliasing live weights)."""
+    return _map_tensors(obj, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(_map_tensors(v, fn) for v in obj)
     return obj
 
 
@@ -36,15 +42,26 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, path: Path, payload: dict) -> None:
+    def submit(self, path: Path, state: dict, device: torch.device) -> None:
+        """Write ``state`` (live tensors on ``device`` and the CPU) as it is now, without waiting for the copy."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(path, payload), daemon=False)
+        if device.type == "cuda":
+            staged = _map_tensors(state, lambda t: t.detach().clone())  # queued after the last step; no wait
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            staged, ready = snapshot(state), None
+        self._thread = threading.Thread(target=self._write, args=(path, staged, ready, device), daemon=False)
         self._thread.start()
 
-    def _write(self, path: Path, payload: dict) -> None:
+    def _write(self, path: Path, staged: dict, ready: torch.cuda.Event | None, device: torch.device) -> None:
         try:
+            if ready is not None:
+                with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+                    torch.cuda.current_stream().wait_event(ready)
+                    staged = snapshot(staged)  # a blocking copy on the side stream: the training stream runs on
             with atomic_path(path) as tmp:
-                torch.save(payload, tmp)
+                torch.save(staged, tmp)
         except BaseException as err:  # surfaced by wait() on the training thread
             self._error = err
 

@@ -1,13 +1,15 @@
 """I²VICReg / TCR pretraining on fixed-scale patches (or RandomResizedCrop views), in solo-learn's layout.
 
-The dataset sits on the device once as uint8; every step draws its augmentation's random numbers, cuts K views
+The dataset sits on the device once as uint8; each epoch's view boxes are drawn on a host thread during the epoch
+before (a pure function of seed and epoch); every step draws its augmentation's random numbers, cuts K views
 per image with one batched ``crop_and_resize`` and augments them on the device (``pretrain.augment``, a pure function
 of the draws), runs each view through backbone + projector under bf16 autocast (CUDA) and steps LARS on a
 warm-up + cosine schedule; ``--compile`` compiles views, model and loss (optionally as CUDA graphs). The only
 host syncs are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch
 ``OUT/last.ckpt`` (``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG
-state) is replaced atomically from a background thread, so a killed run resumes where the last epoch ended and
-continues exactly as an uninterrupted one would.
+state) is copied on the device and moved to the host and written by a background thread while the next epoch
+trains (atomic rename), so a killed run resumes where the last epoch ended and continues exactly as an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -225,17 +228,21 @@ class TrainingRun:
     started: float = field(default_factory=time.perf_counter)
     steps_done: int = 0  # in this call, for the ETA
 
-    def epoch_boxes(self) -> torch.Tensor:
-        """Every view box of an epoch, ``[steps, K * B, 4]`` on the device, drawn at once: the uniforms from
-        the run's generator (one copy to the host), the geometry by ``sampling.geometry`` (the evaluation's)."""
+    def epoch_boxes(self, epoch: int) -> torch.Tensor:
+        """Every view box of ``epoch``, ``[steps, K * B, 4]`` on the host (pinned for a CUDA run): the uniforms
+        from a NumPy generator keyed by (seed, epoch), the geometry by ``sampling.geometry`` (the evaluation's).
+
+        A pure function of (seed, epoch), so the trainer draws the next epoch's boxes on a host thread while
+        this one trains, and a resumed run draws what an uninterrupted one would."""
         cfg, steps = self.cfg, self.steps_per_epoch
         rows = steps * cfg.num_patches * cfg.batch_size
-        u = torch.rand((rows, ATTEMPTS, 4), generator=self.gen, device=self.device, dtype=torch.float64)
+        u = np.random.default_rng((cfg.seed, epoch)).random((rows, ATTEMPTS, 4))
         h, w = self.images.shape[-2:]
         boxes = random_resized_boxes(
-            uniforms_from_array(u.cpu().numpy()), np.full(rows, h), np.full(rows, w), scale=cfg.scale, ratio=cfg.ratio
+            uniforms_from_array(u), np.full(rows, h), np.full(rows, w), scale=cfg.scale, ratio=cfg.ratio
         )
-        return torch.from_numpy(boxes).float().to(self.device).view(steps, -1, 4)
+        boxes = torch.from_numpy(boxes).float().view(steps, -1, 4)
+        return boxes.pin_memory() if self.device.type == "cuda" else boxes
 
     def step(self, index: torch.Tensor, boxes: torch.Tensor, global_step: int) -> torch.Tensor:
         """One optimisation step on the images ``index`` cut at ``boxes``; returns the loss (on the device).
@@ -338,25 +345,29 @@ def _train_epochs(
     cfg = run.cfg
     last = cfg.epochs if stop_after is None else min(cfg.epochs, run.start_epoch + stop_after)
     run.started = time.perf_counter()
-    for epoch in range(run.start_epoch, last):
-        start = time.perf_counter()
-        progress = _run_epoch(run, epoch, reporter)
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
-            writer.submit(out_dir / CHECKPOINT_NAME, _checkpoint_payload(run, epoch + 1))
-        progress.seconds = time.perf_counter() - start  # an epoch's time includes its checkpoint snapshot
-        progress.images_per_s = run.steps_per_epoch * cfg.batch_size / progress.seconds
-        result.epochs_done = epoch + 1
-        result.epoch_seconds.append(progress.seconds)
-        result.final_loss, result.images_per_s = progress.loss, progress.images_per_s
-        _append_metrics(out_dir, progress)
-        reporter.on_epoch(progress)
+    with ThreadPoolExecutor(1, thread_name_prefix="epoch-boxes") as host:
+        upcoming = host.submit(run.epoch_boxes, run.start_epoch)
+        for epoch in range(run.start_epoch, last):
+            start = time.perf_counter()
+            boxes = upcoming.result().to(run.device, non_blocking=True)
+            if epoch + 1 < last:
+                upcoming = host.submit(run.epoch_boxes, epoch + 1)
+            progress = _run_epoch(run, epoch, boxes, reporter)
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                writer.submit(out_dir / CHECKPOINT_NAME, _checkpoint_state(run, epoch + 1), run.device)
+            progress.seconds = time.perf_counter() - start  # an epoch's time includes queueing its checkpoint copy
+            progress.images_per_s = run.steps_per_epoch * cfg.batch_size / progress.seconds
+            result.epochs_done = epoch + 1
+            result.epoch_seconds.append(progress.seconds)
+            result.final_loss, result.images_per_s = progress.loss, progress.images_per_s
+            _append_metrics(out_dir, progress)
+            reporter.on_epoch(progress)
 
 
-def _run_epoch(run: TrainingRun, epoch: int, reporter: Reporter) -> Progress:
-    """One pass over a fresh permutation (the last partial batch dropped)."""
+def _run_epoch(run: TrainingRun, epoch: int, boxes: torch.Tensor, reporter: Reporter) -> Progress:
+    """One pass over a fresh permutation (the last partial batch dropped), cutting the views at ``boxes``."""
     cfg, steps = run.cfg, run.steps_per_epoch
     order = torch.randperm(len(run.images), generator=run.gen, device=run.device)
-    boxes = run.epoch_boxes()
     start = mark = time.perf_counter()
     total = torch.zeros((), device=run.device)
     for i in range(steps):
@@ -386,8 +397,8 @@ def _eta(run: TrainingRun, epoch: int, step: int) -> float:
     return left * (time.perf_counter() - run.started) / max(run.steps_done, 1)
 
 
-def _checkpoint_payload(run: TrainingRun, epochs_done: int) -> dict:
-    """A CPU snapshot of everything a resume needs, in solo-learn's layout (taken now, written later)."""
+def _checkpoint_state(run: TrainingRun, epochs_done: int) -> dict:
+    """Everything a resume needs, in solo-learn's layout, as live tensors (the writer copies them)."""
     meta = {
         "method": run.cfg.method,
         "arch": run.cfg.arch,
@@ -396,17 +407,15 @@ def _checkpoint_payload(run: TrainingRun, epochs_done: int) -> dict:
         "dataset": run.cfg.dataset,
         "num_patches": run.cfg.num_patches,
     }
-    return snapshot(
-        {
-            "state_dict": run.model.state_dict(),
-            "meta": meta,
-            "epoch": epochs_done,
-            "global_step": epochs_done * run.steps_per_epoch,
-            "optimizer": run.optimiser.state_dict(),
-            "generator": run.gen.get_state(),
-            "config": run.cfg.identity(),
-        }
-    )
+    return {
+        "state_dict": run.model.state_dict(),
+        "meta": meta,
+        "epoch": epochs_done,
+        "global_step": epochs_done * run.steps_per_epoch,
+        "optimizer": run.optimiser.state_dict(),
+        "generator": run.gen.get_state(),
+        "config": run.cfg.identity(),
+    }
 
 
 def _write_config(out_dir: Path, run: TrainingRun) -> None:
