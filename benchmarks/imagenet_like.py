@@ -17,6 +17,8 @@ Measured, one JSON line each:
   compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
+- ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread, another process), and the
+  encoder as one CUDA graph: whether the decoder holds up the encoder's launches;
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
 """
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -141,6 +144,101 @@ def gpu_decode(paths: list[str], batch: int = 256, *, pinned: bool = False) -> N
         images=len(paths),
         images_per_s=round(len(paths) / seconds),
     )
+
+
+def _decode_for(data: list[torch.Tensor], stop: Callable[[], bool], batch: int = 256) -> tuple[int, float]:
+    """nvJPEG on ``data`` in batches of ``batch``, round and round until ``stop()``: (images, seconds)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    done, start = 0, time.perf_counter()
+    while not stop():
+        i = done % len(data)
+        done += len(decode_jpeg(data[i : i + batch], mode=ImageReadMode.RGB, device="cuda"))
+    torch.cuda.synchronize()
+    return done, time.perf_counter() - start
+
+
+def _decoding_process(paths: list[str], ready, go, halt, results) -> None:
+    """``contention``'s other process: its own CUDA context, decoding from ``go`` to ``halt``."""
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    _decode_for(data[:512], iter([False, False, True]).__next__)  # handles created, two batches
+    ready.set()
+    go.wait()
+    results.put(_decode_for(data, halt.is_set))
+
+
+def contention(checkpoint: Path, paths: list[str], seconds: float = 4.0) -> None:
+    """Why central runs at half of nvJPEG's ceiling while the GPU idles (run 7's py-spy: the main thread spent
+    4.2 s of a 5.4 s pass inside the eager encoder's calls): the eager ResNet-50 on a ready batch of 256 and
+    nvJPEG decoding batches of 256, each alone, then at once with the decoder in a thread of the same process,
+    with the encoder replayed as one CUDA graph, and with the decoder in another process. ``host_ms`` is the
+    host's time inside one encoder call (once the GPU is behind, it includes waiting for room in the launch
+    queue): if it grows beside the decoder while the encoder's rate falls, launches wait on the decoder."""
+    import multiprocessing as mp
+    import threading
+
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths[:2048]]
+    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding").cuda().eval()
+    encoder = encoder.to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    x = torch.rand(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+        for _ in range(3):
+            encoder(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            encoder(x)
+    _decode_for(data[:512], iter([False, False, True]).__next__)
+
+    def encode_for(forward: Callable[[], object], until: float) -> tuple[float, float]:
+        """(images/s, host ms per call) of ``forward`` until ``until``."""
+        calls, host = 0, 0.0
+        start = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+            while time.perf_counter() < until:
+                t = time.perf_counter()
+                forward()
+                host += time.perf_counter() - t
+                calls += 1
+            torch.cuda.synchronize()
+        return 256 * calls / (time.perf_counter() - start), 1e3 * host / max(calls, 1)
+
+    def row(case: str, forward: Callable[[], object] | None, decoder: str | None) -> None:
+        decoded, fields, until = {}, {}, time.perf_counter() + seconds
+        if decoder == "process":
+            ctx = mp.get_context("spawn")
+            ready, go, halt, results = ctx.Event(), ctx.Event(), ctx.Event(), ctx.Queue()
+            child = ctx.Process(target=_decoding_process, args=(paths[:2048], ready, go, halt, results))
+            child.start()
+            ready.wait()
+            until = time.perf_counter() + seconds
+            go.set()
+        elif decoder == "thread":
+
+            def decode_thread() -> None:
+                decoded["r"] = _decode_for(data, lambda: time.perf_counter() > until)
+
+            thread = threading.Thread(target=decode_thread)
+            thread.start()
+        if forward is not None:
+            rate, host = encode_for(forward, until)
+            fields.update(encoder_images_per_s=round(rate), host_ms=round(host, 2))
+        if decoder == "process":
+            halt.set()
+            decoded["r"] = results.get()
+            child.join()
+        elif decoder == "thread":
+            thread.join()
+        if decoded:
+            fields["decoded_images_per_s"] = round(decoded["r"][0] / decoded["r"][1])
+        emit(measurement="contention", case=case, **fields)
+
+    row("encoder alone", lambda: encoder(x), None)
+    row("encoder graph alone", graph.replay, None)
+    row("nvjpeg alone", None, "thread")
+    row("encoder + nvjpeg thread", lambda: encoder(x), "thread")
+    row("encoder graph + nvjpeg thread", graph.replay, "thread")
+    row("encoder + nvjpeg process", lambda: encoder(x), "process")
 
 
 def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: torch.memory_format | None = None) -> None:
@@ -533,6 +631,7 @@ def main() -> None:
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
         "bf16_noise": lambda: bf16_noise(checkpoint, data),
         "model_only": lambda: model_only(checkpoint, compiled=False),
+        "contention": lambda: contention(checkpoint, paths["train"]),
     }
     for name, step in steps.items():
         if name in skip:
