@@ -17,8 +17,9 @@ Measured, one JSON line each:
   compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
-- ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread, another process), and the
-  encoder as one CUDA graph: whether the decoder holds up the encoder's launches;
+- ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
+  images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
+  the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
 """
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
@@ -203,7 +205,17 @@ def contention(checkpoint: Path, paths: list[str], seconds: float = 4.0) -> None
             torch.cuda.synchronize()
         return 256 * calls / (time.perf_counter() - start), 1e3 * host / max(calls, 1)
 
-    def row(case: str, forward: Callable[[], object] | None, decoder: str | None) -> None:
+    def throttled() -> None:
+        """The encoder with at most two of its batches queued on the GPU (the eval queues as many as it can)."""
+        encoder(x)
+        in_flight.append(torch.cuda.Event())
+        in_flight[-1].record()
+        if len(in_flight) > 2:
+            in_flight.popleft().synchronize()
+
+    in_flight: deque[torch.cuda.Event] = deque()
+
+    def row(case: str, forward: Callable[[], object] | None, decoder: str | None, batch: int = 256) -> None:
         decoded, fields, until = {}, {}, time.perf_counter() + seconds
         if decoder == "process":
             ctx = mp.get_context("spawn")
@@ -216,7 +228,7 @@ def contention(checkpoint: Path, paths: list[str], seconds: float = 4.0) -> None
         elif decoder == "thread":
 
             def decode_thread() -> None:
-                decoded["r"] = _decode_for(data, lambda: time.perf_counter() > until)
+                decoded["r"] = _decode_for(data, lambda: time.perf_counter() > until, batch)
 
             thread = threading.Thread(target=decode_thread)
             thread.start()
@@ -231,14 +243,45 @@ def contention(checkpoint: Path, paths: list[str], seconds: float = 4.0) -> None
             thread.join()
         if decoded:
             fields["decoded_images_per_s"] = round(decoded["r"][0] / decoded["r"][1])
-        emit(measurement="contention", case=case, **fields)
+        emit(measurement="contention", case=case, decode_batch=batch, **fields)
 
     row("encoder alone", lambda: encoder(x), None)
     row("encoder graph alone", graph.replay, None)
-    row("nvjpeg alone", None, "thread")
-    row("encoder + nvjpeg thread", lambda: encoder(x), "thread")
+    for batch in (256, 1024):
+        row("nvjpeg alone", None, "thread", batch)
+    for batch in (256, 1024, 2048):
+        row("encoder + nvjpeg thread", lambda: encoder(x), "thread", batch)
+    for batch in (256, 1024):
+        row("encoder at most 2 batches ahead + nvjpeg thread", throttled, "thread", batch)
     row("encoder graph + nvjpeg thread", graph.replay, "thread")
     row("encoder + nvjpeg process", lambda: encoder(x), "process")
+
+
+def central_decode_batches(checkpoint: Path, data: Path) -> None:
+    """Central features of the train split through the eval's own pipeline (``extract``, nvJPEG) with each
+    nvJPEG call decoding 256, 1024 or 1992 images: ``contention`` finds the decoder starved beside the encoder
+    at 256, and a larger call pays its per-call waits on fewer images."""
+    from ssl_patchbench.data import batches
+    from ssl_patchbench.data.datasets import open_split
+
+    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
+    split = open_split("imagenet", "train", data_dir=data)
+    spec = PatchSpec(mode="central", out_size=224, resize=256)
+    default = batches._NVJPEG_BATCH
+    try:
+        for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
+            batches._NVJPEG_BATCH = size
+            with tempfile.TemporaryDirectory() as tmp:
+                writer = FeatureStore(Path(tmp), "c").writer(
+                    labels=split.labels, dim=encoder.dim, dtype="float16", chunk_rows=4096, meta={}
+                )
+                settings = ExtractSettings(device=torch.device("cuda"), gpu_decode=True)
+                start = time.perf_counter()
+                extract(encoder, split, spec, {Aggregation(): writer}, settings)
+                seconds = time.perf_counter() - start
+            emit(measurement="central_decode_batch", nvjpeg_batch=size, images_per_s=round(len(split) / seconds))
+    finally:
+        batches._NVJPEG_BATCH = default
 
 
 def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: torch.memory_format | None = None) -> None:
@@ -632,6 +675,7 @@ def main() -> None:
         "bf16_noise": lambda: bf16_noise(checkpoint, data),
         "model_only": lambda: model_only(checkpoint, compiled=False),
         "contention": lambda: contention(checkpoint, paths["train"]),
+        "central_decode_batches": lambda: central_decode_batches(checkpoint, data),
     }
     for name, step in steps.items():
         if name in skip:
