@@ -2,6 +2,7 @@
 multi-process decoder (same features as decoding in this process; padding of mixed sizes never read)."""
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from ssl_patchbench.data.batches import (
     _read,
     join_padded,
     nvjpeg_batches,
+    nvjpeg_decode,
     pad_chw,
     pad_numpy,
     read_shares,
@@ -353,6 +355,27 @@ def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_
     truncated.write_bytes(Path(paths[0]).read_bytes()[:300])
     with pytest.raises(UserError, match=r"truncated\.jpg"):
         list(nvjpeg_batches([*paths, str(truncated)], iter([np.array([0, 1]), np.array([9, 2])]), torch.device("cpu")))
+
+
+def test_a_refused_jpeg_sends_only_itself_to_the_cpu_decoder(monkeypatch):
+    """nvJPEG fails a whole call for one JPEG it cannot decode: the call is split until only the refused images
+    are left to the CPU decoder (None), every other image decoded, in order, in a few calls."""
+    import torchvision.io
+
+    calls = []
+
+    def fake_decode_jpeg(datas, mode, device):
+        calls.append(len(datas))
+        if any(int(d[0]) == 0 for d in datas):
+            raise RuntimeError("Error while decoding JPEG images")
+        return [d.view(1, 1, 1).expand(3, 1, 1) for d in datas]
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fake_decode_jpeg)
+    datas = [torch.tensor([v], dtype=torch.uint8) for v in (5, 0, *range(1, 60), 0)]
+    got = nvjpeg_decode(datas, torch.device("cpu"))
+    assert [i for i, image in enumerate(got) if image is None] == [1, len(datas) - 1]
+    assert all(int(image[2, 0, 0]) == int(d[0]) for image, d in zip(got, datas, strict=True) if image is not None)
+    assert calls[0] == len(datas) and len(calls) <= 4 * math.ceil(math.log2(len(datas))) + 1
 
 
 def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):

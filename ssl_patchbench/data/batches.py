@@ -35,7 +35,7 @@ from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, checked_jpeg
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
-_NVJPEG_BATCH = 256  # images per nvJPEG call: the size its 14.4k images/s ceiling was measured at (one H200)
+_NVJPEG_BATCH = 2048  # images per nvJPEG call: a central batch in one (beside the encoder, calls of 256 starve)
 _READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
 _PAD_INDEX_ELEMENTS = 1 << 25  # gather indices (int64) that pad_chw builds at a time: 256 MB
 
@@ -252,11 +252,25 @@ def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: 
                 out.get(timeout=0.1)
 
 
+def nvjpeg_decode(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """The JPEG bitstreams ``datas`` decoded by nvJPEG in one call, ``[3, H, W]`` each on ``device``.
+
+    Where nvJPEG refuses a call (one JPEG it cannot decode fails the whole call), each half is tried again, down
+    to single images: only the refused ones come back as None, for the CPU decoder."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        if len(datas) == 1:
+            return [None]
+        half = len(datas) // 2
+        return nvjpeg_decode(datas[:half], device) + nvjpeg_decode(datas[half:], device)
+
+
 def _produce(
     paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device, out: queue.Queue, stop: threading.Event
 ) -> None:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     stream = torch.cuda.Stream(device)
 
     def put(item: object) -> None:
@@ -292,11 +306,7 @@ def _produce(
                     gpu = [i for i, ok in enumerate(on_gpu) if ok]
                     for lo in range(0, len(gpu), _NVJPEG_BATCH):
                         part = gpu[lo : lo + _NVJPEG_BATCH]
-                        try:
-                            decoded = decode_jpeg([datas[i] for i in part], mode=ImageReadMode.RGB, device=device)
-                        except RuntimeError:  # a JPEG nvJPEG refuses: the CPU decoder takes these images
-                            decoded = [None] * len(part)
-                        for i, image in zip(part, decoded, strict=True):
+                        for i, image in zip(part, nvjpeg_decode([datas[i] for i in part], device), strict=True):
                             images[i] = image
                     for i, image in enumerate(images):
                         if image is None:  # torch.tensor copies Pillow's read-only array
