@@ -266,19 +266,13 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
 
     encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
     split = open_split("imagenet", "train", data_dir=data)
-    spec = PatchSpec(mode="central", out_size=224, resize=256)
     default = batches._NVJPEG_BATCH
     try:
         for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
             batches._NVJPEG_BATCH = size
-            with tempfile.TemporaryDirectory() as tmp:
-                writer = FeatureStore(Path(tmp), "c").writer(
-                    labels=split.labels, dim=encoder.dim, dtype="float16", chunk_rows=4096, meta={}
-                )
-                settings = ExtractSettings(device=torch.device("cuda"), gpu_decode=True)
-                start = time.perf_counter()
-                extract(encoder, split, spec, {Aggregation(): writer}, settings)
-                seconds = time.perf_counter() - start
+            start = time.perf_counter()
+            _central_features(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
+            seconds = time.perf_counter() - start
             emit(measurement="central_decode_batch", nvjpeg_batch=size, images_per_s=round(len(split) / seconds))
     finally:
         batches._NVJPEG_BATCH = default
@@ -540,20 +534,10 @@ def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settin
     """Central features of the val split under two extraction settings, compared row by row."""
     from ssl_patchbench.data.datasets import open_split
 
-    model = load_model("vicreg_rn50", checkpoint=checkpoint)
-    encoder = Encoder(model, "embedding")
+    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
     split = open_split("imagenet", "test", data_dir=data)
-    spec = PatchSpec(mode="central", out_size=224, resize=256)
-    got = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for number, extra in enumerate((a_settings, b_settings)):
-            writer = FeatureStore(Path(tmp), str(number)).writer(
-                labels=split.labels, dim=encoder.dim, dtype="float32", chunk_rows=4096, meta={}
-            )
-            settings = ExtractSettings(device=torch.device("cuda"), **extra)
-            extract(encoder, split, spec, {Aggregation(): writer}, settings)
-            got.append(np.array(writer.features))
-    a, b = got
+    a, b = (_central_features(encoder, split, ExtractSettings(device=torch.device("cuda"), **extra))
+            for extra in (a_settings, b_settings))  # fmt: skip
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     emit(
         measurement=name,
@@ -563,6 +547,17 @@ def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settin
         max_abs_diff=float(np.abs(a - b).max()),
         relative_l2=float(np.linalg.norm(a - b) / np.linalg.norm(b)),
     )
+
+
+def _central_features(encoder: Encoder, split, settings: ExtractSettings) -> np.ndarray:
+    """The central view's float32 features of ``split`` through the eval's ``extract``, in a throwaway store."""
+    spec = PatchSpec(mode="central", out_size=224, resize=256)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = FeatureStore(Path(tmp), "c").writer(
+            labels=split.labels, dim=encoder.dim, dtype="float32", chunk_rows=4096, meta={}
+        )
+        extract(encoder, split, spec, {Aggregation(): writer}, settings)
+        return np.array(writer.features)
 
 
 class _Patches:

@@ -95,6 +95,7 @@ def reference_epochs(cfg: PretrainConfig, epochs: int, save: Path | None = None)
     std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
     steps, rows = len(images) // cfg.batch_size, 2 * cfg.batch_size
     schedule = WarmupCosine(lr, steps, steps * cfg.epochs)
+    amp = torch.bfloat16 if device.type == "cuda" else None
     seconds, losses = [], []
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -110,7 +111,6 @@ def reference_epochs(cfg: PretrainConfig, epochs: int, save: Path | None = None)
             views = make_views(batch, boxes[i], n_views=2, out_size=pre.input_size,
                                augments=byol_augments(pre.input_size), gen=gen)  # fmt: skip
             x, y = (((v - mean) / std).contiguous(memory_format=torch.channels_last) for v in views)
-            amp = torch.bfloat16 if device.type == "cuda" else None
             total += reference_step(model, optimiser, x, y, schedule(epoch * steps + i), amp=amp)
         losses.append(round(total.item() / steps, 3))
         seconds.append(time.perf_counter() - start)
