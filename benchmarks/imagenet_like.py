@@ -20,6 +20,7 @@ Measured, one JSON line each:
 - ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
   images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
   the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
+  ``central_cpu_shares``: the same with Pillow decoding 0 to 4 of every 8 images beside nvJPEG;
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
 """
@@ -262,20 +263,43 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
     nvJPEG call decoding 256, 1024 or 1992 images: ``contention`` finds the decoder starved beside the encoder
     at 256, and a larger call pays its per-call waits on fewer images."""
     from ssl_patchbench.data import batches
-    from ssl_patchbench.data.datasets import open_split
 
-    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
-    split = open_split("imagenet", "train", data_dir=data)
+    encoder, split = _train_split(checkpoint, data)
     default = batches._NVJPEG_BATCH
     try:
         for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
             batches._NVJPEG_BATCH = size
-            start = time.perf_counter()
-            _central_features(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
-            seconds = time.perf_counter() - start
-            emit(measurement="central_decode_batch", nvjpeg_batch=size, images_per_s=round(len(split) / seconds))
+            rate = _central_rate(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
+            emit(measurement="central_decode_batch", nvjpeg_batch=size, images_per_s=rate)
     finally:
         batches._NVJPEG_BATCH = default
+
+
+def central_cpu_shares(checkpoint: Path, data: Path) -> None:
+    """Central features of the train split (``extract``, nvJPEG) with Pillow decoding 0, 2, 3 or 4 of every 8
+    images beside nvJPEG, in one process per core or in 12 (the eval's default on 16 cores: 4 of 8)."""
+    encoder, split = _train_split(checkpoint, data)
+    for share, workers in ((0, None), (0, None), (2, None), (3, None), (4, None), (4, 12)):  # the first: autotuning
+        settings = ExtractSettings(
+            device=torch.device("cuda"), gpu_decode=True, nvjpeg_cpu_share=share, decode_workers=workers
+        )
+        rate = _central_rate(encoder, split, settings)
+        emit(measurement="central_cpu_share", cpu_share=share, decode_workers=workers, images_per_s=rate)
+
+
+def _train_split(checkpoint: Path, data: Path):
+    from ssl_patchbench.data.datasets import open_split
+
+    return Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding"), open_split(
+        "imagenet", "train", data_dir=data
+    )
+
+
+def _central_rate(encoder: Encoder, split, settings: ExtractSettings) -> int:
+    """Images per second of :func:`_central_features`."""
+    start = time.perf_counter()
+    _central_features(encoder, split, settings)
+    return round(len(split) / (time.perf_counter() - start))
 
 
 def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: torch.memory_format | None = None) -> None:
@@ -641,6 +665,7 @@ def main() -> None:
         "central compiled": lambda: run_eval(
             "central compiled", checkpoint, data, root / "home_cc", "--patches", "central", *gpu, *compiled
         ),
+        "central_cpu_shares": lambda: central_cpu_shares(checkpoint, data),
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
         "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),

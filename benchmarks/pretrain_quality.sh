@@ -6,7 +6,7 @@
 # seconds are not speed numbers).
 #
 # Usage: benchmarks/pretrain_quality.sh DATA_ROOT OUT_DIR     (run from the repository root)
-#   SEEDS (default "0 1 2 3 4"), EPOCHS (default 10), PARALLEL (default 1: four at a time made each about 4x slower
+#   SEEDS (default "0 1 2 3 4"), TRAINERS (default "patchbench reference"), EPOCHS (default 10), PARALLEL (default 1: four at a time made each about 4x slower
 #   on one H200, run 8, so they gain nothing and risk a time limit).
 # Prints one JSON line per trained model: {"trainer": "patchbench"|"reference", "seed", "epochs", "knn@20", "knn@200"}.
 set -uo pipefail
@@ -33,7 +33,7 @@ train() { # TRAINER SEED
 }
 jobs_running() { jobs -rp | wc -l; }
 for seed in ${SEEDS:-0 1 2 3 4}; do
-  for trainer in patchbench reference; do
+  for trainer in ${TRAINERS:-patchbench reference}; do
     while [ "$(jobs_running)" -ge "${PARALLEL:-1}" ]; do sleep 1; done
     train "$trainer" "$seed" &
   done
