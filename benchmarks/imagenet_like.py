@@ -17,6 +17,7 @@ Measured, one JSON line each:
   compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
+  ``mixed_vs_pil``: the same with Pillow decoding 4 of every 8 images beside nvJPEG;
 - ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
   images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
   the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
@@ -550,8 +551,10 @@ def bf16_noise(checkpoint: Path, data: Path) -> None:
     )
 
 
-def nvjpeg_vs_pil(checkpoint: Path, data: Path) -> None:
-    _compare(checkpoint, data, "nvjpeg_vs_pil", {"gpu_decode": True}, {"gpu_decode": False})
+def nvjpeg_vs_pil(checkpoint: Path, data: Path, cpu_share: int = 0) -> None:
+    """nvJPEG's central features against Pillow's (``cpu_share``: with Pillow's share of each batch beside it)."""
+    name = f"nvjpeg_{cpu_share}_of_8_pil_vs_pil" if cpu_share else "nvjpeg_vs_pil"
+    _compare(checkpoint, data, name, {"gpu_decode": True, "nvjpeg_cpu_share": cpu_share}, {"gpu_decode": False})
 
 
 def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settings: dict) -> None:
@@ -692,6 +695,7 @@ def main() -> None:
         "file_reads": lambda: file_reads(paths["train"]),
         "eval_decoder": lambda: decoders(data),
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
+        "mixed_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data, cpu_share=4),
         "bf16_noise": lambda: bf16_noise(checkpoint, data),
         "model_only": lambda: model_only(checkpoint, compiled=False),
         "contention": lambda: contention(checkpoint, paths["train"]),
