@@ -49,7 +49,7 @@ from PIL import Image
 
 from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.decode import decode
-from ssl_patchbench.features.extract import ExtractSettings, default_max_patches, extract, input_layout
+from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, default_max_patches, extract, input_layout
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -270,8 +270,8 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
     try:
         for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
             batches._NVJPEG_BATCH = size
-            rate = _central_rate(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
-            emit(measurement="central_decode_batch", nvjpeg_batch=size, images_per_s=rate)
+            rates = _central_rates(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
+            emit(measurement="central_decode_batch", nvjpeg_batch=size, **rates)
     finally:
         batches._NVJPEG_BATCH = default
 
@@ -280,12 +280,13 @@ def central_cpu_shares(checkpoint: Path, data: Path) -> None:
     """Central features of the train split (``extract``, nvJPEG) with Pillow decoding 0, 2, 3 or 4 of every 8
     images beside nvJPEG, in one process per core or in 12 (the eval's default on 16 cores: 4 of 8)."""
     encoder, split = _train_split(checkpoint, data)
-    for share, workers in ((0, None), (0, None), (2, None), (3, None), (4, None), (4, 12)):  # the first: autotuning
+    cases = ((0, None), (0, None), (4, None), (2, None), (3, None), (4, None), (4, 12), (0, None))  # 1st: autotuning
+    for share, workers in cases:
         settings = ExtractSettings(
             device=torch.device("cuda"), gpu_decode=True, nvjpeg_cpu_share=share, decode_workers=workers
         )
-        rate = _central_rate(encoder, split, settings)
-        emit(measurement="central_cpu_share", cpu_share=share, decode_workers=workers, images_per_s=rate)
+        rates = _central_rates(encoder, split, settings)
+        emit(measurement="central_cpu_share", cpu_share=share, decode_workers=workers, **rates)
 
 
 def _train_split(checkpoint: Path, data: Path):
@@ -296,11 +297,17 @@ def _train_split(checkpoint: Path, data: Path):
     )
 
 
-def _central_rate(encoder: Encoder, split, settings: ExtractSettings) -> int:
-    """Images per second of :func:`_central_features`."""
+def _central_rates(encoder: Encoder, split, settings: ExtractSettings) -> dict:
+    """Images per second of :func:`_central_features` (store and first batch included) and after its first
+    forward (the pass's steady rate), and when that forward was done."""
     start = time.perf_counter()
-    _central_features(encoder, split, settings)
-    return round(len(split) / (time.perf_counter() - start))
+    stats = _central_features(encoder, split, settings)[1]
+    steady = stats.after_first_forward()
+    return {
+        "images_per_s": round(len(split) / (time.perf_counter() - start)),
+        "after_first_forward_images_per_s": round(steady["images_per_s"]) if steady else None,
+        "first_forward_at_s": round(stats.first_forward[0], 2),
+    }
 
 
 def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: torch.memory_format | None = None) -> None:
@@ -563,7 +570,7 @@ def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settin
 
     encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
     split = open_split("imagenet", "test", data_dir=data)
-    a, b = (_central_features(encoder, split, ExtractSettings(device=torch.device("cuda"), **extra))
+    a, b = (_central_features(encoder, split, ExtractSettings(device=torch.device("cuda"), **extra))[0]
             for extra in (a_settings, b_settings))  # fmt: skip
     cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     emit(
@@ -576,15 +583,16 @@ def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settin
     )
 
 
-def _central_features(encoder: Encoder, split, settings: ExtractSettings) -> np.ndarray:
-    """The central view's float32 features of ``split`` through the eval's ``extract``, in a throwaway store."""
+def _central_features(encoder: Encoder, split, settings: ExtractSettings) -> tuple[np.ndarray, ExtractStats]:
+    """The central view's float32 features of ``split`` through the eval's ``extract``, in a throwaway store, and
+    the pass's statistics."""
     spec = PatchSpec(mode="central", out_size=224, resize=256)
     with tempfile.TemporaryDirectory() as tmp:
         writer = FeatureStore(Path(tmp), "c").writer(
             labels=split.labels, dim=encoder.dim, dtype="float32", chunk_rows=4096, meta={}
         )
-        extract(encoder, split, spec, {Aggregation(): writer}, settings)
-        return np.array(writer.features)
+        stats = extract(encoder, split, spec, {Aggregation(): writer}, settings)
+        return np.array(writer.features), stats
 
 
 class _Patches:
