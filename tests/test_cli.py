@@ -76,13 +76,7 @@ def test_compile_auto_counts_the_patches_of_the_whole_pass(monkeypatch):
     cfg = EvalConfig(model="m", dataset="cifar10")
     ranks = SimpleNamespace(rank=0, world=1, active=False)
     fake = SimpleNamespace(
-        cfg=cfg,
-        device=torch.device("cpu"),
-        precision="fp32",
-        ranks=ranks,
-        splits={"a": [0] * 7, "b": [0] * 3},
-        _decode_workers=None,
-        nvjpeg_cpu_share=0,
+        cfg=cfg, device=torch.device("cpu"), precision="fp32", ranks=ranks, splits={"a": [0] * 7, "b": [0] * 3}
     )
     specs = [PatchSpec(mode="central"), PatchSpec(mode="random", n=16), PatchSpec(mode="random", n=256)]
     specs.append(PatchSpec(mode="sliding", size=16, stride=4, out_size=32))

@@ -12,23 +12,18 @@ from PIL import Image
 
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.data.batches import (
-    SHARE_OF,
     _for_nvjpeg,
     _read,
-    flat_run,
     join_padded,
     nvjpeg_batches,
-    nvjpeg_cpu_share,
     nvjpeg_decode,
     pad_chw,
-    pad_mixed,
     pad_numpy,
-    process_pieces,
     read_shares,
 )
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.data.decode import decode, image_size, jpeg_header
-from ssl_patchbench.features.extract import ExtractSettings, Target, decoder, extract, extract_pass
+from ssl_patchbench.features.extract import ExtractSettings, Target, extract, extract_pass
 from ssl_patchbench.features.store import FeatureStore, StoreWriter
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -325,15 +320,12 @@ class _NoStream:
 
 
 @pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # the grey file's CPU fallback
-@pytest.mark.parametrize("cpu_share, workers", [(0, None), (4, 0), (3, 2)])
 def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_bad_file(
-    mixed_split, tmp_path, monkeypatch, cpu_share, workers
+    mixed_split, tmp_path, monkeypatch
 ):
     """The planner, reader and decoding threads of ``nvjpeg_batches`` run on the CPU (torchvision's CPU decoder in
     nvJPEG's place, CUDA's streams and events stubbed): every batch comes back in the order drawn, as the files
-    decoded one by one and edge-padded, a grey JPEG through the CPU decoder; a truncated file is its error line.
-    With a CPU share, the rows ``cpu_rows`` names are Pillow's (in this process or in 2), the others nvJPEG's:
-    batches wholly on one side, or split, come back alike."""
+    decoded one by one and edge-padded, a grey JPEG through the CPU decoder; a truncated file is its error line."""
     from contextlib import nullcontext
 
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -343,64 +335,26 @@ def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_
     monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", _NoStream)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
-    to_nvjpeg = []
-    real_nvjpeg = nvjpeg_decode
-    monkeypatch.setattr(
-        "ssl_patchbench.data.batches.nvjpeg_decode",
-        lambda datas, device: to_nvjpeg.append(len(datas)) or real_nvjpeg(datas, device),
-    )
     grey = tmp_path / "grey.jpg"
     Image.new("L", (31, 17), 99).save(grey)
     paths = [*mixed_split.paths, str(grey)]
-    batches = [np.array([0, 1, 2]), np.array([8, 3]), np.array([4, 5, 6, 7]), np.array([6, 1, 5, 2, 8])]
-    got = list(nvjpeg_batches(paths, iter(batches), CPU, cpu_share=cpu_share, workers=workers))
+    batches = [np.array([0, 1, 2]), np.array([8, 3]), np.array([4, 5, 6, 7])]
+    got = list(nvjpeg_batches(paths, iter(batches), torch.device("cpu")))
     assert len(got) == len(batches)
-    on_cpu = {i for i in range(len(paths)) if i % SHARE_OF < cpu_share} | {8}  # the grey file: Pillow's either way
     for indices, (pixels, sizes) in zip(batches, got, strict=True):
         images = [
             torch.tensor(decode(paths[i])).permute(2, 0, 1)
-            if i in on_cpu
+            if paths[i] == str(grey)
             else decode_jpeg(torch.from_numpy(np.fromfile(paths[i], dtype=np.uint8)), mode=ImageReadMode.RGB)
             for i in indices
         ]
         expected, expected_sizes = pad_numpy([im.permute(1, 2, 0).numpy() for im in images])
         np.testing.assert_array_equal(pixels.permute(0, 2, 3, 1).numpy(), expected.numpy())
         np.testing.assert_array_equal(sizes, expected_sizes)
-    assert sum(to_nvjpeg) == sum(i not in on_cpu for b in batches for i in b)
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(Path(paths[0]).read_bytes()[:300])
-    for bad in (9, 15):  # index 9 is on the CPU share where there is one, 15 never
-        plan = iter([np.array([0, 1]), np.array([bad, 2])])
-        with pytest.raises(UserError, match=r"truncated\.jpg"):
-            list(nvjpeg_batches([*paths, *[str(truncated)] * 7], plan, CPU, cpu_share=cpu_share, workers=workers))
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_decoded_pieces_of_a_plan_with_empty_batches_come_back_one_list_per_batch(mixed_split, monkeypatch, workers):
-    """``process_pieces`` yields one list per batch, ``[]`` for a batch of no images (also before the first piece
-    and after the last); ``flat`` pieces are their images' bytes end to end, with their sizes."""
-    monkeypatch.setattr("ssl_patchbench.data.batches._PIECE", 2)
-    empty = np.zeros(0, dtype=np.int64)
-    plan = [empty, np.array([3, 0, 5]), empty, empty, np.array([7]), empty]
-    got = list(process_pieces(mixed_split.paths, iter(plan), workers=workers, flat=True))
-    assert [len(parts) for parts in got] == [0, 2, 0, 0, 1, 0]
-    for indices, parts in zip(plan, got, strict=True):
-        if len(indices):
-            images = [decode(mixed_split.paths[i]) for i in indices]
-            np.testing.assert_array_equal(torch.cat([run for run, _ in parts]).numpy(),
-                                          np.concatenate([im.reshape(-1) for im in images]))  # fmt: skip
-            np.testing.assert_array_equal(np.concatenate([s for _, s in parts]), [im.shape[:2] for im in images])
-
-
-def test_the_decoders_name_says_pillows_share_of_each_nvjpeg_batch(mixed_split):
-    """Records and store keys name the decoder: a share of Pillow rows changes pixels, so it is in the name; the
-    share follows the cores (one per 4 decoding processes, at most half of each batch)."""
-    cuda = torch.device("cuda")  # only named: nothing runs on it
-    assert decoder(mixed_split, cuda, gpu_decode=True, cpu_share=4) == "nvjpeg+pil 4/8"
-    assert decoder(mixed_split, cuda, gpu_decode=True) == "nvjpeg"
-    assert decoder(mixed_split, CPU, gpu_decode=True, cpu_share=4) == "processes"
-    assert decoder(mixed_split, cuda, cpu_share=4) == "processes"
-    assert [nvjpeg_cpu_share(w) for w in (0, 3, 4, 8, 15, 16, 128)] == [0, 0, 1, 2, 3, 4, 4]
+    with pytest.raises(UserError, match=r"truncated\.jpg"):
+        list(nvjpeg_batches([*paths, str(truncated)], iter([np.array([0, 1]), np.array([9, 2])]), torch.device("cpu")))
 
 
 def test_a_refused_jpeg_sends_only_itself_to_the_cpu_decoder(monkeypatch):
@@ -485,13 +439,6 @@ def test_pieces_joined_and_gpu_style_padding_equal_one_edge_padding_of_the_batch
         chw, chw_sizes = pad_chw(chw_images)
         np.testing.assert_array_equal(chw.permute(0, 2, 3, 1).numpy(), expected.numpy())
         np.testing.assert_array_equal(chw_sizes, sizes)
-        is_hwc = np.array([True, False, True, True, False])  # images 0, 2, 3 as flat runs of HWC bytes, 1, 4 as CHW
-        runs = [flat_run([images[0]]), flat_run([images[2], images[3]])]
-        mixed, mixed_sizes = pad_mixed([chw_images[1], chw_images[4]], runs, is_hwc)
-        np.testing.assert_array_equal(mixed.permute(0, 2, 3, 1).numpy(), expected.numpy())
-        np.testing.assert_array_equal(mixed_sizes, sizes)
-        only_runs, _ = pad_mixed([], [flat_run(images)], np.ones(len(images), dtype=bool))
-        np.testing.assert_array_equal(only_runs.permute(0, 2, 3, 1).numpy(), expected.numpy())
     same = [chw_images[3], chw_images[3].flip(1)]  # equal sizes: nothing to pad
     np.testing.assert_array_equal(pad_chw(same)[0].numpy(), torch.stack(same).numpy())
     assert (height, width) == (8, 10)

@@ -246,25 +246,6 @@ def test_tcr_with_more_patches_and_bf16_autocast_on_cpu(tmp_path):
     assert config["config"]["method"] == "tcr" and config["autocast"] == "torch.bfloat16"
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_bf16_run_steps_with_tf32_matmuls_and_restores_the_flags(tmp_path, precision):
-    class Flags:  # what the steps ran under, read at each logged step
-        def __init__(self):
-            self.seen = set()
-
-        def on_step(self, p):
-            self.seen.add(torch.backends.cuda.matmul.fp32_precision)
-
-        def on_epoch(self, p):
-            pass
-
-    reporter, before = Flags(), torch.backends.cuda.matmul.fp32_precision
-    assert before != "tf32"
-    pretrain(_cfg(precision=precision, epochs=1), tmp_path, reporter=reporter)
-    assert reporter.seen == ({"tf32"} if precision == "bf16" else {before})  # fp32 runs stay as they were
-    assert torch.backends.cuda.matmul.fp32_precision == before  # the evaluators after it are not touched
-
-
 def test_cli_pretrain_then_eval_loads_the_checkpoint(capsys, monkeypatch, tmp_path):
     out = tmp_path / "run"
     args = ["pretrain", "--arch", "tiny_cifar", "--dataset", "digits", "--train-per-class", "3", "--epochs", "1",

@@ -28,28 +28,17 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def _fp32_modes(matmul: str, cudnn_tf32: bool) -> Iterator[None]:
-    """float32 matmuls in ``matmul`` precision (``ieee`` or ``tf32``) and cuDNN's TF32 on or off while inside,
-    restored after (the one place patchbench touches these global flags)."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.fp32_precision = matmul
-    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+def exact_fp32() -> Iterator[None]:
+    """IEEE float32 matmuls and convolutions while inside, restored after: TF32's 10-bit mantissa would reorder
+    near-ties and make GPUs disagree with CPUs (the one place patchbench touches these global flags)."""
+    matmul, cudnn = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.allow_tf32 = saved
-
-
-def exact_fp32() -> contextlib.AbstractContextManager[None]:
-    """IEEE float32 matmuls and convolutions: TF32's 10-bit mantissa would reorder near-ties and make GPUs
-    disagree with CPUs (every evaluator computes inside this)."""
-    return _fp32_modes("ieee", cudnn_tf32=False)
-
-
-def tf32_matmuls() -> contextlib.AbstractContextManager[None]:
-    """TF32 float32 matmuls and convolutions: for a bf16 pretraining run, whose float32 work is the loss's
-    covariance (TF32 keeps 3 more mantissa bits than bf16; a tensor-core matmul instead of a CUDA-core one)."""
-    return _fp32_modes("tf32", cudnn_tf32=True)
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def available_cores() -> int:

@@ -24,7 +24,7 @@ import torch
 
 from ssl_patchbench.core.devices import exact_fp32
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.data.batches import all_jpeg, join_padded, nvjpeg_batches, nvjpeg_name, process_pieces
+from ssl_patchbench.data.batches import all_jpeg, join_padded, nvjpeg_batches, process_pieces
 from ssl_patchbench.data.datasets import ImageSplit
 from ssl_patchbench.features.store import StoreWriter
 from ssl_patchbench.models.encoder import Encoder
@@ -80,9 +80,7 @@ class ExtractSettings:
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
     ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one);
     ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG, not by PIL in processes (its pixels differ
-    slightly: the run context then records the decoder in the data identity, so its stores are apart);
-    ``nvjpeg_cpu_share``: of every 8 images of such a batch, how many ``decode_workers`` decode with PIL beside
-    nvJPEG (:func:`ssl_patchbench.data.batches.nvjpeg_batches`; part of the decoder's recorded name).
+    slightly: the run context then records the decoder in the data identity, so its stores are apart).
     """
 
     device: torch.device
@@ -92,7 +90,6 @@ class ExtractSettings:
     shard: tuple[int, int] = (0, 1)
     decode_workers: int | None = None
     gpu_decode: bool = False
-    nvjpeg_cpu_share: int = 0
 
 
 @dataclass(frozen=True)
@@ -188,14 +185,8 @@ def extract_pass(
         raise ValueError("the stores of one pass must share their rows and chunking")
     groups = _forward_groups(targets)
     runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
-    images = ImageSource(
-        split,
-        device,
-        workers=settings.decode_workers,
-        gpu_decode=settings.gpu_decode,
-        nvjpeg_cpu_share=settings.nvjpeg_cpu_share,
-    )
-    fewest = _NVJPEG_MIN_IMAGES if images.nvjpeg else 1
+    images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
+    fewest = _NVJPEG_MIN_IMAGES if decoder(split, device, gpu_decode=settings.gpu_decode) == "nvjpeg" else 1
     plan = _plan(split, _stretches(groups, settings.shard), runners, first, min(fewest, first.chunk_rows))
     start = time.perf_counter()
     done_images = forwarded = 0
@@ -530,17 +521,11 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
-def reads_with_nvjpeg(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False) -> bool:
-    """Whether nvJPEG decodes a split's images: asked for, on CUDA, a folder of JPEG files."""
-    return gpu_decode and split.array is None and device.type == "cuda" and all_jpeg(split.paths or [])
-
-
-def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False, cpu_share: int = 0) -> str:
-    """Which decoder reads a split's images: ``memory`` (none), ``processes`` (Pillow) or nvJPEG by its name
-    (:func:`ssl_patchbench.data.batches.nvjpeg_name`: with the share of each batch Pillow decodes beside it)."""
-    if reads_with_nvjpeg(split, device, gpu_decode=gpu_decode):
-        return nvjpeg_name(cpu_share)
-    return "memory" if split.array is not None else "processes"
+def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False) -> str:
+    """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
+    if split.array is not None:
+        return "memory"
+    return "nvjpeg" if gpu_decode and device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
 
 
 class ImageSource:
@@ -553,16 +538,9 @@ class ImageSource:
     """
 
     def __init__(
-        self,
-        split: ImageSplit,
-        device: torch.device,
-        *,
-        workers: int | None = None,
-        gpu_decode: bool = False,
-        nvjpeg_cpu_share: int = 0,
+        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = False
     ) -> None:
-        self.split, self.device, self.workers, self.cpu_share = split, device, workers, nvjpeg_cpu_share
-        self.nvjpeg = reads_with_nvjpeg(split, device, gpu_decode=gpu_decode)
+        self.split, self.device, self.workers, self.gpu_decode = split, device, workers, gpu_decode
         self.resident: torch.Tensor | None = None
         if split.array is not None:
             array = torch.from_numpy(np.ascontiguousarray(split.array))
@@ -592,8 +570,8 @@ class ImageSource:
                 yield self._slice(indices)
             return
         paths = self.split.paths or []
-        if self.nvjpeg:
-            yield from nvjpeg_batches(paths, batches, self.device, cpu_share=self.cpu_share, workers=self.workers)
+        if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
+            yield from nvjpeg_batches(paths, batches, self.device)
             return
         # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there
         for parts in process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda"):

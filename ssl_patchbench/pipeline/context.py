@@ -16,16 +16,9 @@ from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.core.environment import environment
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
-from ssl_patchbench.data.batches import decode_workers, nvjpeg_cpu_share
+from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.features.extract import (
-    ExtractSettings,
-    ProgressFactory,
-    decoder,
-    nested_groups,
-    reads_with_nvjpeg,
-    resolve_precision,
-)
+from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, nested_groups, resolve_precision
 from ssl_patchbench.models.encoder import Encoder, check_spaces
 from ssl_patchbench.models.loading import ResolvedModel, build_model, resolve_model
 from ssl_patchbench.pipeline.config import EvalConfig
@@ -141,30 +134,15 @@ class RunContext:
 
     @functools.cached_property
     def data_identities(self) -> dict[str, dict]:
-        """Each split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's; with
-        Pillow's share of each batch, whose rows are then PIL's); worked out once per run (every store key and
-        record reads it)."""
+        """Each split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's);
+        worked out once per run (every store key and record reads it)."""
+        gpu = self.cfg.decode == "gpu"
         return {
-            split: {**data.identity, "decoder": self.decoder(data)} if self._nvjpeg(data) else data.identity
+            split: {**data.identity, "decoder": "nvjpeg"}
+            if decoder(data, self.device, gpu_decode=gpu) == "nvjpeg"
+            else data.identity
             for split, data in self.splits.items()
         }
-
-    def decoder(self, data: ImageSplit) -> str:
-        """The name of the decoder that reads ``data`` in this run."""
-        return decoder(data, self.device, gpu_decode=self.cfg.decode == "gpu", cpu_share=self.nvjpeg_cpu_share)
-
-    def _nvjpeg(self, data: ImageSplit) -> bool:
-        return reads_with_nvjpeg(data, self.device, gpu_decode=self.cfg.decode == "gpu")
-
-    @functools.cached_property
-    def _decode_workers(self) -> int | None:
-        """Decoding processes per rank: the ranks of one host share its cores (None: one per core)."""
-        return max(1, decode_workers() // self.ranks.world) if self.ranks.active else None
-
-    @functools.cached_property
-    def nvjpeg_cpu_share(self) -> int:
-        """Of every 8 images nvJPEG would decode, how many Pillow decodes beside it: from this rank's cores."""
-        return nvjpeg_cpu_share(decode_workers() if self._decode_workers is None else self._decode_workers)
 
     def store_material(self, split: str, spec: PatchSpec, agg: Aggregation, space: str) -> dict:
         """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
@@ -184,9 +162,8 @@ class RunContext:
             max_patches=self.cfg.max_patches,
             compile_model=compiles(self.cfg.compile, self.device, patches),
             shard=(self.ranks.rank, self.ranks.world),
-            decode_workers=self._decode_workers,
+            decode_workers=max(1, decode_workers() // self.ranks.world) if self.ranks.active else None,
             gpu_decode=self.cfg.decode == "gpu",
-            nvjpeg_cpu_share=self.nvjpeg_cpu_share,
         )
 
 

@@ -4,17 +4,16 @@ The dataset sits on the device once as uint8; each epoch's view boxes are drawn 
 before (a pure function of seed and epoch); every step draws its augmentation's random numbers, cuts K views
 per image with one batched ``crop_and_resize`` and augments them on the device (``pretrain.augment``, a pure function
 of the draws), runs each view through backbone + projector under bf16 autocast (CUDA) and steps LARS on a
-warm-up + cosine schedule (the float32 loss's matmuls in TF32 under bf16); ``--compile`` compiles views, model and
-loss (optionally as CUDA graphs). The only host syncs are the logged loss every ``log_every`` steps and the end of an
-epoch. After every epoch ``OUT/last.ckpt`` (``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser,
-step, epoch and RNG state) is copied on the device and moved to the host and written by a background thread while the
-next epoch trains (atomic rename), so a killed run resumes where the last epoch ended and continues exactly as an
+warm-up + cosine schedule; ``--compile`` compiles views, model and loss (optionally as CUDA graphs). The only
+host syncs are the logged loss every ``log_every`` steps and the end of an epoch. After every epoch
+``OUT/last.ckpt`` (``state_dict`` with ``backbone.*`` and ``projector.*``, plus optimiser, step, epoch and RNG
+state) is copied on the device and moved to the host and written by a background thread while the next epoch
+trains (atomic rename), so a killed run resumes where the last epoch ended and continues exactly as an
 uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssl_patchbench.core.devices import resolve_device, tf32_matmuls
+from ssl_patchbench.core.devices import resolve_device
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.files import atomic_path, write_json_atomic
 from ssl_patchbench.core.paths import home
@@ -329,17 +328,10 @@ def pretrain(
     result = PretrainResult(checkpoint=path, epochs_done=run.start_epoch)
     writer = CheckpointWriter()
     try:
-        with _loss_precision(run):
-            _train_epochs(run, out_dir, writer, reporter or LogReporter(), result, stop_after)
+        _train_epochs(run, out_dir, writer, reporter or LogReporter(), result, stop_after)
     finally:
         writer.wait()
     return result
-
-
-def _loss_precision(run: TrainingRun) -> contextlib.AbstractContextManager[None]:
-    """A bf16 run's float32 matmuls (the loss's covariance, ~26 GFLOP a step at batch 512 and 2,048 dimensions)
-    in TF32, whose 10-bit mantissa is finer than the bf16 the network runs in; ``--precision fp32`` keeps IEEE."""
-    return tf32_matmuls() if run.amp is not None else contextlib.nullcontext()
 
 
 def _train_epochs(
