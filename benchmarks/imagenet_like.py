@@ -17,11 +17,9 @@ Measured, one JSON line each:
   compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
-  ``mixed_vs_pil``: the same with Pillow decoding 4 of every 8 images beside nvJPEG;
 - ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
   images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
   the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
-  ``central_cpu_shares``: the same with Pillow decoding 0 to 4 of every 8 images beside nvJPEG;
 - ``user_baseline``: torchvision ``ImageFolder`` + ``DataLoader`` (one worker per core) cutting 16
   ``RandomResizedCrop`` patches per image on the CPU, the same eager model in bf16 on the GPU.
 """
@@ -274,19 +272,6 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
             emit(measurement="central_decode_batch", nvjpeg_batch=size, **rates)
     finally:
         batches._NVJPEG_BATCH = default
-
-
-def central_cpu_shares(checkpoint: Path, data: Path) -> None:
-    """Central features of the train split (``extract``, nvJPEG) with Pillow decoding 0, 3 or 4 of every 8 images
-    beside nvJPEG, in one process per core or in 12 (the eval's default on 16 cores: 4 of 8 in 16), twice each."""
-    encoder, split = _train_split(checkpoint, data)
-    cases = ((0, None), (4, 12), (4, None), (3, 12), (0, None), (4, 12), (4, None), (3, 12))  # in turn: drift shows
-    for share, workers in cases:  # the first also pays cuDNN's autotuning
-        settings = ExtractSettings(
-            device=torch.device("cuda"), gpu_decode=True, nvjpeg_cpu_share=share, decode_workers=workers
-        )
-        rates = _central_rates(encoder, split, settings)
-        emit(measurement="central_cpu_share", cpu_share=share, decode_workers=workers, **rates)
 
 
 def _train_split(checkpoint: Path, data: Path):
@@ -558,10 +543,8 @@ def bf16_noise(checkpoint: Path, data: Path) -> None:
     )
 
 
-def nvjpeg_vs_pil(checkpoint: Path, data: Path, cpu_share: int = 0) -> None:
-    """nvJPEG's central features against Pillow's (``cpu_share``: with Pillow's share of each batch beside it)."""
-    name = f"nvjpeg_{cpu_share}_of_8_pil_vs_pil" if cpu_share else "nvjpeg_vs_pil"
-    _compare(checkpoint, data, name, {"gpu_decode": True, "nvjpeg_cpu_share": cpu_share}, {"gpu_decode": False})
+def nvjpeg_vs_pil(checkpoint: Path, data: Path) -> None:
+    _compare(checkpoint, data, "nvjpeg_vs_pil", {"gpu_decode": True}, {"gpu_decode": False})
 
 
 def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settings: dict) -> None:
@@ -676,7 +659,6 @@ def main() -> None:
         "central compiled": lambda: run_eval(
             "central compiled", checkpoint, data, root / "home_cc", "--patches", "central", *gpu, *compiled
         ),
-        "central_cpu_shares": lambda: central_cpu_shares(checkpoint, data),
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
         "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),
@@ -703,7 +685,6 @@ def main() -> None:
         "file_reads": lambda: file_reads(paths["train"]),
         "eval_decoder": lambda: decoders(data),
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
-        "mixed_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data, cpu_share=4),
         "bf16_noise": lambda: bf16_noise(checkpoint, data),
         "model_only": lambda: model_only(checkpoint, compiled=False),
         "contention": lambda: contention(checkpoint, paths["train"]),
