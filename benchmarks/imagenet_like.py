@@ -17,6 +17,8 @@ Measured, one JSON line each:
   compiled encoder; wall seconds and the stores' extraction rates; ``central py-spy``: central under py-spy (where
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
+- where nvImageCodec is installed, the GPU's hardware JPEG engines: ``hw_decode`` (alone, files in memory),
+  ``central hw`` and ``16 hw`` (``eval --decode hw``), ``hw_vs_pil`` (as ``nvjpeg_vs_pil``);
 - ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
   images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
   the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
@@ -47,7 +49,14 @@ from PIL import Image
 
 from ssl_patchbench.data.batches import decode_workers
 from ssl_patchbench.data.decode import decode
-from ssl_patchbench.features.extract import ExtractSettings, ExtractStats, default_max_patches, extract, input_layout
+from ssl_patchbench.features.extract import (
+    ExtractSettings,
+    ExtractStats,
+    decoder,
+    default_max_patches,
+    extract,
+    input_layout,
+)
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -268,7 +277,7 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
     try:
         for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
             batches._NVJPEG_BATCH = size
-            rates = _central_rates(encoder, split, ExtractSettings(device=torch.device("cuda"), gpu_decode=True))
+            rates = _central_rates(encoder, split, ExtractSettings(device=torch.device("cuda"), decode="gpu"))
             emit(measurement="central_decode_batch", nvjpeg_batch=size, **rates)
     finally:
         batches._NVJPEG_BATCH = default
@@ -417,15 +426,16 @@ def imports() -> None:
 
 
 def decoders(data: Path) -> None:
-    """The eval's two decoders alone (no model): batches of the central view's slice size, as eval reads them."""
+    """The eval's decoders alone (no model): batches of the central view's slice size, as eval reads them (the
+    GPU's JPEG engines where nvImageCodec is installed)."""
     from ssl_patchbench.data.datasets import open_split
     from ssl_patchbench.features.extract import ImageSource
 
     split = open_split("imagenet", "train", data_dir=data)
     size = default_max_patches(torch.device("cuda"), 224)
     batches = [np.arange(i, min(i + size, len(split))) for i in range(0, len(split), size)]
-    for gpu in (True, False):
-        source = ImageSource(split, torch.device("cuda"), gpu_decode=gpu)
+    for setting in ("gpu", "hw", "cpu") if _has_nvimgcodec() else ("gpu", "cpu"):
+        source = ImageSource(split, torch.device("cuda"), decode=setting)
         start = time.perf_counter()
         for _ in source.iterate((None, b) for b in batches):
             pass
@@ -433,7 +443,7 @@ def decoders(data: Path) -> None:
         seconds = time.perf_counter() - start
         emit(
             measurement="eval_decoder",
-            decoder="nvjpeg" if gpu else "processes",
+            decoder=decoder(split, torch.device("cuda"), decode=setting),
             images_per_s=round(len(split) / seconds),
         )
 
@@ -538,13 +548,43 @@ def bf16_noise(checkpoint: Path, data: Path) -> None:
         checkpoint,
         data,
         "bf16_vs_fp32",
-        {"precision": "bf16", "gpu_decode": False},
-        {"precision": "fp32", "gpu_decode": False},
+        {"precision": "bf16"},
+        {"precision": "fp32"},
     )
 
 
 def nvjpeg_vs_pil(checkpoint: Path, data: Path) -> None:
-    _compare(checkpoint, data, "nvjpeg_vs_pil", {"gpu_decode": True}, {"gpu_decode": False})
+    _compare(checkpoint, data, "nvjpeg_vs_pil", {"decode": "gpu"}, {"decode": "cpu"})
+
+
+def hw_vs_pil(checkpoint: Path, data: Path) -> None:
+    """The GPU's JPEG engines' central features against Pillow's (``--decode hw`` against ``cpu``)."""
+    _compare(checkpoint, data, "hw_vs_pil", {"decode": "hw"}, {"decode": "cpu"})
+
+
+def hw_decode(paths: list[str], batch: int = 2048) -> None:
+    """The GPU's JPEG engines alone (nvImageCodec, :func:`hardware_decode`) on files already in memory."""
+    from ssl_patchbench.data.batches import hardware_decode
+
+    data = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    device = torch.device("cuda")
+    hardware_decode(data[:batch], device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    refused = sum(
+        im is None for lo in range(0, len(data), batch) for im in hardware_decode(data[lo : lo + batch], device)
+    )
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    emit(
+        measurement="hw_decode", batch=batch, images=len(data), refused=refused, images_per_s=round(len(data) / seconds)
+    )
+
+
+def _has_nvimgcodec() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia.nvimgcodec") is not None
 
 
 def _compare(checkpoint: Path, data: Path, name: str, a_settings: dict, b_settings: dict) -> None:
@@ -646,7 +686,7 @@ def main() -> None:
     torch.save(state, checkpoint)
     vit_checkpoint = args.root / "dino_vits16_random.pth"  # DINO's file layout is timm's key names
     torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), vit_checkpoint)
-    gpu = ("--decode", "gpu")
+    gpu, hw = ("--decode", "gpu"), ("--decode", "hw")
     compiled = ("--compile", "on")  # what --compile auto does at ImageNet size (from 4M patches)
     root = args.root
     steps = {  # the targets' measurements first: a run cut by its time limit keeps them
@@ -660,6 +700,9 @@ def main() -> None:
             "central compiled", checkpoint, data, root / "home_cc", "--patches", "central", *gpu, *compiled
         ),
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
+        "hw_decode": lambda: hw_decode(paths["train"]),
+        "central hw": lambda: run_eval("central hw", checkpoint, data, root / "home_hw", "--patches", "central", *hw),
+        "16 hw": lambda: run_eval("16 hw", checkpoint, data, root / "home_16hw", "--patches", "16", *hw, *compiled),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
         "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),
         "user_baseline": lambda: user_baseline(checkpoint, data, args.baseline_images),
@@ -685,6 +728,7 @@ def main() -> None:
         "file_reads": lambda: file_reads(paths["train"]),
         "eval_decoder": lambda: decoders(data),
         "nvjpeg_vs_pil": lambda: nvjpeg_vs_pil(checkpoint, data),
+        "hw_vs_pil": lambda: hw_vs_pil(checkpoint, data),
         "bf16_noise": lambda: bf16_noise(checkpoint, data),
         "model_only": lambda: model_only(checkpoint, compiled=False),
         "contention": lambda: contention(checkpoint, paths["train"]),

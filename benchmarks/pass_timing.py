@@ -34,7 +34,7 @@ CUDA = torch.device("cuda")
 
 def decoder_alone(split: ImageSplit, batch: int, *, gpu: bool) -> None:
     batches = [np.arange(i, min(i + batch, len(split))) for i in range(0, len(split), batch)]
-    source = ImageSource(split, CUDA, gpu_decode=gpu)
+    source = ImageSource(split, CUDA, decode="gpu" if gpu else "cpu")
     start = time.perf_counter()
     for _ in source.iterate((None, b) for b in batches):
         pass
@@ -79,7 +79,7 @@ def timed_pass(name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, 
         writer = FeatureStore(Path(tmp), "s").writer(
             labels=split.labels, dim=encoder.dim, dtype="float16", chunk_rows=4096, meta={}
         )
-        settings = ExtractSettings(device=CUDA, compile_model=True, gpu_decode=gpu)
+        settings = ExtractSettings(device=CUDA, compile_model=True, decode="gpu" if gpu else "cpu")
         stats = extract(encoder, split, spec, {Aggregation(): writer}, settings)
     emit(
         measurement="pass",

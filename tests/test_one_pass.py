@@ -1,8 +1,11 @@
 """One pass per split (every representation cut from one decoded copy; nested bags share forwards) and the
 multi-process decoder (same features as decoding in this process; padding of mixed sizes never read)."""
 
+import io
 import logging
 import math
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +312,8 @@ def test_files_read_and_checked_in_shares_say_which_go_to_nvjpeg(mixed_split, tm
 class _NoStream:
     """Stands in for a CUDA stream or event where the test runs the nvJPEG decoder's threads on the CPU."""
 
+    cuda_stream = 0
+
     def __init__(self, *_args) -> None:
         pass
 
@@ -319,22 +324,27 @@ class _NoStream:
         pass
 
 
-@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # the grey file's CPU fallback
-def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_bad_file(
-    mixed_split, tmp_path, monkeypatch
-):
-    """The planner, reader and decoding threads of ``nvjpeg_batches`` run on the CPU (torchvision's CPU decoder in
-    nvJPEG's place, CUDA's streams and events stubbed): every batch comes back in the order drawn, as the files
-    decoded one by one and edge-padded, a grey JPEG through the CPU decoder; a truncated file is its error line."""
+@pytest.fixture
+def cpu_streams(monkeypatch):
+    """CUDA's streams and events stubbed: the GPU decoders' threads run on the CPU."""
     from contextlib import nullcontext
-
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     monkeypatch.setattr(torch.cuda, "Stream", _NoStream)
     monkeypatch.setattr(torch.cuda, "Event", _NoStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda _stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", _NoStream)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+
+
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable")  # the grey file's CPU fallback
+def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_bad_file(
+    mixed_split, tmp_path, cpu_streams
+):
+    """The planner, reader and decoding threads of ``nvjpeg_batches`` run on the CPU (torchvision's CPU decoder in
+    nvJPEG's place, CUDA's streams and events stubbed): every batch comes back in the order drawn, as the files
+    decoded one by one and edge-padded, a grey JPEG through the CPU decoder; a truncated file is its error line."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     grey = tmp_path / "grey.jpg"
     Image.new("L", (31, 17), 99).save(grey)
     paths = [*mixed_split.paths, str(grey)]
@@ -376,6 +386,87 @@ def test_a_refused_jpeg_sends_only_itself_to_the_cpu_decoder(monkeypatch):
     assert [i for i, image in enumerate(got) if image is None] == [1, len(datas) - 1]
     assert all(int(image[2, 0, 0]) == int(d[0]) for image, d in zip(got, datas, strict=True) if image is not None)
     assert calls[0] == len(datas) and len(calls) <= 4 * math.ceil(math.log2(len(datas))) + 1
+
+
+def _fake_nvimgcodec(refuse: bytes = b"", fail: str = "") -> types.ModuleType:
+    """nvImageCodec's API as ``hardware_decode`` uses it, the JPEG engines played by Pillow (whose pixels they
+    match to within one level): ``refuse``: a bitstream containing these bytes comes back as None;
+    ``fail``: making a decoder raises this, as on a GPU without JPEG engines."""
+    module = types.ModuleType("nvidia.nvimgcodec")
+    module.BackendKind = types.SimpleNamespace(HW_GPU_ONLY="hw")
+    module.Backend = lambda kind: kind
+    module.CodeStream = lambda array: array.tobytes()
+    module.calls = []
+
+    class Decoder:
+        def __init__(self, device_id, backends):
+            if fail:
+                raise RuntimeError(fail)
+            assert backends == ["hw"]
+
+        def decode(self, streams, cuda_stream):
+            module.calls.append(len(streams))
+            return [
+                None if refuse and refuse in data else np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                for data in streams
+            ]
+
+    module.Decoder = Decoder
+    return module
+
+
+def _use_nvimgcodec(monkeypatch, module: types.ModuleType | None) -> None:
+    from ssl_patchbench.data import batches
+
+    monkeypatch.setitem(sys.modules, "nvidia", types.ModuleType("nvidia"))
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", module)  # None: the import fails
+    monkeypatch.setattr(batches, "_HARDWARE_DECODERS", {})
+
+
+def test_the_hardware_decoders_batches_are_its_images_padded_and_a_refused_one_is_pils(
+    mixed_split, monkeypatch, cpu_streams
+):
+    """``--decode hw`` runs the nvJPEG thread with the JPEG engines' call in nvJPEG's place: every batch comes
+    back in order as the engines' images (``[H, W, 3]``, read as ``[3, H, W]``) edge-padded, and an image they
+    refuse is decoded by Pillow in its place."""
+    paths = mixed_split.paths
+    refused = Path(paths[5]).read_bytes()[-40:]  # bytes of file 5's entropy-coded data, in no other file
+    assert not any(refused in Path(p).read_bytes() for i, p in enumerate(paths) if i != 5)
+    engines = _fake_nvimgcodec(refuse=refused)
+    _use_nvimgcodec(monkeypatch, engines)
+    batches = [np.array([5, 0, 2]), np.array([7, 1, 3, 4, 6])]
+    got = list(nvjpeg_batches(paths, iter(batches), torch.device("cpu"), hardware=True))
+    for indices, (pixels, sizes) in zip(batches, got, strict=True):
+        expected, expected_sizes = pad_numpy([decode(paths[i]) for i in indices])
+        np.testing.assert_array_equal(pixels.permute(0, 2, 3, 1).numpy(), expected.numpy())
+        np.testing.assert_array_equal(sizes, expected_sizes)
+    assert engines.calls == [3, 5]  # one call per batch
+
+
+def test_decode_hw_without_nvimgcodec_or_jpeg_engines_is_one_error_line(monkeypatch):
+    from ssl_patchbench.data.batches import hardware_decoder
+
+    _use_nvimgcodec(monkeypatch, None)
+    with pytest.raises(UserError, match=r"--decode hw needs nvImageCodec: pip install nvidia-nvimgcodec-cu\d+"):
+        hardware_decoder(torch.device("cuda"))
+    _use_nvimgcodec(monkeypatch, _fake_nvimgcodec(fail="Could not create decoder"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    with pytest.raises(UserError, match=r"Tesla T4 has no hardware JPEG decoder .*use --decode gpu"):
+        hardware_decoder(torch.device("cuda"))
+
+
+def test_the_decoder_follows_the_decode_setting_the_device_and_the_files(mixed_split, tmp_path):
+    from ssl_patchbench.features.extract import decoder
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [decoder(mixed_split, cuda, decode=d) for d in ("cpu", "gpu", "hw")] == ["processes", "nvjpeg", "nvjpeg-hw"]
+    assert decoder(mixed_split, cpu, decode="hw") == "processes"
+    png = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(png)
+    with_png = ImageSplit(
+        labels=np.arange(9) % 2, classes=["a", "b"], identity={}, paths=[*mixed_split.paths, str(png)]
+    )
+    assert decoder(with_png, cuda, decode="hw") == "processes"
 
 
 def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):

@@ -1,6 +1,6 @@
 """Batches of decoded images for file-backed splits, several batches ahead of the model.
 
-Two decoders, both padding every image of a batch to the batch's largest by replicating its last row and
+Three decoders, all padding every image of a batch to the batch's largest by replicating its last row and
 column (``roi_align`` clamps at an image's edge the same way, and boxes never leave an image, so padding
 never changes a feature):
 
@@ -11,6 +11,10 @@ never changes a feature):
   thread pool reads and checks its files (``torchvision.io.read_file``) while the current one decodes. JPEGs
   nvJPEG should not see (not 3 components, e.g. grey or CMYK; no end marker, e.g. truncated) and other files
   go through the CPU decoder, which names a bad file in one error line.
+- the same thread with ``hardware=True``: the GPU's hardware JPEG engines (A100, H100, H200 and newer) through
+  nvImageCodec (an optional package) instead of nvJPEG's CUDA decoder. Its pixels are libjpeg-turbo's (PIL's)
+  to within one level in a few pixels, where the CUDA decoder's differ visibly; an image the engines refuse
+  goes to the CPU decoder.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 2048  # images per nvJPEG call: a central batch in one (beside the encoder, calls of 256 starve)
 _READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
 _PAD_INDEX_ELEMENTS = 1 << 25  # gather indices (int64) that pad_chw builds at a time: 256 MB
+_HARDWARE_DECODERS: dict[int, object] = {}  # device index -> nvImageCodec decoder (made once: it starts threads)
 
 
 def pad_numpy(images: Sequence[np.ndarray]) -> Batch:
@@ -223,15 +228,18 @@ def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str], *, check: boo
     return submit_shares(readers, _read_checked if check else _read_all, paths, _READERS)
 
 
-def nvjpeg_batches(paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device) -> Iterator[Batch]:
-    """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller.
+def nvjpeg_batches(
+    paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device, *, hardware: bool = False
+) -> Iterator[Batch]:
+    """``[B, 3, H, W]`` uint8 batches on ``device``, decoded by nvJPEG up to two batches ahead of the caller
+    (``hardware``: by the GPU's JPEG engines, :func:`hardware_decode`).
 
     Each batch is ready for the caller's current stream when yielded (it waits on the decode stream's event).
     ``batches`` is drawn by one planner thread, one batch ahead of the decoding (its files read meanwhile).
     """
     out: queue.Queue = queue.Queue(maxsize=_AHEAD)
     stop = threading.Event()
-    producer = threading.Thread(target=_produce, args=(paths, batches, device, out, stop), daemon=True)
+    producer = threading.Thread(target=_produce, args=(paths, batches, device, hardware, out, stop), daemon=True)
     producer.start()
     try:
         while True:
@@ -268,10 +276,49 @@ def nvjpeg_decode(datas: Sequence[torch.Tensor], device: torch.device) -> list[t
         return nvjpeg_decode(datas[:half], device) + nvjpeg_decode(datas[half:], device)
 
 
+def hardware_decoder(device: torch.device):  # -> nvidia.nvimgcodec.Decoder
+    """The device's hardware JPEG decoder (nvImageCodec's ``HW_GPU_ONLY`` backend), made once per device; a
+    UserError where nvImageCodec is not installed or the GPU has no JPEG engine."""
+    index = torch.device(device).index or 0
+    if index not in _HARDWARE_DECODERS:
+        try:
+            import nvidia.nvimgcodec as nvimgcodec
+        except ImportError:
+            cuda = (torch.version.cuda or "12").split(".")[0]
+            raise UserError(
+                f"--decode hw needs nvImageCodec: pip install nvidia-nvimgcodec-cu{cuda} nvidia-nvjpeg"
+            ) from None
+        try:
+            hardware = nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)
+            _HARDWARE_DECODERS[index] = nvimgcodec.Decoder(device_id=index, backends=[hardware])
+        except RuntimeError as exc:
+            raise UserError(
+                f"--decode hw: {torch.cuda.get_device_name(index)} has no hardware JPEG decoder nvImageCodec can "
+                f"use ({exc}); use --decode gpu (nvJPEG on CUDA cores) or cpu"
+            ) from None
+    return _HARDWARE_DECODERS[index]
+
+
+def hardware_decode(datas: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """The JPEG bitstreams ``datas`` decoded by the GPU's JPEG engines in one call, ``[3, H, W]`` views of the
+    decoder's ``[H, W, 3]`` images, ready on the current stream; None where the engines refuse one."""
+    import nvidia.nvimgcodec as nvimgcodec
+
+    stream = torch.cuda.current_stream(device).cuda_stream
+    images = hardware_decoder(device).decode([nvimgcodec.CodeStream(d.numpy()) for d in datas], cuda_stream=stream)
+    return [None if image is None else torch.from_dlpack(image).permute(2, 0, 1) for image in images]
+
+
 def _produce(
-    paths: Sequence[str], batches: Iterable[np.ndarray], device: torch.device, out: queue.Queue, stop: threading.Event
+    paths: Sequence[str],
+    batches: Iterable[np.ndarray],
+    device: torch.device,
+    hardware: bool,
+    out: queue.Queue,
+    stop: threading.Event,
 ) -> None:
     stream = torch.cuda.Stream(device)
+    decode_on_gpu = hardware_decode if hardware else nvjpeg_decode
 
     def put(item: object) -> None:
         while not stop.is_set():
@@ -306,7 +353,7 @@ def _produce(
                     gpu = [i for i, ok in enumerate(on_gpu) if ok]
                     for lo in range(0, len(gpu), _NVJPEG_BATCH):
                         part = gpu[lo : lo + _NVJPEG_BATCH]
-                        for i, image in zip(part, nvjpeg_decode([datas[i] for i in part], device), strict=True):
+                        for i, image in zip(part, decode_on_gpu([datas[i] for i in part], device), strict=True):
                             images[i] = image
                     for i, image in enumerate(images):
                         if image is None:  # torch.tensor copies Pillow's read-only array

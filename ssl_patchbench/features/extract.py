@@ -79,8 +79,9 @@ class ExtractSettings:
 
     ``shard=(rank, world)`` keeps the chunks ``c`` with ``c % world == rank``: ranks share one store.
     ``decode_workers``: processes decoding image files on the CPU path (None: one per core; 0: in this one);
-    ``gpu_decode``: JPEG folders on CUDA are decoded by nvJPEG, not by PIL in processes (its pixels differ
-    slightly: the run context then records the decoder in the data identity, so its stores are apart).
+    ``decode``: ``cpu`` (PIL in processes), ``gpu`` (JPEG folders on CUDA by nvJPEG: its pixels differ slightly)
+    or ``hw`` (by the GPU's JPEG engines); the run context records a GPU decoder in the data identity, so its
+    stores are apart.
     """
 
     device: torch.device
@@ -89,7 +90,7 @@ class ExtractSettings:
     compile_model: bool = False
     shard: tuple[int, int] = (0, 1)
     decode_workers: int | None = None
-    gpu_decode: bool = False
+    decode: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -185,8 +186,8 @@ def extract_pass(
         raise ValueError("the stores of one pass must share their rows and chunking")
     groups = _forward_groups(targets)
     runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
-    images = ImageSource(split, device, workers=settings.decode_workers, gpu_decode=settings.gpu_decode)
-    fewest = _NVJPEG_MIN_IMAGES if decoder(split, device, gpu_decode=settings.gpu_decode) == "nvjpeg" else 1
+    images = ImageSource(split, device, workers=settings.decode_workers, decode=settings.decode)
+    fewest = _NVJPEG_MIN_IMAGES if decoder(split, device, decode=settings.decode) in GPU_DECODERS.values() else 1
     plan = _plan(split, _stretches(groups, settings.shard), runners, first, min(fewest, first.chunk_rows))
     start = time.perf_counter()
     done_images = forwarded = 0
@@ -521,26 +522,32 @@ class PatchRunner:
         log.warning("CUDA out of memory: forward slices reduced to %d patches", self.max_patches)
 
 
-def decoder(split: ImageSplit, device: torch.device, *, gpu_decode: bool = False) -> str:
-    """Which decoder reads a split's images: ``memory`` (none), ``nvjpeg`` (JPEG files on CUDA) or ``processes``."""
+GPU_DECODERS = {"gpu": "nvjpeg", "hw": "nvjpeg-hw"}  # --decode setting -> the decoder's recorded name
+
+
+def decoder(split: ImageSplit, device: torch.device, *, decode: str = "cpu") -> str:
+    """Which decoder reads a split's images: ``memory`` (none), for JPEG files on CUDA with ``decode`` gpu or hw
+    ``nvjpeg`` (nvJPEG's CUDA decoder) or ``nvjpeg-hw`` (the GPU's JPEG engines), else ``processes`` (PIL)."""
     if split.array is not None:
         return "memory"
-    return "nvjpeg" if gpu_decode and device.type == "cuda" and all_jpeg(split.paths or []) else "processes"
+    if decode in GPU_DECODERS and device.type == "cuda" and all_jpeg(split.paths or []):
+        return GPU_DECODERS[decode]
+    return "processes"
 
 
 class ImageSource:
     """Images by index as uint8 ``[B, 3, H, W]`` on the device, with their true sizes.
 
     In-memory splits are moved to the device once (uint8). File-backed splits are decoded ahead of the model
-    (:mod:`ssl_patchbench.data.batches`): by one process per core, or, with ``gpu_decode``, JPEG folders on CUDA
-    by nvJPEG; each batch padded to its largest image (boxes never leave an image's own area, so padding is
-    never sampled).
+    (:mod:`ssl_patchbench.data.batches`): by one process per core, or, with ``decode`` gpu or hw, JPEG folders on
+    CUDA by nvJPEG or the GPU's JPEG engines; each batch padded to its largest image (boxes never leave an
+    image's own area, so padding is never sampled).
     """
 
     def __init__(
-        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, gpu_decode: bool = False
+        self, split: ImageSplit, device: torch.device, *, workers: int | None = None, decode: str = "cpu"
     ) -> None:
-        self.split, self.device, self.workers, self.gpu_decode = split, device, workers, gpu_decode
+        self.split, self.device, self.workers, self.decode = split, device, workers, decode
         self.resident: torch.Tensor | None = None
         if split.array is not None:
             array = torch.from_numpy(np.ascontiguousarray(split.array))
@@ -570,8 +577,9 @@ class ImageSource:
                 yield self._slice(indices)
             return
         paths = self.split.paths or []
-        if decoder(self.split, self.device, gpu_decode=self.gpu_decode) == "nvjpeg":
-            yield from nvjpeg_batches(paths, batches, self.device)
+        name = decoder(self.split, self.device, decode=self.decode)
+        if name in GPU_DECODERS.values():
+            yield from nvjpeg_batches(paths, batches, self.device, hardware=name == "nvjpeg-hw")
             return
         # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there
         for parts in process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda"):

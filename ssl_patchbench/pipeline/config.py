@@ -130,11 +130,12 @@ class EvalConfig:
     )
     decode: str = _opt(
         "cpu",
-        "Image-file decoder: cpu (PIL, one process per core) or gpu (nvJPEG for JPEG folders on CUDA: faster, its "
-        "pixels differ slightly from PIL's, so its stores and records are kept apart).",
+        "Image-file decoder: cpu (PIL, one process per core), gpu (nvJPEG for JPEG folders on CUDA: faster, its "
+        "pixels differ slightly from PIL's, so its stores and records are kept apart) or hw (the GPU's hardware "
+        "JPEG engines through nvImageCodec, an optional package: PIL's pixels to within one level; kept apart too).",
         "choice",
         numbers=True,
-        choices=("cpu", "gpu"),
+        choices=("cpu", "gpu", "hw"),
     )
     seed: int = _opt(0, "Seed of the patch boxes.", "int", numbers=True, min=0, max=2**64 - 1)
     knn_ks: tuple[int, ...] = _opt((20, 200), "Neighbour counts of the kNN.", "ints", numbers=True, option="--knn-k")

@@ -16,9 +16,16 @@ from ssl_patchbench.core.distributed import Ranks
 from ssl_patchbench.core.environment import environment
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
-from ssl_patchbench.data.batches import decode_workers
+from ssl_patchbench.data.batches import decode_workers, hardware_decoder
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.features.extract import ExtractSettings, ProgressFactory, decoder, nested_groups, resolve_precision
+from ssl_patchbench.features.extract import (
+    GPU_DECODERS,
+    ExtractSettings,
+    ProgressFactory,
+    decoder,
+    nested_groups,
+    resolve_precision,
+)
 from ssl_patchbench.models.encoder import Encoder, check_spaces
 from ssl_patchbench.models.loading import ResolvedModel, build_model, resolve_model
 from ssl_patchbench.pipeline.config import EvalConfig
@@ -134,15 +141,16 @@ class RunContext:
 
     @functools.cached_property
     def data_identities(self) -> dict[str, dict]:
-        """Each split's identity, and the decoder when it is nvJPEG (whose pixels differ slightly from PIL's);
-        worked out once per run (every store key and record reads it)."""
-        gpu = self.cfg.decode == "gpu"
-        return {
-            split: {**data.identity, "decoder": "nvjpeg"}
-            if decoder(data, self.device, gpu_decode=gpu) == "nvjpeg"
-            else data.identity
-            for split, data in self.splits.items()
-        }
+        """Each split's identity, and the decoder when it is on the GPU (whose pixels differ slightly from PIL's);
+        worked out once per run (every store key and record reads it). ``--decode hw`` where it cannot run is an
+        error here, before any work."""
+        found = {}
+        for split, data in self.splits.items():
+            name = decoder(data, self.device, decode=self.cfg.decode)
+            if name == GPU_DECODERS["hw"]:
+                hardware_decoder(self.device)
+            found[split] = {**data.identity, "decoder": name} if name in GPU_DECODERS.values() else data.identity
+        return found
 
     def store_material(self, split: str, spec: PatchSpec, agg: Aggregation, space: str) -> dict:
         """What one split's stored features depend on: the feature fields of :meth:`identity`, for that split."""
@@ -163,7 +171,7 @@ class RunContext:
             compile_model=compiles(self.cfg.compile, self.device, patches),
             shard=(self.ranks.rank, self.ranks.world),
             decode_workers=max(1, decode_workers() // self.ranks.world) if self.ranks.active else None,
-            gpu_decode=self.cfg.decode == "gpu",
+            decode=self.cfg.decode,
         )
 
 

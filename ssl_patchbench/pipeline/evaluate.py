@@ -181,7 +181,7 @@ def _extract_into(
         "images": remaining,
         "forwarded_patches": forwards,
         "forwarded_patches_per_s": forwards / seconds if seconds > 0 else 0.0,
-        "decoder": decoder(data, ctx.device, gpu_decode=ctx.cfg.decode == "gpu"),
+        "decoder": decoder(data, ctx.device, decode=ctx.cfg.decode),
         "first_forward_at": stats.first_forward_at,
         "padded_patches": stats.padded,
         "after_first_forward": stats.after_first_forward() if not ranks.active else None,
