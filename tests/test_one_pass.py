@@ -447,7 +447,7 @@ def test_decode_hw_without_nvimgcodec_or_jpeg_engines_is_one_error_line(monkeypa
     from ssl_patchbench.data.batches import hardware_decoder
 
     _use_nvimgcodec(monkeypatch, None)
-    with pytest.raises(UserError, match=r"--decode hw needs nvImageCodec: pip install nvidia-nvimgcodec-cu\d+"):
+    with pytest.raises(UserError, match=r"--decode hw needs nvImageCodec: pip install -e '\.\[hw-jpeg-cu1[23]\]'"):
         hardware_decoder(torch.device("cuda"))
     _use_nvimgcodec(monkeypatch, _fake_nvimgcodec(fail="Could not create decoder"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")

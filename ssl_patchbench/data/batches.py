@@ -284,9 +284,10 @@ def hardware_decoder(device: torch.device):  # -> nvidia.nvimgcodec.Decoder
         try:
             import nvidia.nvimgcodec as nvimgcodec
         except ImportError:
-            cuda = (torch.version.cuda or "12").split(".")[0]
+            cuda = "13" if (torch.version.cuda or "12").startswith("13") else "12"
             raise UserError(
-                f"--decode hw needs nvImageCodec: pip install nvidia-nvimgcodec-cu{cuda} nvidia-nvjpeg"
+                f"--decode hw needs nvImageCodec: pip install -e '.[hw-jpeg-cu{cuda}]' (nvidia-nvimgcodec-cu{cuda} "
+                f"and nvJPEG's libraries for this torch's CUDA {torch.version.cuda})"
             ) from None
         try:
             hardware = nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)

@@ -1,0 +1,116 @@
+"""The GPU's hardware JPEG engines (nvImageCodec) against nvJPEG's CUDA decoder, on ImageNet-like JPEGs in memory:
+pixels against Pillow's, each decoder alone, and each beside the eager ResNet-50 (bf16, batches of 256) running in
+the main thread. Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
+
+    python benchmarks/hw_jpeg_probe.py [--images 2048] [--seconds 3]
+
+One JSON line per measurement: ``vs_pil`` (mean and max absolute pixel difference to Pillow over 64 images),
+``alone`` and ``beside_encoder`` (images/s; the encoder's images/s beside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing import Pool
+
+import numpy as np
+import nvidia.nvimgcodec as nvimgcodec
+import torch
+import torchvision
+from common import emit
+from imagenet_like import photo
+from PIL import Image
+
+Decode = Callable[[list[bytes]], list[torch.Tensor]]  # JPEG bitstreams -> [H, W, 3] uint8 images on the GPU
+
+
+def engines() -> Decode:
+    decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
+
+    def decode(jpegs: list[bytes]) -> list[torch.Tensor]:
+        stream = torch.cuda.current_stream().cuda_stream
+        images = decoder.decode([nvimgcodec.CodeStream(b) for b in jpegs], cuda_stream=stream)
+        return [torch.from_dlpack(image) for image in images]
+
+    return decode
+
+
+def nvjpeg(jpegs: list[bytes]) -> list[torch.Tensor]:
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    return [im.permute(1, 2, 0) for im in torchvision.io.decode_jpeg(datas, device="cuda")]
+
+
+def rate(step: Callable[[], int], seconds: float) -> float:
+    """Items per second of ``step`` (returns its items) called until ``seconds`` have passed."""
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += step()
+    torch.cuda.synchronize()
+    return done / (time.perf_counter() - start)
+
+
+def _until_stopped(step: Callable[[], int], stop: threading.Event, rates: list[float]) -> None:
+    """``step`` called until ``stop`` is set; its items per second appended to ``rates``."""
+    done, start = 0, time.perf_counter()
+    while not stop.is_set():
+        done += step()
+    rates.append(done / (time.perf_counter() - start))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    with Pool() as pool:
+        jpegs = [data for data, _ in pool.map(photo, range(args.images))]
+    decoders: dict[str, Decode] = {"nvjpeg": nvjpeg, "hw": engines()}
+    pil = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in jpegs[:64]]
+    for name, decode in decoders.items():
+        diffs = [np.abs(im.cpu().numpy().astype(int) - p) for im, p in zip(decode(jpegs[:64]), pil, strict=True)]
+        emit(measurement="vs_pil", decoder=name, mean_abs=float(np.mean([d.mean() for d in diffs])),
+             max_abs=int(max(d.max() for d in diffs)))  # fmt: skip
+    side = torch.cuda.Stream()
+
+    def pass_of(decode: Decode, batch: int) -> Callable[[], int]:
+        def step() -> int:
+            with torch.cuda.stream(side):
+                for lo in range(0, len(jpegs), batch):
+                    decode(jpegs[lo : lo + batch])
+            side.synchronize()
+            return len(jpegs)
+
+        return step
+
+    cases = [(name, batch, pass_of(decode, batch)) for name, decode in decoders.items() for batch in (256, 2048)]
+    for name, batch, step in cases:
+        step()
+        emit(measurement="alone", decoder=name, batch=batch, images_per_s=round(rate(step, args.seconds)))
+    encoder = torchvision.models.resnet50().cuda().eval().to(memory_format=torch.channels_last)
+    torch.backends.cudnn.benchmark = True
+    x = torch.rand(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def encode() -> int:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16):
+            encoder(x)
+        return len(x)
+
+    encode()
+    emit(measurement="encoder_alone", images_per_s=round(rate(encode, args.seconds)))
+    for name, batch, step in cases:
+        stop, decoded = threading.Event(), []
+        thread = threading.Thread(target=_until_stopped, args=(step, stop, decoded))
+        thread.start()
+        encoded = rate(encode, args.seconds)
+        stop.set()
+        thread.join()
+        emit(measurement="beside_encoder", decoder=name, batch=batch, encoder_images_per_s=round(encoded),
+             decoded_images_per_s=round(decoded[0]))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
