@@ -579,7 +579,7 @@ class ImageSource:
         paths = self.split.paths or []
         name = decoder(self.split, self.device, decode=self.decode)
         if name in GPU_DECODERS.values():
-            yield from nvjpeg_batches(paths, batches, self.device, hardware=name == "nvjpeg-hw")
+            yield from nvjpeg_batches(paths, batches, self.device, hardware=name == GPU_DECODERS["hw"])
             return
         # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there
         for parts in process_pieces(paths, batches, workers=self.workers, pin=self.device.type == "cuda"):
