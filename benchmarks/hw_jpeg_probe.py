@@ -1,4 +1,5 @@
-"""The GPU's hardware JPEG engines (nvImageCodec) against nvJPEG's CUDA decoder, on ImageNet-like JPEGs in memory:
+"""The GPU's hardware JPEG engines (nvImageCodec) against nvJPEG's CUDA decoder, on ImageNet-like JPEGs in memory,
+each through the eval's own call (``hardware_decode``, ``nvjpeg_decode``):
 pixels against Pillow's, each decoder alone, and each beside the eager ResNet-50 (bf16, batches of 256) running in
 the main thread. Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
 
@@ -18,30 +19,15 @@ from collections.abc import Callable
 from multiprocessing import Pool
 
 import numpy as np
-import nvidia.nvimgcodec as nvimgcodec
 import torch
 import torchvision
 from common import emit
 from imagenet_like import photo
 from PIL import Image
 
-Decode = Callable[[list[bytes]], list[torch.Tensor]]  # JPEG bitstreams -> [H, W, 3] uint8 images on the GPU
+from ssl_patchbench.data.batches import hardware_decode, nvjpeg_decode
 
-
-def engines() -> Decode:
-    decoder = nvimgcodec.Decoder(backends=[nvimgcodec.Backend(nvimgcodec.BackendKind.HW_GPU_ONLY)])
-
-    def decode(jpegs: list[bytes]) -> list[torch.Tensor]:
-        stream = torch.cuda.current_stream().cuda_stream
-        images = decoder.decode([nvimgcodec.CodeStream(b) for b in jpegs], cuda_stream=stream)
-        return [torch.from_dlpack(image) for image in images]
-
-    return decode
-
-
-def nvjpeg(jpegs: list[bytes]) -> list[torch.Tensor]:
-    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
-    return [im.permute(1, 2, 0) for im in torchvision.io.decode_jpeg(datas, device="cuda")]
+Decode = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | None]]  # the eval's: -> [3, H, W]
 
 
 def rate(step: Callable[[], int], seconds: float) -> float:
@@ -68,10 +54,13 @@ def main() -> None:
     args = parser.parse_args()
     with Pool() as pool:
         jpegs = [data for data, _ in pool.map(photo, range(args.images))]
-    decoders: dict[str, Decode] = {"nvjpeg": nvjpeg, "hw": engines()}
+    datas = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
+    decoders: dict[str, Decode] = {"nvjpeg": nvjpeg_decode, "hw": hardware_decode}
+    cuda = torch.device("cuda")
     pil = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).astype(int) for b in jpegs[:64]]
     for name, decode in decoders.items():
-        diffs = [np.abs(im.cpu().numpy().astype(int) - p) for im, p in zip(decode(jpegs[:64]), pil, strict=True)]
+        images = [im.permute(1, 2, 0).cpu().numpy().astype(int) for im in decode(datas[:64], cuda)]
+        diffs = [np.abs(im - p) for im, p in zip(images, pil, strict=True)]
         emit(measurement="vs_pil", decoder=name, mean_abs=float(np.mean([d.mean() for d in diffs])),
              max_abs=int(max(d.max() for d in diffs)))  # fmt: skip
     side = torch.cuda.Stream()
@@ -79,10 +68,10 @@ def main() -> None:
     def pass_of(decode: Decode, batch: int) -> Callable[[], int]:
         def step() -> int:
             with torch.cuda.stream(side):
-                for lo in range(0, len(jpegs), batch):
-                    decode(jpegs[lo : lo + batch])
+                for lo in range(0, len(datas), batch):
+                    decode(datas[lo : lo + batch], cuda)
             side.synchronize()
-            return len(jpegs)
+            return len(datas)
 
         return step
 

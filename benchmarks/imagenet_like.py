@@ -271,8 +271,10 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
     nvJPEG call decoding 256, 1024 or 1992 images: ``contention`` finds the decoder starved beside the encoder
     at 256, and a larger call pays its per-call waits on fewer images."""
     from ssl_patchbench.data import batches
+    from ssl_patchbench.data.datasets import open_split
 
-    encoder, split = _train_split(checkpoint, data)
+    encoder = Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding")
+    split = open_split("imagenet", "train", data_dir=data)
     default = batches._NVJPEG_BATCH
     try:
         for size in (256, 1024, 1992, 256):  # 256 twice: the first call also pays cuDNN's autotuning
@@ -281,14 +283,6 @@ def central_decode_batches(checkpoint: Path, data: Path) -> None:
             emit(measurement="central_decode_batch", nvjpeg_batch=size, **rates)
     finally:
         batches._NVJPEG_BATCH = default
-
-
-def _train_split(checkpoint: Path, data: Path):
-    from ssl_patchbench.data.datasets import open_split
-
-    return Encoder(load_model("vicreg_rn50", checkpoint=checkpoint), "embedding"), open_split(
-        "imagenet", "train", data_dir=data
-    )
 
 
 def _central_rates(encoder: Encoder, split, settings: ExtractSettings) -> dict:
