@@ -18,7 +18,8 @@ Measured, one JSON line each:
   it is installed), every thread's stacks and the GIL holder's, as raw files beside the folder;
 - ``nvjpeg_vs_pil``: central features of the val split with nvJPEG and with PIL decoding (same model, bf16);
 - where nvImageCodec is installed, the GPU's hardware JPEG engines: ``hw_decode`` (alone, files in memory),
-  ``central hw`` and ``16 hw`` (``eval --decode hw``), ``hw_vs_pil`` (as ``nvjpeg_vs_pil``);
+  ``central hw``, ``central hw compiled`` and ``16 hw`` (``eval --decode hw``), ``central hw py-spy``,
+  ``hw_vs_pil`` (as ``nvjpeg_vs_pil``);
 - ``contention``: the eager encoder on a ready batch beside nvJPEG decoding (a thread with calls of 256 to 2048
   images, another process), the encoder as one CUDA graph or kept at most two batches ahead: how the two share
   the GPU; ``central_decode_batches``: the eval's central extraction in-process with nvJPEG calls of 256 to 1992;
@@ -383,17 +384,18 @@ def run_eval(
     return mine
 
 
-def spied_central(checkpoint: Path, data: Path, root: Path) -> None:
-    """The central ``--decode gpu`` eval under py-spy (where installed), twice: every thread's samples while it
-    runs (``central_threads.spy``) and only the thread holding the GIL (``central_gil.spy``), as raw stacks."""
+def spied_central(checkpoint: Path, data: Path, root: Path, decode: str = "gpu") -> None:
+    """The central ``--decode DECODE`` eval under py-spy (where installed), twice: every thread's samples while
+    it runs (``central_[hw_]threads.spy``) and only the thread holding the GIL (``central_[hw_]gil.spy``), as raw
+    stacks."""
     if shutil.which("py-spy") is None:
         emit(measurement="central py-spy", error="py-spy is not installed")
         return
     for kind, flags in (("threads", ()), ("gil", ("--gil",))):
-        out = root / f"central_{kind}.spy"
+        out = root / f"central_{'hw_' if decode == 'hw' else ''}{kind}.spy"
         spy = ("py-spy", "record", "--threads", "--rate", "250", "--format", "raw", "--output", str(out), *flags, "--")
-        home, args = root / f"home_spy_{kind}", ("--patches", "central", "--decode", "gpu")
-        run_eval(f"central py-spy {kind}", checkpoint, data, home, *args, prefix=spy)
+        home, args = root / f"home_spy_{decode}_{kind}", ("--patches", "central", "--decode", decode)
+        run_eval(f"central py-spy {decode} {kind}", checkpoint, data, home, *args, prefix=spy)
 
 
 def emit_profile(name: str, path: Path, wall: float, top: int = 25) -> None:
@@ -696,6 +698,9 @@ def main() -> None:
         "central cpu": lambda: run_eval("central cpu", checkpoint, data, root / "home_cpu", "--patches", "central"),
         "hw_decode": lambda: hw_decode(paths["train"]),
         "central hw": lambda: run_eval("central hw", checkpoint, data, root / "home_hw", "--patches", "central", *hw),
+        "central hw compiled": lambda: run_eval(
+            "central hw compiled", checkpoint, data, root / "home_hwc", "--patches", "central", *hw, *compiled
+        ),
         "16 hw": lambda: run_eval("16 hw", checkpoint, data, root / "home_16hw", "--patches", "16", *hw, *compiled),
         "16": lambda: run_eval("16", checkpoint, data, root / "home_16", "--patches", "16", *compiled),
         "48": lambda: run_eval("48", checkpoint, data, root / "home_48", "--patches", "48", *compiled),
@@ -717,6 +722,7 @@ def main() -> None:
             "central+16+48", checkpoint, data, root / "home_all", "--patches", "central,16,48", *compiled
         ),
         "central py-spy": lambda: spied_central(checkpoint, data, root),
+        "central hw py-spy": lambda: spied_central(checkpoint, data, root, decode="hw"),
         "imports": imports,
         "nvjpeg_phases": lambda: nvjpeg_phases(paths["train"]),
         "file_reads": lambda: file_reads(paths["train"]),

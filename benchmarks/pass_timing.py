@@ -30,17 +30,18 @@ from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
 
 CUDA = torch.device("cuda")
+DECODERS = {"cpu": "processes", "gpu": "nvjpeg", "hw": "engines"}  # --decode -> the name in the records
 
 
-def decoder_alone(split: ImageSplit, batch: int, *, gpu: bool) -> None:
+def decoder_alone(split: ImageSplit, batch: int, *, decode: str) -> None:
     batches = [np.arange(i, min(i + batch, len(split))) for i in range(0, len(split), batch)]
-    source = ImageSource(split, CUDA, decode="gpu" if gpu else "cpu")
+    source = ImageSource(split, CUDA, decode=decode)
     start = time.perf_counter()
     for _ in source.iterate((None, b) for b in batches):
         pass
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    emit(measurement="decoder_alone", decoder="nvjpeg" if gpu else "processes", batch=batch,
+    emit(measurement="decoder_alone", decoder=DECODERS[decode], batch=batch,
          images_per_s=round(len(split) / seconds))  # fmt: skip
 
 
@@ -74,12 +75,12 @@ class _Waits:
         ImageSource.iterate = self._iterate
 
 
-def timed_pass(name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, *, gpu: bool = False) -> None:
+def timed_pass(name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, *, decode: str = "cpu") -> None:
     with tempfile.TemporaryDirectory() as tmp, _Waits() as waits:
         writer = FeatureStore(Path(tmp), "s").writer(
             labels=split.labels, dim=encoder.dim, dtype="float16", chunk_rows=4096, meta={}
         )
-        settings = ExtractSettings(device=CUDA, compile_model=True, decode="gpu" if gpu else "cpu")
+        settings = ExtractSettings(device=CUDA, compile_model=True, decode=decode)
         stats = extract(encoder, split, spec, {Aggregation(): writer}, settings)
     emit(
         measurement="pass",
@@ -109,8 +110,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--skip", default="")
     parser.add_argument(
-        "--profile", type=Path, help="also profile the central nvJPEG pass and the in-memory 16-patch pass: a folder"
+        "--profile", type=Path, help="also profile the central pass and the in-memory 16-patch pass: a folder"
     )
+    parser.add_argument("--profile-decoders", default="gpu", help="the central passes profiled: --decode values")
     args = parser.parse_args()
     skip = set(args.skip.split(","))
     full = open_split("imagenet", "train", data_dir=args.data)
@@ -123,22 +125,26 @@ def main() -> None:
     slice_images = default_max_patches(CUDA, 224)
     steps = {
         "warm-up": lambda: timed_pass("warm-up (compiles)", encoder, warm, sixteen),
-        "decoder 124": lambda: decoder_alone(split, slice_images // 16, gpu=False),
-        "decoder 1992": lambda: decoder_alone(split, slice_images, gpu=False),
-        "nvjpeg 124": lambda: decoder_alone(split, slice_images // 16, gpu=True),
-        "nvjpeg 1992": lambda: decoder_alone(split, slice_images, gpu=True),
+        "decoder 124": lambda: decoder_alone(split, slice_images // 16, decode="cpu"),
+        "decoder 1992": lambda: decoder_alone(split, slice_images, decode="cpu"),
+        "nvjpeg 124": lambda: decoder_alone(split, slice_images // 16, decode="gpu"),
+        "nvjpeg 1992": lambda: decoder_alone(split, slice_images, decode="gpu"),
+        "engines 1992": lambda: decoder_alone(split, slice_images, decode="hw"),
         "pass 16": lambda: timed_pass("16 processes", encoder, split, sixteen),
-        "pass 16 nvjpeg": lambda: timed_pass("16 nvjpeg", encoder, split, sixteen, gpu=True),
+        "pass 16 nvjpeg": lambda: timed_pass("16 nvjpeg", encoder, split, sixteen, decode="gpu"),
         "pass 48": lambda: timed_pass("48 processes", encoder, split, forty_eight),
         "pass central": lambda: timed_pass("central processes", encoder, split, central),
-        "pass central nvjpeg": lambda: timed_pass("central nvjpeg", encoder, split, central, gpu=True),
+        "pass central nvjpeg": lambda: timed_pass("central nvjpeg", encoder, split, central, decode="gpu"),
+        "pass central engines": lambda: timed_pass("central engines", encoder, split, central, decode="hw"),
     }
     for name, step in steps.items():
         if name not in skip:
             step()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-        profiled_pass("central nvjpeg", encoder, split, central, args.profile / "central_nvjpeg.json.gz", gpu=True)
+        for decode in args.profile_decoders.split(","):
+            trace = args.profile / f"central_{DECODERS[decode]}.json.gz"
+            profiled_pass(f"central {DECODERS[decode]}", encoder, split, central, trace, decode=decode)
     if "memory" not in skip:
         memory = in_memory(split, (280, 330))
         timed_pass("16 in memory", encoder, memory, sixteen)
@@ -148,7 +154,7 @@ def main() -> None:
 
 
 def profiled_pass(
-    name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, trace: Path, *, gpu: bool = False
+    name: str, encoder: Encoder, split: ImageSplit, spec: PatchSpec, trace: Path, *, decode: str = "cpu"
 ) -> None:
     """A pass under the PyTorch profiler (host and GPU): its GPU kernel seconds against its wall time, its top
     operators by GPU time and by host time, and a gzipped Chrome trace at ``trace`` whose gaps between kernels
@@ -157,7 +163,7 @@ def profiled_pass(
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as profile:
-        timed_pass(f"{name}, profiled", encoder, split, spec, gpu=gpu)
+        timed_pass(f"{name}, profiled", encoder, split, spec, decode=decode)
     wall = time.perf_counter() - start
     profile.export_chrome_trace(str(trace))
     averages = profile.key_averages()
