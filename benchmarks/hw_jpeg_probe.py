@@ -1,12 +1,15 @@
 """The GPU's hardware JPEG engines (nvImageCodec) against nvJPEG's CUDA decoder, on ImageNet-like JPEGs in memory,
 each through the eval's own call (``hardware_decode``, ``nvjpeg_decode``):
 pixels against Pillow's, each decoder alone, and each beside the eager ResNet-50 (bf16, batches of 256) running in
-the main thread. Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
+the main thread, also with the encoder held to a CUDA green context of all SMs but ``--reserve`` (a few SMs left
+to the decoders' own kernels, which otherwise queue behind the encoder's).
+Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
 
-    python benchmarks/hw_jpeg_probe.py [--images 2048] [--seconds 3]
+    python benchmarks/hw_jpeg_probe.py [--images 2048] [--seconds 3] [--reserve 8,16]
 
 One JSON line per measurement: ``vs_pil`` (mean and max absolute pixel difference to Pillow over 64 images),
-``alone`` and ``beside_encoder`` (images/s; the encoder's images/s beside).
+``alone`` and ``beside_encoder`` (images/s; the encoder's images/s beside; ``reserved_sms`` where it ran in a green
+context).
 """
 
 from __future__ import annotations
@@ -47,10 +50,56 @@ def _until_stopped(step: Callable[[], int], stop: threading.Event, rates: list[f
     rates.append(done / (time.perf_counter() - start))
 
 
+def in_green_context(num_sms: int) -> Callable[[Callable[[], int]], Callable[[], int]]:
+    """Wraps a step so that its CUDA work runs on ``num_sms`` SMs only: a green context's stream (PyTorch 2.14's
+    API) or the green context made current around the step (the earlier ``create`` / ``set_context`` API)."""
+    from torch.cuda.green_contexts import GreenContext
+
+    if hasattr(GreenContext, "create"):
+        ctx = GreenContext.create(num_sms, 0)
+    else:
+        ctx = GreenContext(num_sms=num_sms, device_id=0)
+    if hasattr(ctx, "Stream"):
+        stream = ctx.Stream()
+
+        def on_stream(step: Callable[[], int]) -> Callable[[], int]:
+            def run() -> int:
+                with torch.cuda.stream(stream):
+                    return step()
+
+            return run
+
+        return on_stream
+
+    def current(step: Callable[[], int]) -> Callable[[], int]:
+        def run() -> int:
+            ctx.set_context()
+            try:
+                return step()
+            finally:
+                ctx.pop_context()
+
+        return run
+
+    return current
+
+
+def beside(step: Callable[[], int], encode: Callable[[], int], seconds: float) -> tuple[float, float]:
+    """Images/s of ``step`` in a thread and of ``encode`` in this one, at the same time."""
+    stop, decoded = threading.Event(), []
+    thread = threading.Thread(target=_until_stopped, args=(step, stop, decoded))
+    thread.start()
+    encoded = rate(encode, seconds)
+    stop.set()
+    thread.join()
+    return encoded, decoded[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--reserve", default="8,16", help="SMs left out of the encoder's green context")
     args = parser.parse_args()
     with Pool() as pool:
         jpegs = [data for data, _ in pool.map(photo, range(args.images))]
@@ -91,14 +140,22 @@ def main() -> None:
     encode()
     emit(measurement="encoder_alone", images_per_s=round(rate(encode, args.seconds)))
     for name, batch, step in cases:
-        stop, decoded = threading.Event(), []
-        thread = threading.Thread(target=_until_stopped, args=(step, stop, decoded))
-        thread.start()
-        encoded = rate(encode, args.seconds)
-        stop.set()
-        thread.join()
+        encoded, decoded = beside(step, encode, args.seconds)
         emit(measurement="beside_encoder", decoder=name, batch=batch, encoder_images_per_s=round(encoded),
-             decoded_images_per_s=round(decoded[0]))  # fmt: skip
+             decoded_images_per_s=round(decoded))  # fmt: skip
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for reserve in (int(r) for r in args.reserve.split(",") if r):
+        try:
+            green = in_green_context(sms - reserve)(encode)
+            green()
+        except Exception as exc:  # no green contexts on this driver or build: the other results stand
+            emit(measurement="green_context", reserved_sms=reserve, error=f"{type(exc).__name__}: {exc}"[-500:])
+            break
+        emit(measurement="encoder_alone", reserved_sms=reserve, images_per_s=round(rate(green, args.seconds)))
+        for name, batch, step in cases:
+            encoded, decoded = beside(step, green, args.seconds)
+            emit(measurement="beside_encoder", decoder=name, batch=batch, reserved_sms=reserve,
+                 encoder_images_per_s=round(encoded), decoded_images_per_s=round(decoded))  # fmt: skip
 
 
 if __name__ == "__main__":
