@@ -30,6 +30,7 @@ from PIL import Image
 
 from ssl_patchbench.data.batches import hardware_decode, nvjpeg_decode
 
+_GREEN_CONTEXTS: list = []
 Decode = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor | None]]  # the eval's: -> [3, H, W]
 
 
@@ -59,6 +60,7 @@ def in_green_context(num_sms: int) -> Callable[[Callable[[], int]], Callable[[],
         ctx = GreenContext.create(num_sms, 0)
     else:
         ctx = GreenContext(num_sms=num_sms, device_id=0)
+    _GREEN_CONTEXTS.append(ctx)  # a green context's streams die with it
     if hasattr(ctx, "Stream"):
         stream = ctx.Stream()
 
