@@ -1,8 +1,8 @@
 """The GPU's hardware JPEG engines (nvImageCodec) against nvJPEG's CUDA decoder, on ImageNet-like JPEGs in memory,
 each through the eval's own call (``hardware_decode``, ``nvjpeg_decode``):
 pixels against Pillow's, each decoder alone, and each beside the eager ResNet-50 (bf16, batches of 256) running in
-the main thread, also with the encoder held to a CUDA green context of all SMs but ``--reserve`` (a few SMs left
-to the decoders' own kernels, which otherwise queue behind the encoder's).
+the main thread, also with the encoder held to a CUDA green context of all SMs but ``--reserve``: whether the
+decoders' own kernels lose their rate waiting behind the encoder's for SMs (run 11: they do not).
 Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
 
     python benchmarks/hw_jpeg_probe.py [--images 2048] [--seconds 3] [--reserve 8,16]
