@@ -51,39 +51,20 @@ def _until_stopped(step: Callable[[], int], stop: threading.Event, rates: list[f
     rates.append(done / (time.perf_counter() - start))
 
 
-def in_green_context(num_sms: int) -> Callable[[Callable[[], int]], Callable[[], int]]:
-    """Wraps a step so that its CUDA work runs on ``num_sms`` SMs only: a green context's stream (PyTorch 2.14's
-    API) or the green context made current around the step (the earlier ``create`` / ``set_context`` API)."""
+def in_green_context(num_sms: int, step: Callable[[], int]) -> Callable[[], int]:
+    """``step`` with its CUDA work on a stream of a green context of ``num_sms`` SMs (PyTorch 2.11 to 2.14 make
+    one the same way)."""
     from torch.cuda.green_contexts import GreenContext
 
-    if hasattr(GreenContext, "create"):
-        ctx = GreenContext.create(num_sms, 0)
-    else:
-        ctx = GreenContext(num_sms=num_sms, device_id=0)
+    ctx = GreenContext.create(num_sms=num_sms, device_id=0)
     _GREEN_CONTEXTS.append(ctx)  # a green context's streams die with it
-    if hasattr(ctx, "Stream"):
-        stream = ctx.Stream()
+    stream = ctx.Stream()
 
-        def on_stream(step: Callable[[], int]) -> Callable[[], int]:
-            def run() -> int:
-                with torch.cuda.stream(stream):
-                    return step()
+    def run() -> int:
+        with torch.cuda.stream(stream):
+            return step()
 
-            return run
-
-        return on_stream
-
-    def current(step: Callable[[], int]) -> Callable[[], int]:
-        def run() -> int:
-            ctx.set_context()
-            try:
-                return step()
-            finally:
-                ctx.pop_context()
-
-        return run
-
-    return current
+    return run
 
 
 def beside(step: Callable[[], int], encode: Callable[[], int], seconds: float) -> tuple[float, float]:
@@ -148,7 +129,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for reserve in (int(r) for r in args.reserve.split(",") if r):
         try:
-            green = in_green_context(sms - reserve)(encode)
+            green = in_green_context(sms - reserve, encode)
             green()
         except Exception as exc:  # no green contexts on this driver or build: the other results stand
             emit(measurement="green_context", reserved_sms=reserve, error=f"{type(exc).__name__}: {exc}"[-500:])

@@ -386,13 +386,13 @@ def run_eval(
 
 def spied_central(checkpoint: Path, data: Path, root: Path, decode: str = "gpu") -> None:
     """The central ``--decode DECODE`` eval under py-spy (where installed), twice: every thread's samples while
-    it runs (``central_[hw_]threads.spy``) and only the thread holding the GIL (``central_[hw_]gil.spy``), as raw
-    stacks."""
+    it runs (``central_DECODE_threads.spy``) and only the thread holding the GIL (``central_DECODE_gil.spy``), as
+    raw stacks."""
     if shutil.which("py-spy") is None:
         emit(measurement="central py-spy", error="py-spy is not installed")
         return
     for kind, flags in (("threads", ()), ("gil", ("--gil",))):
-        out = root / f"central_{'hw_' if decode == 'hw' else ''}{kind}.spy"
+        out = root / f"central_{decode}_{kind}.spy"
         spy = ("py-spy", "record", "--threads", "--rate", "250", "--format", "raw", "--output", str(out), *flags, "--")
         home, args = root / f"home_spy_{decode}_{kind}", ("--patches", "central", "--decode", decode)
         run_eval(f"central py-spy {decode} {kind}", checkpoint, data, home, *args, prefix=spy)

@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 
 from ssl_patchbench.data.datasets import ImageSplit, open_split
 from ssl_patchbench.data.decode import decode
-from ssl_patchbench.features.extract import ExtractSettings, ImageSource, default_max_patches, extract
+from ssl_patchbench.features.extract import ExtractSettings, ImageSource, decoder, default_max_patches, extract
 from ssl_patchbench.features.store import FeatureStore
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import load_model
@@ -30,7 +30,6 @@ from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
 
 CUDA = torch.device("cuda")
-DECODERS = {"cpu": "processes", "gpu": "nvjpeg", "hw": "engines"}  # --decode -> the name in the records
 
 
 def decoder_alone(split: ImageSplit, batch: int, *, decode: str) -> None:
@@ -41,7 +40,7 @@ def decoder_alone(split: ImageSplit, batch: int, *, decode: str) -> None:
         pass
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    emit(measurement="decoder_alone", decoder=DECODERS[decode], batch=batch,
+    emit(measurement="decoder_alone", decoder=decoder(split, CUDA, decode=decode), batch=batch,
          images_per_s=round(len(split) / seconds))  # fmt: skip
 
 
@@ -143,8 +142,10 @@ def main() -> None:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         for decode in args.profile_decoders.split(","):
-            trace = args.profile / f"central_{DECODERS[decode]}.json.gz"
-            profiled_pass(f"central {DECODERS[decode]}", encoder, split, central, trace, decode=decode)
+            name = decoder(split, CUDA, decode=decode)  # the eval's name for it, as in its records
+            profiled_pass(
+                f"central {name}", encoder, split, central, args.profile / f"central_{name}.json.gz", decode=decode
+            )
     if "memory" not in skip:
         memory = in_memory(split, (280, 330))
         timed_pass("16 in memory", encoder, memory, sixteen)
