@@ -683,7 +683,7 @@ def main() -> None:
     vit_checkpoint = args.root / "dino_vits16_random.pth"  # DINO's file layout is timm's key names
     torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), vit_checkpoint)
     gpu, hw = ("--decode", "gpu"), ("--decode", "hw")
-    compiled = ("--compile", "on")  # what --compile auto does at ImageNet size (from 4M patches)
+    compiled = ("--compile", "on")  # what --compile auto does at ImageNet size (from 1M patches)
     root = args.root
     steps = {  # the targets' measurements first: a run cut by its time limit keeps them
         "pil_decode": lambda: pil_decode(paths["train"]),

@@ -152,7 +152,7 @@ class EvalConfig:
     )
     compile: str = _opt(
         "auto",
-        "torch.compile the model (auto: on CUDA when one eval forwards at least 4M patches, train + test).",
+        "torch.compile the model (auto: on CUDA when one eval forwards at least 1M patches, train + test).",
         "choice",
         numbers=False,
         choices=("auto", "on", "off"),

@@ -35,10 +35,11 @@ from ssl_patchbench.sampling.aggregate import Aggregation
 from ssl_patchbench.sampling.patches import PatchSpec
 
 # Patches one eval's pass forwards (train + test, all its representations) from which ``--compile auto``
-# compiles. Measured on an H100: the compilation (5 s for ResNet-18 at 32 px, 11-19 s for ResNet-50 at 224 px) is
-# won back after about 2M and 0.4M patches; 4M keeps small runs (e.g. 25 sliding windows on CIFAR-10 alone, 1.5M
-# patches) on the eager encoder.
-AUTO_COMPILE_MIN_PATCHES = 4_000_000
+# compiles. The compilation (5 s for ResNet-18 at 32 px, 11-19 s for ResNet-50 at 224 px, on an H100) is won back
+# after about 2M and 0.4M patches; on an H200 the compiled ResNet-50 central pass saves about 25 us an image over
+# its cold 16 s compile, i.e. from about 650k images (benchmarks/RESULTS.md, run 11). 1M compiles an ImageNet
+# central pass (1.33M) and keeps CIFAR-10's central and 16-patch passes (0.06M, 0.96M) eager.
+AUTO_COMPILE_MIN_PATCHES = 1_000_000
 
 
 @dataclass(frozen=True)
