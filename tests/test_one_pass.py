@@ -4,9 +4,7 @@ multi-process decoder (same features as decoding in this process; padding of mix
 import io
 import logging
 import math
-import os
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from PIL import Image
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.data.batches import (
     _for_nvjpeg,
-    _read_share,
+    _read,
     join_padded,
     nvjpeg_batches,
     nvjpeg_decode,
@@ -260,10 +258,10 @@ def test_image_size_reads_jpeg_frame_headers_as_pillow_and_refuses_a_bomb(mixed_
 
 
 def test_nvjpeg_takes_only_whole_three_component_jpegs_and_reads_them_as_pil_does(mixed_split, tmp_path):
-    """The nvJPEG routing reads a file as uint8 (``_read_share``) and sends grey, truncated and non-JPEG files to the
+    """The nvJPEG routing reads a file as uint8 (``_read``) and sends grey, truncated and non-JPEG files to the
     CPU decoder; a frame header behind metadata larger than the first bytes read is still found."""
     good = mixed_split.paths[0]
-    (data,) = _read_share([good], pinned=False)
+    data = _read(good)
     assert data.dtype == torch.uint8 and data.numpy().tobytes() == Path(good).read_bytes()
     assert _for_nvjpeg(good, data)
     grey = tmp_path / "grey.jpg"
@@ -273,12 +271,12 @@ def test_nvjpeg_takes_only_whole_three_component_jpegs_and_reads_them_as_pil_doe
     png = tmp_path / "image.jpg"
     Image.new("RGB", (8, 8)).save(png, format="PNG")
     for path in (grey, truncated, png):
-        assert not _for_nvjpeg(str(path), *_read_share([str(path)], pinned=False))
+        assert not _for_nvjpeg(str(path), _read(str(path)))
     commented = tmp_path / "commented.jpg"  # a 6,000-byte comment segment before the frame header
     raw = Path(good).read_bytes()
     comment = b"\xff\xfe" + (6002).to_bytes(2, "big") + b"x" * 6000
     commented.write_bytes(raw[:2] + comment + raw[2:])
-    assert _for_nvjpeg(str(commented), *_read_share([str(commented)], pinned=False))
+    assert _for_nvjpeg(str(commented), _read(str(commented)))
     with Image.open(commented) as im:
         assert im.size == Image.open(good).size
 
@@ -325,9 +323,6 @@ class _NoStream:
     def record(self, _stream=None) -> None:
         pass
 
-    def synchronize(self) -> None:
-        pass
-
 
 @pytest.fixture
 def cpu_streams(monkeypatch):
@@ -370,57 +365,6 @@ def test_the_nvjpeg_decoders_threads_give_each_batch_in_order_padded_and_name_a_
     truncated.write_bytes(Path(paths[0]).read_bytes()[:300])
     with pytest.raises(UserError, match=r"truncated\.jpg"):
         list(nvjpeg_batches([*paths, str(truncated)], iter([np.array([0, 1]), np.array([9, 2])]), torch.device("cpu")))
-
-
-def test_the_decoder_frees_a_batchs_bitstreams_only_once_the_gpu_is_past_them(mixed_split, cpu_streams, monkeypatch):
-    """The GPU decoders copy the bitstreams from pinned buffers asynchronously: a buffer freed earlier could be
-    reused by the next share's reads while the copy runs. Every batch's bitstreams are freed only after its
-    event (the oldest of more than two batches held) or, at the end, the decoding stream was synchronised."""
-    import gc
-    import weakref
-
-    from ssl_patchbench.data import batches as batches_module
-
-    events: list = []
-    stream_synced = []
-
-    class Event(_NoStream):
-        def __init__(self, *_args) -> None:
-            self.synced = False
-            events.append(self)
-
-        def synchronize(self) -> None:
-            self.synced = True
-
-    class Stream(_NoStream):
-        def synchronize(self) -> None:
-            stream_synced.append(True)
-
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    batches = [np.array([0, 1]), np.array([2, 3]), np.array([4]), np.array([5, 6]), np.array([7])]
-    batch_of = {mixed_split.paths[i]: b for b, indices in enumerate(batches) for i in indices}
-    freed: dict[int, list[bool]] = {}  # batch -> for each of its bitstreams, whether the GPU was past it then
-    real_read = batches_module._read_share
-
-    def read_share(paths, pinned):
-        views = real_read(paths, pinned)
-        for path, view in zip(paths, views, strict=True):
-            b = batch_of[path]
-            weakref.finalize(view, lambda b=b: freed.setdefault(b, []).append(events[b].synced or bool(stream_synced)))
-        return views
-
-    monkeypatch.setattr(batches_module, "_read_share", read_share)
-    got = list(nvjpeg_batches(mixed_split.paths, iter(batches), torch.device("cpu")))
-    assert len(got) == len(batches)
-    for _ in range(100):  # the producer thread ends (and drops its last references) just after the last batch
-        gc.collect()
-        if sum(map(len, freed.values())) == len(batch_of):
-            break
-        time.sleep(0.05)
-    assert {b: len(f) for b, f in freed.items()} == {b: len(indices) for b, indices in enumerate(batches)}
-    assert all(all(f) for f in freed.values())
-    assert [e.synced for e in events] == [True, True, True, False, False]  # the last two: the stream at the end
 
 
 def test_a_refused_jpeg_sends_only_itself_to_the_cpu_decoder(monkeypatch):
@@ -525,30 +469,9 @@ def test_the_decoder_follows_the_decode_setting_the_device_and_the_files(mixed_s
     assert decoder(with_png, cuda, decode="hw") == "processes"
 
 
-def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(mixed_split, tmp_path):
+def test_an_unreadable_file_for_nvjpeg_is_the_cpu_paths_error_line(tmp_path):
     with pytest.raises(UserError, match=r"cannot read image .*missing\.jpg: No such file or directory"):
-        _read_share([mixed_split.paths[0], str(tmp_path / "missing.jpg")], pinned=False)
-    folder = tmp_path / "folder.jpg"  # its size is taken, opening it fails
-    folder.mkdir()
-    with pytest.raises(UserError, match=r"cannot read image .*folder\.jpg: Is a directory"):
-        _read_share([mixed_split.paths[0], str(folder)], pinned=False)
-
-
-def test_a_file_that_shrank_since_its_size_was_taken_comes_back_short_and_goes_to_the_cpu(
-    mixed_split, tmp_path, monkeypatch
-):
-    """A share's buffer is sized before its files are read: a file shorter by then is its bytes as they are
-    (the views after it unmoved), which the nvJPEG check refuses, so the CPU decoder reads it whole."""
-    first, second = mixed_split.paths[:2]
-    shrunk = tmp_path / "shrunk.jpg"
-    raw = Path(first).read_bytes()
-    shrunk.write_bytes(raw[:-500])
-    real_size = os.path.getsize
-    monkeypatch.setattr(os.path, "getsize", lambda p: len(raw) if str(p) == str(shrunk) else real_size(p))
-    got = _read_share([str(shrunk), second], pinned=False)
-    assert got[0].numpy().tobytes() == raw[:-500]
-    assert got[1].numpy().tobytes() == Path(second).read_bytes()
-    assert not _for_nvjpeg(str(shrunk), got[0]) and _for_nvjpeg(second, got[1])
+        _read(str(tmp_path / "missing.jpg"))
 
 
 def test_a_rerun_on_complete_stores_is_marked_reused_and_claims_no_extraction(

@@ -8,7 +8,7 @@ never changes a feature):
   core, through a torch ``DataLoader`` (decoding is CPU-bound: threads of one process share one GIL).
 - :func:`nvjpeg_batches`: JPEG files decoded on the GPU by nvJPEG (``torchvision.io.decode_jpeg``) in a
   background thread on a side CUDA stream, two batches ahead; a planner thread draws the next batch and a
-  thread pool reads its files into pinned host buffers and checks them while the current one decodes. JPEGs
+  thread pool reads and checks its files (``torchvision.io.read_file``) while the current one decodes. JPEGs
   nvJPEG should not see (not 3 components, e.g. grey or CMYK; no end marker, e.g. truncated) and other files
   go through the CPU decoder, which names a bad file in one error line.
 - the same thread with ``hardware=True``: the GPU's hardware JPEG engines (A100, H100, H200 and newer) through
@@ -19,9 +19,7 @@ never changes a feature):
 
 from __future__ import annotations
 
-import functools
 import multiprocessing
-import os
 import queue
 import threading
 from collections import deque
@@ -42,7 +40,7 @@ Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
 _PIECE = 32  # images one decoding process hands back at a time
 _NVJPEG_BATCH = 2048  # images per nvJPEG call: a central batch in one (beside the encoder, calls of 256 starve)
-_READERS = 4  # threads reading a batch's files for nvJPEG, each a share (readinto releases the GIL)
+_READERS = 4  # threads reading a batch's files for nvJPEG, each a share (read_file releases the GIL)
 _PAD_INDEX_ELEMENTS = 1 << 25  # gather indices (int64) that pad_chw builds at a time: 256 MB
 _HARDWARE_DECODERS: dict[int, object] = {}  # device index -> nvImageCodec decoder (made once: it starts threads)
 
@@ -200,43 +198,34 @@ def _for_nvjpeg(path: str, data: torch.Tensor) -> bool:
     return header is not None and header[2] == 3 and ends_whole(raw[-TAIL_BYTES:].tobytes(), "JPEG")
 
 
-def _read_share(paths: Sequence[str], pinned: bool) -> list[torch.Tensor]:
-    """A share's files read into one host buffer, a uint8 view per file (the GIL released while reading).
+def _read(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor, read in C++ (``torchvision.io.read_file``: no Python bytes copied,
+    the GIL released: a thread pool reads in parallel)."""
+    from torchvision.io import read_file
 
-    ``pinned``: page-locked memory, so that the GPU decoders' copies of the bitstreams are queued beside the host's
-    work; from pageable memory each copy blocks the decoding thread (run 11: 176-197 ms of a central pass). A file
-    that shrank since its size was taken comes back short, so the nvJPEG check sends it to the CPU decoder."""
     try:
-        sizes = [os.path.getsize(path) for path in paths]
-    except OSError as exc:
-        raise unreadable_file(exc.filename, exc) from exc
-    buffer = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pinned)
-    flat = buffer.numpy()
-    views, offset = [], 0
-    for path, size in zip(paths, sizes, strict=True):
+        return read_file(path)
+    except RuntimeError:  # its message is C++'s: Python's open names the cause, in the CPU path's words
         try:
-            with open(path, "rb", buffering=0) as f:
-                got = f.readinto(memoryview(flat[offset : offset + size]))
+            with open(path, "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
         except OSError as exc:
             raise unreadable_file(path, exc) from exc
-        views.append(buffer[offset : offset + got])
-        offset += size
-    return views
 
 
-def _read_checked(paths: Sequence[str], pinned: bool) -> list[tuple[torch.Tensor, bool]]:
-    return [(data, _for_nvjpeg(path, data)) for path, data in zip(paths, _read_share(paths, pinned), strict=True)]
+def _read_all(paths: Sequence[str]) -> list[torch.Tensor]:
+    return [_read(path) for path in paths]
 
 
-def read_shares(
-    readers: ThreadPoolExecutor, paths: Sequence[str], *, check: bool = False, pinned: bool = False
-) -> list[Future]:
-    """The files read by ``readers`` (``_READERS`` threads), one task and one host buffer per share of them
+def _read_checked(paths: Sequence[str]) -> list[tuple[torch.Tensor, bool]]:
+    return [(data, _for_nvjpeg(path, data)) for path, data in zip(paths, _read_all(paths), strict=True)]
+
+
+def read_shares(readers: ThreadPoolExecutor, paths: Sequence[str], *, check: bool = False) -> list[Future]:
+    """The files read by ``readers`` (``_READERS`` threads), one task per share of them
     (:mod:`ssl_patchbench.core.shares`); each future gives its share's tensors, in order. ``check``: each tensor
-    comes with whether nvJPEG may decode it (:func:`_for_nvjpeg`, run in the readers, off the decoder's thread).
-    ``pinned``: the buffers are page-locked (needs CUDA); the caller keeps them until the GPU has read them."""
-    task = _read_checked if check else _read_share
-    return submit_shares(readers, functools.partial(task, pinned=pinned), paths, _READERS)
+    comes with whether nvJPEG may decode it (:func:`_for_nvjpeg`, run in the readers, off the decoder's thread)."""
+    return submit_shares(readers, _read_checked if check else _read_all, paths, _READERS)
 
 
 def nvjpeg_batches(
@@ -340,9 +329,6 @@ def _produce(
             except queue.Full:
                 continue
 
-    # The decoders copy the bitstreams from their (pinned) buffers on streams of their own: a buffer is freed, and
-    # may be reused by a new share, only once its batch's event (or at the end the stream) says the GPU is past it.
-    held: deque[tuple[torch.cuda.Event, tuple]] = deque()
     try:
         with ThreadPoolExecutor(max_workers=_READERS) as readers, ThreadPoolExecutor(max_workers=1) as planner:
             upcoming = iter(batches)
@@ -353,8 +339,7 @@ def _produce(
                 indices = next(upcoming, None)
                 if indices is None:
                     return None, []
-                files = [paths[i] for i in indices.tolist()]
-                return indices, read_shares(readers, files, check=True, pinned=device.type == "cuda")
+                return indices, read_shares(readers, [paths[i] for i in indices.tolist()], check=True)
 
             ahead = planner.submit(draw)
             while True:
@@ -378,12 +363,6 @@ def _produce(
                     ready = torch.cuda.Event()
                     ready.record(stream)
                 put((pixels, sizes, ready))
-                held.append((ready, datas))
-                if len(held) > _AHEAD:
-                    held[0][0].synchronize()
-                    held.popleft()
         put(None)
     except BaseException as exc:  # re-raised in the consumer's thread
         put(exc)
-    finally:
-        stream.synchronize()
