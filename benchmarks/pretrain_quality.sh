@@ -7,8 +7,9 @@
 #
 # Usage: benchmarks/pretrain_quality.sh DATA_ROOT OUT_DIR     (run from the repository root)
 #   SEEDS (default "0 1 2 3 4"), TRAINERS (default "patchbench reference"), EPOCHS (default 10), PARALLEL (default 1: four at a time made each about 4x slower
-#   on one H200, run 8, so they gain nothing and risk a time limit).
-# Prints one JSON line per trained model: {"trainer": "patchbench"|"reference", "seed", "epochs", "knn@20", "knn@200"}.
+#   on one H200, run 8, so they gain nothing and risk a time limit), PRETRAIN_ARGS (extra `patchbench pretrain`
+#   options, e.g. "--vicreg-weights 25,50,1 --compile cudagraphs"; echoed as "args").
+# Prints one JSON line per trained model: {"trainer": "patchbench"|"reference", "args", "seed", "epochs", "knn@20", "knn@200"}.
 set -uo pipefail
 data=$1 out=$2
 epochs=${EPOCHS:-10}
@@ -17,14 +18,14 @@ mkdir -p "$out"
 knn() { # TRAINER SEED CHECKPOINT
   python -m ssl_patchbench eval --model resnet18_cifar --checkpoint "$3" --dataset cifar10 --data-dir "$data" \
     --patches central --eval knn --json 2>>"$out/eval.err" |
-    python -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; print(json.dumps({'trainer': sys.argv[1], 'seed': int(sys.argv[2]), 'epochs': int(sys.argv[3]), 'knn@20': r[0]['knn@20'], 'knn@200': r[0]['knn@200']}))" "$1" "$2" "$epochs"
+    python -c "import json,sys; r=[json.loads(l) for l in sys.stdin]; print(json.dumps({'trainer': sys.argv[1], 'args': sys.argv[4], 'seed': int(sys.argv[2]), 'epochs': int(sys.argv[3]), 'knn@20': r[0]['knn@20'], 'knn@200': r[0]['knn@200']}))" "$1" "$2" "$epochs" "${PRETRAIN_ARGS:-}"
 }
 train() { # TRAINER SEED
   local dir="$out/$1_seed$2"
   mkdir -p "$dir"
   if [ "$1" = patchbench ]; then
     python -m ssl_patchbench pretrain --arch resnet18_cifar --dataset cifar10 --data-dir "$data" --scale 0.08,1 \
-      --epochs "$epochs" --seed "$2" --out "$dir" --no-resume >"$dir/summary.json" 2>"$dir/log" && knn "$1" "$2" "$dir/last.ckpt"
+      --epochs "$epochs" --seed "$2" --out "$dir" --no-resume ${PRETRAIN_ARGS:-} >"$dir/summary.json" 2>"$dir/log" && knn "$1" "$2" "$dir/last.ckpt"
   else
     python benchmarks/pretrain_speed.py --data "$data" --modes reference --epochs "$epochs" --schedule-epochs "$epochs" \
       --seed "$2" --save "$dir/last.ckpt" >"$dir/summary.json" 2>"$dir/log" && knn "$1" "$2" "$dir/last.ckpt"

@@ -23,11 +23,26 @@ def _hand_vicreg(z1: list[list[float]], z2: list[list[float]]) -> float:
     return 25 * invariance + 25 * variance + covariance
 
 
+_Z1 = [[1.0, 0.0, 0.5], [0.0, 2.0, -1.0], [0.3, 0.3, 0.3], [-1.0, 0.5, 2.0]]
+_Z2 = [[0.5, 0.0, 1.0], [0.2, 1.0, -1.0], [0.0, 0.0, 0.3], [-1.5, 1.0, 2.5]]
+
+
 def test_vicreg_matches_hand_computation():
-    z1 = [[1.0, 0.0, 0.5], [0.0, 2.0, -1.0], [0.3, 0.3, 0.3], [-1.0, 0.5, 2.0]]
-    z2 = [[0.5, 0.0, 1.0], [0.2, 1.0, -1.0], [0.0, 0.0, 0.3], [-1.5, 1.0, 2.5]]
-    got = vicreg_loss(torch.tensor(z1), torch.tensor(z2))
-    assert got.item() == pytest.approx(_hand_vicreg(z1, z2), rel=1e-5)
+    got = vicreg_loss(torch.tensor(_Z1), torch.tensor(_Z2))
+    assert got.item() == pytest.approx(_hand_vicreg(_Z1, _Z2), rel=1e-5)
+
+
+def test_solo_learns_vicreg_is_a_variance_weight_of_50():
+    """solo-learn sums the variance hinge over the two branches where Bardes et al. average it: its 25/25/1 loss
+    is ours at weights 25/50/1 (what ``--vicreg-weights 25,50,1`` selects)."""
+    z1, z2 = torch.tensor(_Z1), torch.tensor(_Z2)
+    variance = covariance = 0.0
+    for z in (z1, z2):  # solo-learn's terms, each branch's added
+        variance = variance + F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean()
+        cov = torch.cov(z.T)
+        covariance = covariance + (cov - torch.diag(cov.diagonal())).pow(2).sum() / z.shape[1]
+    theirs = 25 * F.mse_loss(z1, z2) + 25 * variance + covariance
+    assert vicreg_loss(z1, z2, var=50.0).item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
 def test_vicreg_variance_hinge_is_zero_above_unit_std():

@@ -267,6 +267,24 @@ def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
     code, _, err = _run(capsys, monkeypatch, "pretrain", "--dataset", "digits", "--scale", "0.5,0.2", "--out",
                         str(tmp_path))  # fmt: skip
     assert code == 2 and err.startswith("error: --scale")
+    for weights in ("25,25", "25,-1,1", "25,nan,1", "a,b,c"):
+        code, _, err = _run(capsys, monkeypatch, "pretrain", "--dataset", "digits", "--vicreg-weights", weights,
+                            "--out", str(tmp_path))  # fmt: skip
+        assert code == 2 and "--vicreg-weights" in err and "3 comma-separated numbers >= 0" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_vicreg_weights_reach_the_objective():
+    from ssl_patchbench.pretrain.config import PretrainConfig
+    from ssl_patchbench.pretrain.losses import vicreg_views
+    from ssl_patchbench.pretrain.train import _objective
+
+    z = [torch.randn(8, 5, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    got = _objective(PretrainConfig(vicreg_coefficients=(1.0, 50.0, 2.0)))(z).item()
+    assert got == pytest.approx(vicreg_views(torch.stack(z), sim=1.0, var=50.0, cov=2.0).item(), rel=1e-6)
+    assert got != pytest.approx(vicreg_views(torch.stack(z)).item(), rel=1e-3)
+    with pytest.raises(UserError, match="--vicreg-weights takes 3"):
+        PretrainConfig(vicreg_coefficients=(25.0, -1.0, 1.0))
 
 
 @pytest.mark.slow

@@ -76,6 +76,26 @@ class FloatPair(click.ParamType):
         return (parts[0], parts[-1])
 
 
+class NonNegativeFloats(click.ParamType):
+    """``25,25,1`` -> ``(25.0, 25.0, 1.0)``: exactly ``count`` finite numbers >= 0."""
+
+    name = "numbers"
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def convert(self, value: Any, param, ctx) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in split_csv(str(value)))
+        except ValueError:
+            numbers = ()
+        if len(numbers) != self.count or not all(math.isfinite(n) and n >= 0 for n in numbers):
+            self.fail(f"takes {self.count} comma-separated numbers >= 0, got {value!r}", param, ctx)
+        return numbers
+
+
 class FiniteFloat(click.FloatRange):
     """A float range that also refuses nan and inf (click's own range lets nan through)."""
 

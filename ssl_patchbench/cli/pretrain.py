@@ -20,6 +20,7 @@ from ssl_patchbench.cli.common import (
     POSITIVE_FLOAT,
     SEED,
     FloatPair,
+    NonNegativeFloats,
     out_dir,
     stderr,
 )
@@ -141,6 +142,15 @@ def summary(cfg, result, wall: float) -> dict:
 @click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=1e-4, show_default=True, help="LARS weight decay.")
 @click.option(
     "--warmup-epochs", type=NON_NEGATIVE_FLOAT, default=10.0, show_default=True, help="Capped at a tenth of the run."
+)
+@click.option(
+    "--vicreg-weights",
+    "vicreg_coefficients",
+    type=NonNegativeFloats(3),
+    default="25,25,1",
+    show_default=True,
+    help="VICReg's invariance, variance, covariance weights (the variance hinge averaged over the views; solo-learn "
+    "sums it over two: its 25,25,1 is 25,50,1 here).",
 )
 @click.option(
     "--tcr-eps", type=POSITIVE_FLOAT, default=0.2, show_default=True, help="Precision epsilon of TCR's coding rate."

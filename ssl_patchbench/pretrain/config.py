@@ -80,6 +80,8 @@ def _validate(cfg: PretrainConfig) -> None:
         raise UserError(f"unknown --compile {cfg.compile!r}: choose auto or one of {', '.join(COMPILE_MODES)}")
     if cfg.interpolation not in INTERPOLATIONS:
         raise UserError(f"unknown interpolation {cfg.interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}")
+    if len(cfg.vicreg_coefficients) != 3 or not all(0 <= c < float("inf") for c in cfg.vicreg_coefficients):
+        raise UserError(f"--vicreg-weights takes 3 finite numbers >= 0, got {cfg.vicreg_coefficients}")
     if cfg.precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"unknown precision {cfg.precision!r}: choose auto, bf16 or fp32")
 
