@@ -147,10 +147,10 @@ def summary(cfg, result, wall: float) -> dict:
     "--vicreg-weights",
     "vicreg_coefficients",
     type=NonNegativeFloats(3),
-    default="25,25,1",
+    default="25,50,1",
     show_default=True,
-    help="VICReg's invariance, variance, covariance weights (the variance hinge averaged over the views; solo-learn "
-    "sums it over two: its 25,25,1 is 25,50,1 here).",
+    help="VICReg's invariance, variance, covariance weights, the variance hinge averaged over the views (default: "
+    "solo-learn's VICReg, which sums it over two views at 25; Bardes et al.'s own is 25,25,1).",
 )
 @click.option(
     "--tcr-eps", type=POSITIVE_FLOAT, default=0.2, show_default=True, help="Precision epsilon of TCR's coding rate."

