@@ -118,6 +118,23 @@ def test_compiled_encoder_with_padded_slices_gives_the_eager_features(model, spl
     np.testing.assert_allclose(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_the_compiled_encoder_is_frozen_its_weights_constants_of_the_graph(tiny_checkpoint):
+    """Inductor's freezing folds the weights into the compiled graph (the speed-up measured on the GPU): the
+    compiled encoder gives the eager features, and a weight changed after its first call no longer reaches it,
+    which only a frozen graph does (extraction never changes weights after compiling)."""
+    encoder = Encoder(load_model("tiny_cifar", checkpoint=str(tiny_checkpoint)), "embedding").eval()
+    x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.inference_mode():
+        eager = encoder(x)
+        np.testing.assert_allclose(encoder.compiled()(x).numpy(), eager.numpy(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        next(encoder.parameters()).mul_(3.0)
+    with torch.inference_mode():
+        assert not torch.allclose(encoder(x), eager, atol=1e-4)
+        np.testing.assert_allclose(encoder.compiled()(x).numpy(), eager.numpy(), atol=1e-5, rtol=1e-5)
+
+
 def test_interrupted_extraction_resumes_to_identical_features(model, split, tmp_path):
     spec = PatchSpec(mode="random", n=4, seed=1)
     expected = _run(model, split, spec, tmp_path, key="whole")["mean"]
