@@ -1,7 +1,7 @@
 """ImageNet-scale input (issue 13): an ImageNet-like JPEG ImageFolder, and in one run the decode ceilings, what
 ``patchbench eval`` does on it, the compiled model alone, and the baseline a user would write.
 
-    python benchmarks/imagenet_like.py --root DIR [--train 12000 --val 1200 --classes 10] [--out results.jsonl]
+    python benchmarks/imagenet_like.py --root DIR [--train 12000 --val 1200 --classes 10] [--against OLD_TREE]
 
 The folder: photo-like JPEGs (gradients + smooth noise at several scales + grain), 280-420 x 330-470 px (about
 350x400 on average), quality 90, about 110 KB each: ImageNet's size and byte statistics. The model: a random
@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -332,6 +333,12 @@ def model_only(checkpoint: Path, *, compiled: bool, iters: int = 30, layout: tor
     )
 
 
+AGAINST: list[Path] = []
+"""``--against DIR``: another checkout of the package (e.g. ``git archive REV | tar -x -C DIR``); every eval then
+runs with this tree's package and right after with DIR's, each in a home of its own, the second's ``run`` named
+``NAME [against]``: old and new code side by side in one call."""
+
+
 def run_eval(
     name: str,
     checkpoint: Path,
@@ -344,14 +351,37 @@ def run_eval(
 ) -> list[dict]:
     """``patchbench eval`` in a fresh process, as a user runs it; its records, wall seconds and the seconds from
     the command's start to its first batch done (``profile``: under cProfile, whose top entries by cumulative
-    time are emitted too; ``prefix``: a command it runs under, such as a sampling profiler)."""
+    time are emitted too; ``prefix``: a command it runs under, such as a sampling profiler); with ``--against``
+    also with the other tree's package (the records returned are this tree's)."""
+    mine = _eval_once(name, checkpoint, data, home, extra, profile, model, prefix, None)
+    for tree in AGAINST:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])}
+        against = home.with_name(home.name + "_against")
+        _eval_once(f"{name} [against]", checkpoint, data, against, extra, profile, model, prefix, env, cwd=tree)
+    return mine
+
+
+def _eval_once(
+    name: str,
+    checkpoint: Path,
+    data: Path,
+    home: Path,
+    extra: tuple[str, ...],
+    profile: bool,
+    model: str,
+    prefix: tuple[str, ...],
+    env: dict | None,
+    cwd: Path | None = None,
+) -> list[dict]:
+    """One eval; ``cwd``: where it starts (``-m`` imports the package found there first)."""
+    checkpoint, data, home = checkpoint.resolve(), data.resolve(), home.resolve()
     profiler = ["-m", "cProfile", "-o", str(home / "eval.prof")] if profile else []
     command = [*prefix, sys.executable, *profiler, "-m", "ssl_patchbench", "eval", "--model", model, "--checkpoint"]
     command += [str(checkpoint), "--dataset", "imagenet", "--data-dir", str(data), "--eval", "knn", "--json"]
     command += ["--home", str(home), *extra]
     launched = time.time()
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=cwd)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         emit(measurement="eval", run=name, error=done.stderr[-2000:])
@@ -670,7 +700,12 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--baseline-images", type=int, default=2000)
     parser.add_argument("--skip", default="", help="comma-separated measurements to leave out")
+    parser.add_argument("--against", type=Path, help="another checkout of the package: every eval runs with both")
     args = parser.parse_args()
+    if args.against is not None:
+        if not (args.against / "ssl_patchbench" / "__init__.py").is_file():
+            parser.error(f"--against {args.against}: no ssl_patchbench package there")
+        AGAINST.append(args.against.resolve())
     skip = set(args.skip.split(","))
     cache_bytecode(args.root / "pycache")  # every eval below starts as on a usual install
     data = args.root / "imagenet_like"
