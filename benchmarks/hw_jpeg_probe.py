@@ -9,8 +9,8 @@ Needs nvImageCodec (``pip install -e '.[hw-jpeg-cu13]'``) and a GPU.
 
 One JSON line per measurement: ``vs_pil`` (mean and max absolute pixel difference to Pillow over 64 images),
 ``alone`` and ``beside_encoder`` (images/s; the encoder's images/s beside; ``reserved_sms`` where it ran in a green
-context), each with the bitstreams in pageable memory and in one pinned buffer (``bitstreams``), as the eval reads
-them since run 12.
+context), each with the bitstreams in pageable memory (as the eval reads them) and in one pinned buffer
+(``bitstreams``; run 12: mixed here, and slower in the eval, so the eval kept pageable reads).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def in_green_context(num_sms: int, step: Callable[[], int]) -> Callable[[], int]
 
 
 def pinned_views(datas: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The bitstreams copied into one page-locked buffer, a view each, as the eval's readers hand them over."""
+    """The bitstreams copied into one page-locked buffer, a view each."""
     buffer = torch.cat(datas).pin_memory()
     ends = np.cumsum([len(d) for d in datas])
     return [buffer[end - len(d) : end] for d, end in zip(datas, ends, strict=True)]
