@@ -34,12 +34,32 @@ def _eval(ctx_args: list[str], home: Path, log: Path, *, verbose: bool = False) 
     )
 
 
-def _extracting(home: Path) -> Path | None:
-    """A store being written right now: its layout is recorded but it is not sealed."""
+def _extracting(home: Path, seen: set[Path]) -> Path | None:
+    """A store being written right now, other than ``seen``: its layout is recorded but it is not sealed."""
     for store in (home / "features").glob("*/layout.json"):
-        if not (store.parent / "meta.json").exists():
+        if store.parent not in seen and not (store.parent / "meta.json").exists():
             return store.parent
     return None
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (Linux: state T in /proc/PID/stat; SIGSTOP takes effect asynchronously)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _stop_mid_extraction(process: subprocess.Popen, home: Path, log: Path) -> Path:
+    """SIGSTOP ``process`` while it holds a store's lock: a store seen unsealed may be sealed before the signal
+    lands, so the store is checked again once the process has stopped, and another one is waited for if so."""
+    seen: set[Path] = set()
+    while True:
+        store = _wait_for(lambda: _extracting(home, seen) if process.poll() is None else "exited")
+        assert store != "exited", log.read_text()
+        process.send_signal(signal.SIGSTOP)
+        _wait_for(lambda: _stopped(process.pid), timeout=10.0)
+        if not (store / "meta.json").exists():
+            return store  # stopped between writing its layout and sealing it: under its lock
+        process.send_signal(signal.SIGCONT)
+        seen.add(store)
 
 
 def _wait_for(predicate, timeout: float = 300.0, step: float = 0.001):
@@ -58,9 +78,7 @@ def test_second_eval_on_the_same_key_waits_then_reuses(tmp_path, tiny_checkpoint
     args += ["--data-dir", str(cifar_dir), "--patches", "16", "--eval", "knn", "--test-per-class", "5"]
     home = tmp_path / "home"
     first = _eval(args, home, tmp_path / "a.log")
-    store = _wait_for(lambda: _extracting(home) if first.poll() is None else "exited")
-    assert store != "exited", (tmp_path / "a.log").read_text()
-    first.send_signal(signal.SIGSTOP)
+    store = _stop_mid_extraction(first, home, tmp_path / "a.log")
     try:
         second = _eval(args, home, tmp_path / "b.log", verbose=True)
         waiting = f"not acquired on {store}.lock"
