@@ -274,6 +274,33 @@ def test_cli_pretrain_user_errors(capsys, monkeypatch, tmp_path):
         assert len(err.strip().splitlines()) == 1
 
 
+def test_the_demo_reuses_its_model_only_when_trained_with_the_same_recipe(tmp_path, monkeypatch):
+    """The demo's checkpoint is named by its recipe: a file of the old name, or of another recipe (e.g. from
+    before a change of defaults), is not handed back as the demo's model."""
+    from types import SimpleNamespace
+
+    from ssl_patchbench.pretrain import train
+    from ssl_patchbench.pretrain.config import PretrainConfig
+
+    (tmp_path / "tiny_vicreg_digits_1ep.ckpt").write_text("the name before recipes")
+    trained = []
+
+    def fake_pretrain(cfg, run_dir, resume, reporter):
+        trained.append(cfg)
+        run_dir.mkdir(parents=True)
+        (run_dir / "last.ckpt").write_text(f"weights {cfg.vicreg_coefficients}")
+        return SimpleNamespace(checkpoint=run_dir / "last.ckpt")
+
+    monkeypatch.setattr(train, "pretrain", fake_pretrain)
+    path = train.pretrain_demo_model(tmp_path, epochs=1, device="cpu")
+    assert len(trained) == 1 and path.read_text() == "weights (25.0, 50.0, 1.0)"
+    assert train.pretrain_demo_model(tmp_path, epochs=1, device="cpu") == path and len(trained) == 1
+    bardes = {"vicreg_coefficients": (25.0, 25.0, 1.0)}
+    monkeypatch.setattr(train, "PretrainConfig", lambda **options: PretrainConfig(**{**options, **bardes}))
+    other = train.pretrain_demo_model(tmp_path, epochs=1, device="cpu")
+    assert other != path and len(trained) == 2 and other.read_text() == "weights (25.0, 25.0, 1.0)"
+
+
 def test_vicreg_weights_reach_the_objective():
     from ssl_patchbench.pretrain.config import PretrainConfig
     from ssl_patchbench.pretrain.losses import vicreg_views

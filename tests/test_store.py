@@ -76,6 +76,17 @@ def test_key_changes_with_any_material():
     assert store_key(base) != store_key({**base, "patches": {"n": 256}})
 
 
+def test_the_key_is_the_hash_of_the_materials_canonical_json_and_protocol_version():
+    """Pinned to its formula: a refactor that changed it would orphan every cache users have."""
+    import hashlib
+
+    from ssl_patchbench.features.store import PROTOCOL_VERSION
+
+    material = {"seed": 0, "checkpoint_sha256": "a", "patches": {"n": 16, "mode": "random"}}
+    text = json.dumps({**material, "protocol_version": PROTOCOL_VERSION}, sort_keys=True)
+    assert store_key(material) == hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
 def test_sealed_store_is_checked_by_its_fingerprint_and_hashed_whole_only_when_it_changed(tmp_path, monkeypatch):
     import ssl_patchbench.features.store as store_module
 

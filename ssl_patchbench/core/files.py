@@ -18,6 +18,12 @@ from ssl_patchbench.core.errors import UserError
 _BLOCK = 1 << 22
 
 
+def canonical_digest(value: object) -> str:
+    """A short hash (24 hex digits) of ``value`` as canonical JSON (sorted keys; other objects as ``str``): the
+    name of a cache entry that everything in ``value`` determines."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, streamed so large files never sit in memory."""
     digest = hashlib.sha256()

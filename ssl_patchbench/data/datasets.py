@@ -8,7 +8,6 @@ extractor the same thing: images by index, labels, class names, and an identity 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import numpy as np
 
 from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError, did_you_mean
-from ssl_patchbench.core.files import atomic_path
+from ssl_patchbench.core.files import atomic_path, canonical_digest
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.batches import process_batches
@@ -280,8 +279,7 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     h, w = image_size(split.paths[0])  # type: ignore[index]
     if max(h, w) > _DECODE_CACHE_MAX_SIDE or len(split) * h * w * 3 > _DECODE_CACHE_MAX_BYTES:
         return split
-    key = hashlib.sha256(json.dumps(split.identity, sort_keys=True).encode()).hexdigest()[:24]
-    path = cache_dir / f"{key}.npy"
+    path = cache_dir / f"{canonical_digest(split.identity)}.npy"
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
         return replace(split, array=cached, paths=None)

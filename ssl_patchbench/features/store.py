@@ -28,7 +28,14 @@ import numpy as np
 from filelock import FileLock
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.core.files import atomic_path, ensure_dir, file_sha256, write_error, write_json_atomic
+from ssl_patchbench.core.files import (
+    atomic_path,
+    canonical_digest,
+    ensure_dir,
+    file_sha256,
+    write_error,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +49,7 @@ _SAMPLES, _SAMPLE_BYTES = 16, 1 << 16  # what a sealed store's cheap check reads
 
 def store_key(material: dict) -> str:
     """A short hash of everything that changes the numbers (canonical JSON)."""
-    blob = json.dumps({**material, "protocol_version": PROTOCOL_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return canonical_digest({**material, "protocol_version": PROTOCOL_VERSION})
 
 
 def _reserve_disk(path: Path) -> None:

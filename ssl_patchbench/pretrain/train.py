@@ -33,7 +33,7 @@ from torch import nn
 
 from ssl_patchbench.core.devices import resolve_device
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.core.files import atomic_path, write_json_atomic
+from ssl_patchbench.core.files import atomic_path, canonical_digest, write_json_atomic
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.datasets import open_split
 from ssl_patchbench.models.archs import build_backbone, build_projector
@@ -457,9 +457,6 @@ def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto", rep
     """The demo's model: ``tiny_cifar`` pretrained on scikit-learn digits; reused when already trained.
 
     ``reporter`` shows its progress (the CLI passes its bar or line reporter; default: log lines)."""
-    path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep.ckpt"
-    if path.exists():
-        return path
     cfg = PretrainConfig(
         arch="tiny_cifar",
         dataset="digits",
@@ -472,6 +469,10 @@ def pretrain_demo_model(out_dir: Path, *, epochs: int, device: str = "auto", rep
         device=device,
         log_every=10**9,
     )
+    # named by its recipe: a home from before a change of defaults does not hand back the old model
+    path = Path(out_dir) / f"tiny_vicreg_digits_{epochs}ep_{canonical_digest(cfg.identity())}.ckpt"
+    if path.exists():
+        return path
     run_dir = Path(out_dir) / f".run_{epochs}ep"
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted earlier demo starts over
     result = pretrain(cfg, run_dir, resume=False, reporter=reporter)
