@@ -34,10 +34,10 @@ def _eval(ctx_args: list[str], home: Path, log: Path, *, verbose: bool = False) 
     )
 
 
-def _extracting(home: Path, seen: set[Path]) -> Path | None:
-    """A store being written right now, other than ``seen``: its layout is recorded but it is not sealed."""
+def _extracting(home: Path) -> Path | None:
+    """A store being written right now: its layout is recorded but it is not sealed."""
     for store in (home / "features").glob("*/layout.json"):
-        if store.parent not in seen and not (store.parent / "meta.json").exists():
+        if not (store.parent / "meta.json").exists():
             return store.parent
     return None
 
@@ -49,17 +49,16 @@ def _stopped(pid: int) -> bool:
 
 def _stop_mid_extraction(process: subprocess.Popen, home: Path, log: Path) -> Path:
     """SIGSTOP ``process`` while it holds a store's lock: a store seen unsealed may be sealed before the signal
-    lands, so the store is checked again once the process has stopped, and another one is waited for if so."""
-    seen: set[Path] = set()
+    lands, so the store is checked again once the process has stopped, and another one is waited for if so (a
+    sealed store stays sealed: the search skips it)."""
     while True:
-        store = _wait_for(lambda: _extracting(home, seen) if process.poll() is None else "exited")
+        store = _wait_for(lambda: _extracting(home) if process.poll() is None else "exited")
         assert store != "exited", log.read_text()
         process.send_signal(signal.SIGSTOP)
         _wait_for(lambda: _stopped(process.pid), timeout=10.0)
         if not (store / "meta.json").exists():
             return store  # stopped between writing its layout and sealing it: under its lock
         process.send_signal(signal.SIGCONT)
-        seen.add(store)
 
 
 def _wait_for(predicate, timeout: float = 300.0, step: float = 0.001):
