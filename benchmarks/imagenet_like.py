@@ -700,6 +700,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--baseline-images", type=int, default=2000)
     parser.add_argument("--skip", default="", help="comma-separated measurements to leave out")
+    parser.add_argument("--only", default="", help="comma-separated measurements to run (in their usual order)")
     parser.add_argument("--against", type=Path, help="another checkout of the package: every eval runs with both")
     args = parser.parse_args()
     if args.against is not None:
@@ -769,8 +770,11 @@ def main() -> None:
         "contention": lambda: contention(checkpoint, paths["train"]),
         "central_decode_batches": lambda: central_decode_batches(checkpoint, data),
     }
+    only = set(args.only.split(",")) - {""}
+    if only - steps.keys():
+        parser.error(f"--only: no measurement named {', '.join(sorted(only - steps.keys()))}")
     for name, step in steps.items():
-        if name in skip:
+        if name in skip or (only and name not in only):
             continue
         try:
             step()
