@@ -4,6 +4,7 @@ multi-process decoder (same features as decoding in this process; padding of mix
 import io
 import logging
 import math
+import multiprocessing
 import sys
 import types
 from pathlib import Path
@@ -22,6 +23,7 @@ from ssl_patchbench.data.batches import (
     nvjpeg_decode,
     pad_chw,
     pad_numpy,
+    process_pieces,
     read_shares,
 )
 from ssl_patchbench.data.datasets import ImageSplit, open_split
@@ -212,6 +214,19 @@ def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path)
     writers = _writers(encoder, split, spec, ("mean",), tmp_path, "broken")
     with pytest.raises(UserError, match=r"broken\.jpg"):
         extract(encoder, split, spec, writers, ExtractSettings(device=CPU, decode_workers=2))
+
+
+def test_a_decoding_error_stops_the_worker_processes_before_it_reaches_the_caller(mixed_split, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    data = Path(mixed_split.paths[3]).read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    paths = [*mixed_split.paths[:7], str(broken)]
+    before = set(multiprocessing.active_children())
+    with pytest.raises(UserError, match=r"broken\.jpg") as caught:
+        list(process_pieces(paths, [np.arange(4), np.arange(4, 8)], workers=2))
+    # the error's traceback still holds the generator's frame: the workers must not wait for it to be collected
+    assert caught.value.__traceback__ is not None
+    assert set(multiprocessing.active_children()) <= before
 
 
 def test_jpeg_header_gives_pils_size_and_components(mixed_split, tmp_path):

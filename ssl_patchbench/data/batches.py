@@ -151,12 +151,16 @@ def process_pieces(
         multiprocessing_context=_fork() if workers else None,
     )
     decoded = iter(loader)
-    for first in decoded:  # a batch's first piece is drawn after its count was
-        parts = [first, *(next(decoded) for _ in range(counts.popleft() - 1))]
-        for part in parts:
-            if isinstance(part, UserError):
-                raise part
-        yield parts
+    try:
+        for first in decoded:  # a batch's first piece is drawn after its count was
+            parts = [first, *(next(decoded) for _ in range(counts.popleft() - 1))]
+            for part in parts:
+                if isinstance(part, UserError):
+                    raise part
+            yield parts
+    finally:
+        # the workers stop now, not whenever the error's traceback (which holds this frame) is collected
+        del decoded
 
 
 def join_padded(parts: Sequence[Batch]) -> Batch:
