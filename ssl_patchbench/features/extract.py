@@ -187,7 +187,7 @@ def extract_pass(
     groups = _forward_groups(targets)
     runners = [PatchRunner(encoder, g[0].spec, g[0].settings, max_images=first.chunk_rows) for g in groups]
     images = ImageSource(split, device, workers=settings.decode_workers, decode=settings.decode)
-    fewest = _NVJPEG_MIN_IMAGES if decoder(split, device, decode=settings.decode) in GPU_DECODERS.values() else 1
+    fewest = _NVJPEG_MIN_IMAGES if decodes_on_gpu(decoder(split, device, decode=settings.decode)) else 1
     plan = _plan(split, _stretches(groups, settings.shard), runners, first, min(fewest, first.chunk_rows))
     start = time.perf_counter()
     done_images = forwarded = 0
@@ -525,6 +525,12 @@ class PatchRunner:
 GPU_DECODERS = {"gpu": "nvjpeg", "hw": "nvjpeg-hw"}  # --decode setting -> the decoder's recorded name
 
 
+def decodes_on_gpu(name: str) -> bool:
+    """Whether the decoder ``name`` (as :func:`decoder` names it) runs on the GPU: its pixels differ slightly
+    from Pillow's, so the split's identity names it."""
+    return name in GPU_DECODERS.values()
+
+
 def decoder(split: ImageSplit, device: torch.device, *, decode: str = "cpu") -> str:
     """Which decoder reads a split's images: ``memory`` (none), for JPEG files on CUDA with ``decode`` gpu or hw
     ``nvjpeg`` (nvJPEG's CUDA decoder) or ``nvjpeg-hw`` (the GPU's JPEG engines), else ``processes`` (PIL)."""
@@ -578,7 +584,7 @@ class ImageSource:
             return
         paths = self.split.paths or []
         name = decoder(self.split, self.device, decode=self.decode)
-        if name in GPU_DECODERS.values():
+        if decodes_on_gpu(name):
             yield from nvjpeg_batches(paths, batches, self.device, hardware=name == GPU_DECODERS["hw"])
             return
         # each piece goes to the device as it comes (pinned by the loader) and the batch is joined there

@@ -23,6 +23,7 @@ from ssl_patchbench.features.extract import (
     ExtractSettings,
     ProgressFactory,
     decoder,
+    decodes_on_gpu,
     nested_groups,
     resolve_precision,
 )
@@ -150,7 +151,7 @@ class RunContext:
             name = decoder(data, self.device, decode=self.cfg.decode)
             if name == GPU_DECODERS["hw"]:
                 hardware_decoder(self.device)
-            found[split] = {**data.identity, "decoder": name} if name in GPU_DECODERS.values() else data.identity
+            found[split] = {**data.identity, "decoder": name} if decodes_on_gpu(name) else data.identity
         return found
 
     def store_material(self, split: str, spec: PatchSpec, agg: Aggregation, space: str) -> dict:
