@@ -203,13 +203,17 @@ def test_file_headers_are_read_as_the_decoding_goes_not_before_the_first_batch(
     assert sorted(read) == list(range(len(mixed_split)))
 
 
-def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path):
+def _with_a_truncated_jpeg(mixed_split, tmp_path) -> list[str]:
+    """The first 7 files of ``mixed_split`` and, last, the first half of its 4th (``broken.jpg``)."""
     broken = tmp_path / "broken.jpg"
     data = Path(mixed_split.paths[3]).read_bytes()
     broken.write_bytes(data[: len(data) // 2])
-    split = ImageSplit(
-        labels=mixed_split.labels, classes=mixed_split.classes, identity={}, paths=[*mixed_split.paths[:7], str(broken)]
-    )
+    return [*mixed_split.paths[:7], str(broken)]
+
+
+def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path):
+    paths = _with_a_truncated_jpeg(mixed_split, tmp_path)
+    split = ImageSplit(labels=mixed_split.labels, classes=mixed_split.classes, identity={}, paths=paths)
     spec = PatchSpec(mode="central", out_size=32)
     writers = _writers(encoder, split, spec, ("mean",), tmp_path, "broken")
     with pytest.raises(UserError, match=r"broken\.jpg"):
@@ -217,15 +221,11 @@ def test_a_truncated_jpeg_is_one_error_naming_it(encoder, mixed_split, tmp_path)
 
 
 def test_a_decoding_error_stops_the_worker_processes_before_it_reaches_the_caller(mixed_split, tmp_path):
-    broken = tmp_path / "broken.jpg"
-    data = Path(mixed_split.paths[3]).read_bytes()
-    broken.write_bytes(data[: len(data) // 2])
-    paths = [*mixed_split.paths[:7], str(broken)]
+    paths = _with_a_truncated_jpeg(mixed_split, tmp_path)
     before = set(multiprocessing.active_children())
-    with pytest.raises(UserError, match=r"broken\.jpg") as caught:
+    with pytest.raises(UserError, match=r"broken\.jpg"):
         list(process_pieces(paths, [np.arange(4), np.arange(4, 8)], workers=2))
-    # the error's traceback still holds the generator's frame: the workers must not wait for it to be collected
-    assert caught.value.__traceback__ is not None
+    # pytest keeps the error, whose traceback holds the generator's frame: the workers must not wait for it
     assert set(multiprocessing.active_children()) <= before
 
 
