@@ -708,16 +708,9 @@ def main() -> None:
             parser.error(f"--against {args.against}: no ssl_patchbench package there")
         AGAINST.append(args.against.resolve())
     skip = set(args.skip.split(","))
-    cache_bytecode(args.root / "pycache")  # every eval below starts as on a usual install
     data = args.root / "imagenet_like"
-    paths = write_folder(data, args.train, args.val, args.classes)
     checkpoint = args.root / "vicreg_rn50_random.pth"
-    import torchvision
-
-    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
-    torch.save(state, checkpoint)
     vit_checkpoint = args.root / "dino_vits16_random.pth"  # DINO's file layout is timm's key names
-    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), vit_checkpoint)
     gpu, hw = ("--decode", "gpu"), ("--decode", "hw")
     compiled = ("--compile", "on")  # what --compile auto does at ImageNet size (from 1M patches)
     root = args.root
@@ -771,8 +764,15 @@ def main() -> None:
         "central_decode_batches": lambda: central_decode_batches(checkpoint, data),
     }
     only = set(args.only.split(",")) - {""}
-    if only - steps.keys():
+    if only - steps.keys():  # before the minutes of writing below
         parser.error(f"--only: no measurement named {', '.join(sorted(only - steps.keys()))}")
+    cache_bytecode(args.root / "pycache")  # every eval below starts as on a usual install
+    paths = write_folder(data, args.train, args.val, args.classes)  # the steps read it when they run
+    import torchvision
+
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith("fc.")}
+    torch.save(state, checkpoint)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), vit_checkpoint)
     for name, step in steps.items():
         if name in skip or (only and name not in only):
             continue
