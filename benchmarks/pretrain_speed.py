@@ -123,16 +123,19 @@ def reference_epochs(cfg: PretrainConfig, epochs: int, save: Path | None = None)
 
 
 def lars_step_ms(cfg: PretrainConfig) -> dict:
-    """The optimiser step alone on ResNet-18's parameters with gradients: the trainer's (foreach kernels) and
-    the reference's (one parameter at a time)."""
+    """The optimiser step alone on ResNet-18's parameters with gradients: the trainer's (foreach kernels, eager
+    and under ``--compile``) and the reference's (one parameter at a time)."""
     device = torch.device("cuda")
     model = build_trainee(arch_entry(cfg.arch)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     trainer = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta)
+    compiled = build_lars(model, lr=0.6, momentum=0.9, weight_decay=cfg.weight_decay, eta=cfg.eta, compiled=True)
+    compiled.step()  # compilation
     reference = ReferenceLARS(model.parameters(), lr=0.6, weight_decay=cfg.weight_decay)
     return {
         "lars_trainer_ms": round(cuda_ms(trainer.step), 3),
+        "lars_trainer_compiled_ms": round(cuda_ms(compiled.step), 3),
         "lars_reference_ms": round(cuda_ms(reference.step), 3),
     }
 

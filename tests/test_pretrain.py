@@ -85,6 +85,31 @@ def test_lars_leaves_zero_weights_to_plain_sgd():
     assert torch.allclose(model.weight.detach(), torch.full((2, 2), -0.1))
 
 
+def test_the_compiled_update_equals_the_eager_one_and_a_new_lr_does_not_recompile_it():
+    """``--compile`` runs LARS under ``torch.compile`` with the learning rate as a device tensor: the weights
+    must be the eager optimiser's, and the schedule's new rate every step must not trigger a recompilation."""
+    torch.manual_seed(0)
+    eager_model = build_trainee(arch_entry("tiny_cifar"))
+    compiled_model = build_trainee(arch_entry("tiny_cifar"))
+    compiled_model.load_state_dict(eager_model.state_dict())
+    settings = {"momentum": 0.9, "weight_decay": 1e-4, "eta": 0.02}
+    eager = build_lars(eager_model, lr=0.6, **settings)
+    compiled = build_lars(compiled_model, lr=0.6, **settings, compiled=True)
+    initial = [p.detach().clone() for p in eager_model.parameters()]
+    for step, lr in enumerate([0.06, 0.6, 0.3]):
+        for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+            a.grad = torch.randn_like(a) * 1e-2
+            b.grad = a.grad.clone()
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            for opt in (eager, compiled):
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.step()
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert all((p != p0).any() for p, p0 in zip(eager_model.parameters(), initial, strict=True))  # every one moved
+
+
 def test_param_groups_exclude_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
     lars, plain = lars_param_groups(model)

@@ -35,15 +35,28 @@ def lars_param_groups(model: nn.Module) -> list[dict]:
 
 
 def build_lars(
-    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, eta: float, trust_clip: bool = False
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    trust_clip: bool = False,
+    compiled: bool = False,
 ) -> LARS:
     """The trainer's optimiser over ``lars_param_groups``."""
     groups = lars_param_groups(model)
-    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=trust_clip)
+    return LARS(
+        groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip_lr=trust_clip, compiled=compiled
+    )
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS trust ratios on the groups marked ``lars=True``."""
+    """SGD with momentum and LARS trust ratios on the groups marked ``lars=True``.
+
+    ``compiled`` runs each group's update (norms, ratios, momentum, weights) under ``torch.compile``: a few
+    fused kernels in place of about fifteen ``foreach`` launches and their temporaries. The learning rate enters
+    as a tensor on the device, so the schedule changing it every step does not recompile the update."""
 
     def __init__(
         self,
@@ -55,6 +68,7 @@ class LARS(torch.optim.Optimizer):
         eta: float = 0.02,
         eps: float = 1e-8,
         clip_lr: bool = False,
+        compiled: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -66,20 +80,35 @@ class LARS(torch.optim.Optimizer):
             "lars": True,
         }
         super().__init__(params, defaults)
+        self._update = torch.compile(lars_update_, dynamic=False) if compiled else lars_update_
+        self._lr_tensors: dict[int, torch.Tensor] = {}  # not in the state dict: ``group["lr"]`` is
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if group["lars"]:
-                grads = _lars_updates(params, grads, group)
-            buffers = [self._buffer(p) for p in params]
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, grads)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+            lr = self._lr_tensor(index, params[0].device)
+            lr.fill_(group["lr"])
+            self._update(
+                params,
+                [p.grad for p in params],
+                [self._buffer(p) for p in params],
+                lr,
+                momentum=group["momentum"],
+                weight_decay=group["weight_decay"],
+                eta=group["eta"],
+                eps=group["eps"],
+                clip_lr=group["clip_lr"],
+                lars=group["lars"],
+            )
+
+    def _lr_tensor(self, index: int, device: torch.device) -> torch.Tensor:
+        """The device tensor that carries group ``index``'s learning rate into the update."""
+        if index not in self._lr_tensors:
+            self._lr_tensors[index] = torch.zeros((), device=device)
+        return self._lr_tensors[index]
 
     def _buffer(self, p: torch.Tensor) -> torch.Tensor:
         """The momentum buffer of ``p`` (zeros at first, so step 1 moves by exactly the update)."""
@@ -89,14 +118,42 @@ class LARS(torch.optim.Optimizer):
         return state["momentum_buffer"]
 
 
-def _lars_updates(params: list[torch.Tensor], grads: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+def lars_update_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    lr: torch.Tensor,
+    *,
+    momentum: float,
+    weight_decay: float,
+    eta: float,
+    eps: float,
+    clip_lr: bool,
+    lars: bool,
+) -> None:
+    """One step in place: ``buffers <- momentum * buffers + u``, ``params <- params - lr * buffers``, where
+    ``u`` is the LARS update (``lars``) or the gradient itself."""
+    updates = _lars_updates(params, grads, lr, weight_decay, eta, eps, clip_lr) if lars else grads
+    torch._foreach_mul_(buffers, momentum)
+    torch._foreach_add_(buffers, updates)
+    torch._foreach_sub_(params, torch._foreach_mul(buffers, lr))
+
+
+def _lars_updates(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: torch.Tensor,
+    wd: float,
+    eta: float,
+    eps: float,
+    clip_lr: bool,
+) -> list[torch.Tensor]:
     """``(g + wd w) * ratio`` where both norms are positive, else ``g`` unchanged (as LARC does)."""
-    wd = group["weight_decay"]
     p_norm = torch.stack(torch._foreach_norm(params))
     g_norm = torch.stack(torch._foreach_norm(grads))
-    ratio = group["eta"] * p_norm / (g_norm + wd * p_norm + group["eps"])
-    if group["clip_lr"]:
-        ratio = torch.clamp(ratio / max(group["lr"], 1e-12), max=1.0)
+    ratio = eta * p_norm / (g_norm + wd * p_norm + eps)
+    if clip_lr:
+        ratio = torch.clamp(ratio / lr.clamp_min(1e-12), max=1.0)
     ok = (p_norm > 0) & (g_norm > 0)
     scale = torch.where(ok, ratio, torch.ones_like(ratio))
     decay = torch.where(ok, ratio * wd, torch.zeros_like(ratio))

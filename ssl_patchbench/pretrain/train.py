@@ -291,7 +291,13 @@ def setup_run(cfg: PretrainConfig) -> TrainingRun:
         views=_compiled(_view_maker(cfg, entry, device), mode),
         augments=byol_augments(entry.preprocessing.input_size),
         optimiser=build_lars(
-            model, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.eta, trust_clip=cfg.trust_clip
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            eta=cfg.eta,
+            trust_clip=cfg.trust_clip,
+            compiled=mode != "off",
         ),
         schedule=WarmupCosine(lr, warmup, steps * cfg.epochs),
         gen=torch.Generator(device=device).manual_seed(cfg.seed),
