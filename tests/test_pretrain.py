@@ -85,6 +85,7 @@ def test_lars_leaves_zero_weights_to_plain_sgd():
     assert torch.allclose(model.weight.detach(), torch.full((2, 2), -0.1))
 
 
+@pytest.mark.slow
 def test_the_compiled_update_equals_the_eager_one_and_a_new_lr_does_not_recompile_it():
     """``--compile`` runs LARS under ``torch.compile`` with the learning rate as a device tensor: the weights
     must be the eager optimiser's, and the schedule's new rate every step must not trigger a recompilation."""
