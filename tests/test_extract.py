@@ -119,6 +119,27 @@ def test_compiled_encoder_with_padded_slices_gives_the_eager_features(model, spl
 
 
 @pytest.mark.slow
+def test_float16_central_crops_and_float32_patches_share_one_compilation(model):
+    """On CUDA under bf16 the central view's crops are float16 and box-filtered patches float32. A pass holding
+    both must compile the encoder once (a second compilation cost 2.6 s on one H200), and the central features
+    must be the eager forward's of the same float16 crops."""
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (4, 3, 40, 36), dtype=torch.uint8)
+    sizes, indices = np.full((4, 2), (40, 36)), np.arange(4)
+    encoder = Encoder(model, "embedding")
+    central, patches = PatchSpec(mode="central", out_size=32), PatchSpec(mode="random", n=3, out_size=32)
+    compiled = ExtractSettings(device=CPU, max_patches=12, compile_model=True)
+    eager_central = PatchRunner(encoder, central, ExtractSettings(device=CPU, max_patches=12), pad=True)
+    compiled_central = PatchRunner(encoder, central, compiled, pad=True)
+    for runner in (eager_central, compiled_central):
+        runner.crop_dtype = torch.float16  # as on CUDA under bf16 (this CPU would crop in float32)
+    got = compiled_central(pixels, sizes, indices)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        PatchRunner(encoder, patches, compiled, pad=True)(pixels, sizes, indices)
+    torch.testing.assert_close(got, eager_central(pixels, sizes, indices), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_the_compiled_encoder_is_frozen_its_weights_constants_of_the_graph(tiny_checkpoint):
     """Inductor's freezing folds the weights into the compiled graph (the speed-up measured on the GPU): the
     compiled encoder gives the eager features, and a weight changed after its first call no longer reaches it,

@@ -407,6 +407,9 @@ class PatchRunner:
         self.images_per_batch = max(1, min(self.max_patches // spec.num_patches, max_images or sys.maxsize))
         self.forward = encoder.compiled() if settings.compile_model else encoder
         self.layout = input_layout(self.device, compiled=settings.compile_model)
+        # a compiled encoder is traced for one input dtype: float16 central crops and float32 box-filtered
+        # patches in one pass would compile it twice (2.6 s more on one H200), so it takes float32 (exact)
+        self.input_dtype = torch.float32 if settings.compile_model else None
         # static shapes: one compilation, and on CUDA one cuDNN autotuning (about 1.5 s for a ResNet-50 slice of
         # 2k patches), serves every slice: a stream's last slice is padded to full size
         self.pad_slices = (settings.compile_model or self.device.type == "cuda") if pad is None else pad
@@ -484,15 +487,17 @@ class PatchRunner:
                 pieces = taken + pieces
 
     def _forward(self, pieces: list[torch.Tensor], real: int) -> torch.Tensor:
-        """One slice: its pieces copied once into the model's input (in :func:`input_layout`), the last crop
-        repeated to the full size where slices are padded (rows are independent in eval mode)."""
+        """One slice: its pieces copied once into the model's input (in :func:`input_layout`, and float32 for a
+        compiled encoder), the last crop repeated to the full size where slices are padded (rows are independent
+        in eval mode)."""
         size = self.max_patches if self.pad_slices and real < self.max_patches else real
+        first = pieces[0]
+        dtype = self.input_dtype or first.dtype
         if len(pieces) == 1 and size == real:
-            crops = pieces[0].contiguous(memory_format=self.layout)
+            crops = first.to(dtype, memory_format=self.layout)
         else:
-            first = pieces[0]
             shape = (size, *first.shape[1:])
-            crops = torch.empty(shape, dtype=first.dtype, device=first.device, memory_format=self.layout)
+            crops = torch.empty(shape, dtype=dtype, device=first.device, memory_format=self.layout)
             offset = 0
             for piece in pieces:
                 crops[offset : offset + len(piece)].copy_(piece)
