@@ -131,6 +131,12 @@ def test_one_large_image_among_small_ones_is_never_held_at_the_large_size(tmp_pa
     Image.new("RGB", (400, 300)).save(root / "train" / "a" / "9.png")
     split = open_split("folder", "train", data_dir=root, cache_dir=tmp_path / "cache")
     assert split.array is None and not list((tmp_path / "cache").glob("*.npy"))  # lazy files, no cache written
+    large = (root / "train" / "a" / "9.png").read_bytes()
+    (root / "train" / "a" / "9.png").write_bytes(large[: len(large) // 2])  # its header whole, its pixels not
+    again = open_split("folder", "train", data_dir=root, cache_dir=tmp_path / "cache")  # from its header only:
+    assert again.array is None  # had it been decoded, its truncated pixels would have been an error
+    with pytest.raises(UserError, match=r"cannot read image .*9\.png"):
+        again.image(again.paths.index(str(root / "train" / "a" / "9.png")))
     sizes = np.array([[8, 8], [8, 8], [300, 400], [8, 8], [8, 8]])
     assert padding_groups(sizes, max_bytes=8 * 8 * 3 * 2) == [(0, 2), (2, 3), (3, 5)]  # the large one alone
     assert padding_groups(sizes, max_bytes=1 << 40, max_ratio=1.0) == [(0, 2), (2, 3), (3, 5)]  # no padding at all

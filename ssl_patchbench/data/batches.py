@@ -34,7 +34,14 @@ from ssl_patchbench.core.devices import available_cores
 from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.check import TAIL_BYTES, ends_whole
-from ssl_patchbench.data.decode import HEADER_BYTES, JPEG_SUFFIXES, checked_jpeg_header, decode, unreadable_file
+from ssl_patchbench.data.decode import (
+    HEADER_BYTES,
+    JPEG_SUFFIXES,
+    OtherSize,
+    checked_jpeg_header,
+    decode,
+    unreadable_file,
+)
 
 Batch = tuple[torch.Tensor, np.ndarray]  # (uint8 pixels, true sizes [B, 2] as (height, width))
 _AHEAD = 2  # decoded batches waiting for the model (per worker process: pieces)
@@ -90,21 +97,22 @@ def pad_chw(images: Sequence[torch.Tensor]) -> Batch:
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str]) -> None:
+    def __init__(self, paths: Sequence[str], size: tuple[int, int] | None) -> None:
         self.paths = paths
+        self.size = size
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> np.ndarray | UserError:
+    def __getitem__(self, index: int) -> np.ndarray | UserError | OtherSize:
         try:
-            return decode(self.paths[index])
-        except UserError as exc:  # handed to the parent as a value: one error line there, no worker traceback
+            return decode(self.paths[index], self.size)
+        except (UserError, OtherSize) as exc:  # handed to the parent as a value: no worker traceback
             return exc
 
 
-def _collate(images: list[np.ndarray | UserError]) -> Batch | UserError:
-    errors = [im for im in images if isinstance(im, UserError)]
+def _collate(images: list[np.ndarray | UserError | OtherSize]) -> Batch | UserError | OtherSize:
+    errors = [im for im in images if isinstance(im, Exception)]
     return errors[0] if errors else pad_numpy(images)  # type: ignore[arg-type]
 
 
@@ -114,17 +122,29 @@ def decode_workers() -> int:
 
 
 def process_batches(
-    paths: Sequence[str], batches: Iterable[np.ndarray], *, workers: int | None = None
+    paths: Sequence[str],
+    batches: Iterable[np.ndarray],
+    *,
+    workers: int | None = None,
+    size: tuple[int, int] | None = None,
+    piece: int = _PIECE,
 ) -> Iterator[Batch]:
-    """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one)."""
-    for parts in process_pieces(paths, batches, workers=workers):
+    """``[B, H, W, 3]`` uint8 batches of ``paths[indices]``, decoded by ``workers`` processes (0: in this one);
+    with ``size`` (height, width), the first image of another size raises :class:`OtherSize`, undecoded."""
+    for parts in process_pieces(paths, batches, workers=workers, size=size, piece=piece):
         yield join_padded(parts)
 
 
 def process_pieces(
-    paths: Sequence[str], batches: Iterable[np.ndarray], *, workers: int | None = None, pin: bool = False
+    paths: Sequence[str],
+    batches: Iterable[np.ndarray],
+    *,
+    workers: int | None = None,
+    pin: bool = False,
+    size: tuple[int, int] | None = None,
+    piece: int = _PIECE,
 ) -> Iterator[list[Batch]]:
-    """Per batch, its decoded pieces: ``[b, h, w, 3]`` uint8 runs of at most ``_PIECE`` consecutive images, each
+    """Per batch, its decoded pieces: ``[b, h, w, 3]`` uint8 runs of at most ``piece`` consecutive images, each
     edge-padded to its own largest (:func:`join_padded` makes the batch, on whichever device they are moved to).
 
     Each process decodes pieces (a batch of two thousand is thus shared by every core, not decoded by one);
@@ -132,17 +152,17 @@ def process_pieces(
     GPU, so the consumer never copies a whole batch on the host. ``batches`` is drawn only as far as the
     loader reads ahead (a plan that reads file headers reads them as the decoding goes)."""
     workers = decode_workers() if workers is None else workers
-    workers = min(workers, -(-len(paths) // _PIECE))
+    workers = min(workers, -(-len(paths) // piece))
     counts: deque[int] = deque()  # pieces per batch, in the order the loader drew them
 
     def pieces() -> Iterator[list[int]]:
         for indices in batches:
-            cut = [indices[i : i + _PIECE].tolist() for i in range(0, len(indices), _PIECE)]
+            cut = [indices[i : i + piece].tolist() for i in range(0, len(indices), piece)]
             counts.append(len(cut))
             yield from cut
 
     loader = torch.utils.data.DataLoader(
-        _Files(paths),
+        _Files(paths, size),
         batch_sampler=pieces(),
         num_workers=workers,
         collate_fn=_collate,
@@ -155,7 +175,7 @@ def process_pieces(
         for first in decoded:  # a batch's first piece is drawn after its count was
             parts = [first, *(next(decoded) for _ in range(counts.popleft() - 1))]
             for part in parts:
-                if isinstance(part, UserError):
+                if isinstance(part, Exception):
                     raise part
             yield parts
     finally:

@@ -24,7 +24,7 @@ from ssl_patchbench.core.paths import home
 from ssl_patchbench.core.shares import submit_shares
 from ssl_patchbench.data.batches import process_batches
 from ssl_patchbench.data.check import bad_files
-from ssl_patchbench.data.decode import decode, image_size, shown
+from ssl_patchbench.data.decode import OtherSize, decode, image_size, shown
 from ssl_patchbench.data.subsets import folder_classes
 
 log = logging.getLogger(__name__)
@@ -283,10 +283,14 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     cached = _load_cached(path, (len(split), h, w, 3))
     if cached is not None:
         return replace(split, array=cached, paths=None)
-    if (split.sizes(np.arange(len(split))) != (h, w)).any():  # headers only: a larger image is never decoded here
+    # each batch one piece: one process decodes it and hands it back whole (pieces of a few images cost more to
+    # pass between processes than to decode, at these sizes)
+    ranges = _ranges(len(split), _DECODE_BATCH)
+    batches = process_batches(split.paths or [], ranges, size=(h, w), piece=_DECODE_BATCH)
+    try:  # each decoding process reads every header first: an image of another size is never decoded here
+        array = np.concatenate([pixels.numpy() for pixels, _ in batches])
+    except OtherSize:
         return split
-    batches = process_batches(split.paths or [], _ranges(len(split), _DECODE_BATCH))
-    array = np.concatenate([pixels.numpy() for pixels, _ in batches])
     with atomic_path(path) as tmp:
         np.save(tmp, array)
     return replace(split, array=array, paths=None)

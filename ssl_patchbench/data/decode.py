@@ -35,6 +35,11 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError)
 
 
+class OtherSize(Exception):
+    """Raised by :func:`decode` with ``size`` for an image of another size, read from its header before anything
+    is decoded: the caller wanted images of one size only (an array of them), and ``args[0]`` names the file."""
+
+
 class ImageFileError(UserError):
     """A file the decoder cannot use as an image at all (unreadable, not an image, truncated or corrupt, over the
     pixel limit), as opposed to a whole image whose values it refuses; ``problem`` says which, in a few words."""
@@ -145,11 +150,14 @@ def jpeg_header(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def decode(path: str) -> np.ndarray:
-    """Decode an image file to RGB uint8 ``[H, W, 3]``."""
+def decode(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an image file to RGB uint8 ``[H, W, 3]``; with ``size`` (height, width), an image of another size
+    raises :class:`OtherSize` instead, from its header, before it is decoded."""
     try:
         with Image.open(path) as im:
             check_pixels(path, *im.size)
+            if size is not None and (im.height, im.width) != tuple(size):
+                raise OtherSize(path)
             return _to_rgb(im, path)
     except Image.DecompressionBombError as exc:
         raise _too_large(path, None) from exc
