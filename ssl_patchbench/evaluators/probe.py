@@ -12,6 +12,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import scipy.optimize
+import threadpoolctl
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +30,8 @@ DEFAULT_WEIGHT_DECAYS = tuple(10.0**-e for e in range(8))
 PATIENCE = 2
 """Stop the sweep (large to small decay) after this many decays in a row fail to beat the best val top-1."""
 HISTORY_SIZE = 20
+TOLERANCE_CHANGE = 1e-9
+"""A fit also stops when an iteration lowers the objective by less than this, relative to it (it is about 1)."""
 CHUNK_ELEMENTS = 2**26
 """Logit elements per chunk of rows in the objective: bounds its memory to a few hundred MB."""
 
@@ -135,29 +140,40 @@ def _fit(
     tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Minimise the objective from ``init`` (warm start) until the largest gradient entry falls below
-    ``tol`` times its value at zero weights; returns (w, b, L-BFGS iterations)."""
+    ``tol`` times its value at zero weights; returns (w, b, L-BFGS iterations).
+
+    The solver is SciPy's L-BFGS-B (scikit-learn's ``lbfgs``). Its iterations run on the host over the weights
+    only (classes x (dim + 1) values); the objective and its gradient are computed where the features are and
+    come back in one copy per evaluation. (``torch.optim`` costs a process's first probe the 1.5 s import of
+    ``torch._dynamo``, and its iterations launch many small kernels.)"""
     tolerance_grad = tol * _gradient_scale(x, y, scaler, init[0].shape[0])
     w, b = (p.clone().requires_grad_(True) for p in init)
-    optimizer = torch.optim.LBFGS(
-        [w, b],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=HISTORY_SIZE,
-        tolerance_grad=tolerance_grad,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        return _objective(x, y, w, b, scaler, wd)
+    def objective_and_gradient(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        with torch.no_grad():
+            flat = torch.from_numpy(theta).to(x.device, torch.float32)
+            w.copy_(flat[: w.numel()].view_as(w))
+            b.copy_(flat[w.numel() :])
+        w.grad = b.grad = None
+        loss = _objective(x, y, w, b, scaler, wd)
+        both = torch.cat([loss.reshape(1), w.grad.reshape(-1), b.grad]).cpu().double().numpy()
+        return float(both[0]), both[1:]
 
-    optimizer.step(closure)
-    n_iter = optimizer.state[w].get("n_iter", 0)
-    if n_iter >= max_iter:
+    theta = torch.cat([w.detach().reshape(-1), b.detach()]).cpu().double().numpy()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):  # NumPy's and SciPy's (torch's MKL is not seen):
+        # their idle threads spin on the cores the objective's torch threads need, halving its speed on a CPU
+        found = scipy.optimize.minimize(
+            objective_and_gradient,
+            theta,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iter, "maxcor": HISTORY_SIZE, "gtol": tolerance_grad, "ftol": TOLERANCE_CHANGE},
+        )
+    if found.status == 1:
         log.warning("wd=%.3g: L-BFGS stopped at max_iter=%d before reaching tol", wd, max_iter)
-    log.debug("wd=%.3g: %d L-BFGS iterations", wd, n_iter)
-    return w.detach(), b.detach(), n_iter
+    log.debug("wd=%.3g: %d L-BFGS iterations (%s)", wd, found.nit, found.message)
+    fitted = torch.from_numpy(found.x).to(x.device, torch.float32)
+    return fitted[: w.numel()].view_as(w).clone(), fitted[w.numel() :].clone(), int(found.nit)
 
 
 @torch.no_grad()

@@ -128,7 +128,7 @@ class RunContext:
                     "backend": cfg.knn_backend,
                 },
                 "linear": {
-                    "kind": "cached-feature multinomial logistic regression (L-BFGS), wd chosen on 10% of train"
+                    "kind": "cached-feature multinomial logistic regression (L-BFGS-B), wd chosen on 10% of train"
                 },
             },
         }
