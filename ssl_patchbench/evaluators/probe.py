@@ -160,8 +160,9 @@ def _fit(
         return float(both[0]), both[1:]
 
     theta = torch.cat([w.detach().reshape(-1), b.detach()]).cpu().double().numpy()
-    with threadpoolctl.threadpool_limits(1, user_api="blas"):  # NumPy's and SciPy's (torch's MKL is not seen):
-        # their idle threads spin on the cores the objective's torch threads need, halving its speed on a CPU
+    # on a CPU, NumPy's and SciPy's BLAS threads (torch's MKL is not seen) spin idle on the cores the objective's
+    # torch threads need, halving its speed: one will do for the solver there
+    with threadpoolctl.threadpool_limits(1 if x.device.type == "cpu" else None, user_api="blas"):
         found = scipy.optimize.minimize(
             objective_and_gradient,
             theta,
