@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.evaluators.probe import _fit, _Scaler, linear_probe, stratified_split
+from ssl_patchbench.evaluators.probe import MAX_ITER, TOLERANCE, _fit, _Scaler, linear_probe, stratified_split
 
 
 def blobs(n: int, num_classes: int, dim: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +53,19 @@ def test_matches_sklearn_at_fixed_weight_decay(data):
     np.testing.assert_allclose(w.numpy(), model.coef_, atol=2e-3)
     probs = torch.softmax(torch.from_numpy(x_test).float() @ w.T + b, dim=1).numpy()
     np.testing.assert_allclose(probs, model.predict_proba(x_test), atol=2e-3)
+
+
+def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data):
+    """The probe's number is the objective's, not where a solver stopped: at the default tolerance the weights are
+    scikit-learn's (tol 1e-8) to within the float32 objective's noise, and the test predictions are the same."""
+    train, train_labels, test, _ = data
+    wd = 1e-4  # weakly regularised: the slowest case to converge
+    model, scaler = sklearn_probe(train, train_labels, test, wd)
+    init = (torch.zeros(8, 24), torch.zeros(8))
+    w, b, _ = _fit(train, train_labels, _Scaler.fit(train), wd, init, max_iter=MAX_ITER, tol=TOLERANCE)
+    np.testing.assert_allclose(w.numpy(), model.coef_, rtol=0, atol=2e-3 * np.abs(model.coef_).max())
+    x_test = torch.from_numpy(scaler.transform(test.numpy().astype(np.float64))).float()
+    np.testing.assert_array_equal((x_test @ w.T + b).argmax(1).numpy(), model.predict(x_test.double().numpy()))
 
 
 def test_weight_decay_is_chosen_without_the_test_split(data):

@@ -30,6 +30,12 @@ DEFAULT_WEIGHT_DECAYS = tuple(10.0**-e for e in range(8))
 PATIENCE = 2
 """Stop the sweep (large to small decay) after this many decays in a row fail to beat the best val top-1."""
 HISTORY_SIZE = 20
+TOLERANCE = 1e-5
+"""A fit stops when its largest gradient entry falls below this times its value at zero weights. At 1e-3 (before
+2026-12-04) two L-BFGS solvers differed by up to 0.19 points of test accuracy on real CIFAR-10 features; from 1e-5
+on, both give the 1e-6 answer to 0.01 points: the number is the objective's, not the solver's."""
+MAX_ITER = 3000
+"""Iterations a fit may take (a 2048-d projection-space fit at wd 1e-5 took 734)."""
 TOLERANCE_CHANGE = 1e-9
 """A fit also stops when an iteration lowers the objective by less than this, relative to it (it is about 1)."""
 CHUNK_ELEMENTS = 2**26
@@ -231,8 +237,8 @@ def linear_probe(
     val_fraction: float = 0.1,
     seed: int = 0,
     device: str | torch.device | None = None,
-    max_iter: int = 1000,
-    tol: float = 1e-3,
+    max_iter: int = MAX_ITER,
+    tol: float = TOLERANCE,
     num_classes: int | None = None,
 ) -> ProbeResult:
     """Fit the probe on ``train`` (decay chosen on a held-out part of it) and score it on ``test``.

@@ -18,6 +18,7 @@ from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.batches import decode_workers, hardware_decoder
 from ssl_patchbench.data.datasets import ImageSplit, open_split
+from ssl_patchbench.evaluators.probe import TOLERANCE as PROBE_TOLERANCE
 from ssl_patchbench.features.extract import (
     GPU_DECODERS,
     ExtractSettings,
@@ -128,7 +129,9 @@ class RunContext:
                     "backend": cfg.knn_backend,
                 },
                 "linear": {
-                    "kind": "cached-feature multinomial logistic regression (L-BFGS-B), wd chosen on 10% of train"
+                    "kind": "cached-feature multinomial logistic regression, wd chosen on 10% of train",
+                    "solver": "L-BFGS-B",
+                    "tolerance": PROBE_TOLERANCE,
                 },
             },
         }
