@@ -11,7 +11,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from ssl_patchbench.core.errors import UserError
-from ssl_patchbench.evaluators.probe import MAX_ITER, TOLERANCE, _fit, _Scaler, linear_probe, stratified_split
+from ssl_patchbench.evaluators import probe
+from ssl_patchbench.evaluators.probe import (
+    CHUNK_ELEMENTS,
+    MAX_ITER,
+    TOLERANCE,
+    _fit,
+    _Scaler,
+    linear_probe,
+    stratified_split,
+)
 
 
 def blobs(n: int, num_classes: int, dim: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +75,44 @@ def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data):
     np.testing.assert_allclose(w.numpy(), model.coef_, rtol=0, atol=2e-3 * np.abs(model.coef_).max())
     x_test = torch.from_numpy(scaler.transform(test.numpy().astype(np.float64))).float()
     np.testing.assert_array_equal((x_test @ w.T + b).argmax(1).numpy(), model.predict(x_test.double().numpy()))
+
+
+def _autograd_objective(x, y, scaler, wd, weights):
+    """The objective written as the protocol states it, differentiated by autograd: the reference."""
+    weights = weights.clone().requires_grad_(True)
+    w, b = weights[:-8].view(8, -1), weights[-8:]
+    loss = torch.nn.functional.cross_entropy((x - scaler.mean) / scaler.std @ w.T + b, y) + 0.5 * wd * w.square().sum()
+    loss.backward()
+    return torch.cat([loss.detach().reshape(1), weights.grad])
+
+
+@pytest.mark.parametrize("chunk_elements", [CHUNK_ELEMENTS, 8 * 100])  # one chunk, and chunks of 100 rows
+def test_the_written_out_gradient_is_autograds(data, monkeypatch, chunk_elements):
+    monkeypatch.setattr(probe, "CHUNK_ELEMENTS", chunk_elements)
+    train, train_labels = data[0].double(), data[1]
+    scaler = _Scaler.fit(train)
+    objective = probe._Objective(train, train_labels, scaler, 1e-2, 8)
+    for seed in range(3):
+        weights = 0.1 * torch.randn(8 * 25, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        torch.testing.assert_close(objective(weights), _autograd_objective(train, train_labels, scaler, 1e-2, weights))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_replayed_cuda_graph_computes_what_the_eager_objective_does(data):
+    train, train_labels = data[0].cuda(), data[1].cuda()
+    scaler = _Scaler.fit(train)
+    objective = probe._Objective(train, train_labels, scaler, 1e-2, 8)
+    assert objective._graph is not None
+    for seed in range(3):  # each replay reads the weights copied in last
+        weights = 0.1 * torch.randn(8 * 25, generator=torch.Generator().manual_seed(seed))
+        replayed = objective(weights).clone()
+        torch.testing.assert_close(replayed, objective._compute())
+        torch.testing.assert_close(
+            replayed.cpu(),
+            _autograd_objective(data[0], data[1], _Scaler.fit(data[0]), 1e-2, weights),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_weight_decay_is_chosen_without_the_test_split(data):
