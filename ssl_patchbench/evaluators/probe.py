@@ -96,10 +96,17 @@ def _on_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x
 
 
-def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler) -> torch.Tensor:
-    """Logits of standardised ``x``, with the scaling folded into the weights so ``x`` is never copied."""
+def _folded(w: torch.Tensor, b: torch.Tensor, scaler: _Scaler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights and bias that act on raw features as ``(w, b)`` act on standardised ones: the scaling folded
+    into the weights, so the features are never copied."""
     w_raw = w / scaler.std
-    return torch.addmm(b - w_raw @ scaler.mean, x, w_raw.T)
+    return w_raw, b - w_raw @ scaler.mean
+
+
+def _logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scaler: _Scaler) -> torch.Tensor:
+    """Logits of standardised ``x``."""
+    w_raw, b_raw = _folded(w, b, scaler)
+    return torch.addmm(b_raw, x, w_raw.T)
 
 
 def _chunk_rows(num_classes: int) -> int:
@@ -136,8 +143,7 @@ class _Objective:
         n = x.shape[0]
         w = self.weights[: self.shape[0] * self.shape[1]].view(self.shape)
         b = self.weights[w.numel() :]
-        w_raw = w / scaler.std  # logits = x @ w_raw.T + b_raw: standardisation folded into the weights
-        b_raw = b - w_raw @ scaler.mean
+        w_raw, b_raw = _folded(w, b, scaler)  # logits = x @ w_raw.T + b_raw
         loss = 0.5 * self.wd * w.square().sum()
         grad_raw, grad_b = torch.zeros_like(w), torch.zeros_like(b)
         rows = _chunk_rows(self.shape[0])
@@ -156,7 +162,8 @@ class _Objective:
         return torch.cat([loss.reshape(1), grad_w.reshape(-1), grad_b])
 
     def __call__(self, weights: torch.Tensor) -> torch.Tensor:
-        """``[loss, gradient]`` at the flat ``weights`` (any device and float dtype)."""
+        """``[loss, gradient]`` at the flat ``weights`` (any device and float dtype); on CUDA the graph's own
+        output, overwritten by the next call."""
         self.weights.copy_(weights)
         if self._graph is None:
             return self._compute()
