@@ -128,14 +128,15 @@ class _Objective:
         self.weights = torch.zeros(num_classes * (x.shape[1] + 1), device=x.device, dtype=x.dtype)
         self._graph: torch.cuda.CUDAGraph | None = None
         if x.device.type == "cuda":
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                self._compute()  # warm-up outside the capture, as CUDA graphs require
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._out = self._compute()
+            with torch.cuda.device(x.device):  # a graph is captured on the current device's streams
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._compute()  # warm-up outside the capture, as CUDA graphs require
+                torch.cuda.current_stream().wait_stream(side)
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph):
+                    self._out = self._compute()
 
     @torch.no_grad()
     def _compute(self) -> torch.Tensor:
