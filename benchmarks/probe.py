@@ -1,5 +1,5 @@
-"""Linear probe: ours (L-BFGS on the device, with its weight-decay sweep) against scikit-learn's
-LogisticRegression at the same weight decay, on the same synthetic features: accuracy and time.
+"""Linear probe: ours (SciPy's L-BFGS-B over an objective on the device, with its weight-decay sweep) against
+scikit-learn's LogisticRegression at the same weight decay, on the same synthetic features: accuracy and time.
 
     python benchmarks/probe.py [--quick] [--imagenet]
 
