@@ -287,7 +287,7 @@ def _decoded(split: ImageSplit, cache_dir: Path) -> ImageSplit:
     # pass between processes than to decode, at these sizes)
     ranges = _ranges(len(split), _DECODE_BATCH)
     batches = process_batches(split.paths or [], ranges, size=(h, w), piece=_DECODE_BATCH)
-    try:  # each decoding process reads every header first: an image of another size is never decoded here
+    try:  # a process reads each image's header before decoding it: one of another size is never decoded here
         array = np.concatenate([pixels.numpy() for pixels, _ in batches])
     except OtherSize:
         return split

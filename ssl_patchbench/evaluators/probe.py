@@ -121,7 +121,8 @@ class _Objective:
 
     The gradient is written out (softmax minus one-hot, through the folded standardisation), not taken by autograd:
     half the kernels. On CUDA the whole evaluation is captured once as a CUDA graph and replayed, one launch instead
-    of some twenty per chunk: the problems a probe solves are small, so launches, not arithmetic, set its speed."""
+    of about twenty kernels per chunk: the problems a probe solves are small, so launches, not arithmetic, set its
+    speed."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, scaler: _Scaler, wd: float, num_classes: int) -> None:
         self.x, self.y, self.scaler, self.wd = x, y, scaler, wd
@@ -139,12 +140,16 @@ class _Objective:
                 with torch.cuda.graph(self._graph):
                     self._out = self._compute()
 
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w, b)``, views of flat weights laid out as ``[w, b]``."""
+        size = self.shape[0] * self.shape[1]
+        return flat[:size].view(self.shape), flat[size:]
+
     @torch.no_grad()
     def _compute(self) -> torch.Tensor:
         x, y, scaler = self.x, self.y, self.scaler
         n = x.shape[0]
-        w = self.weights[: self.shape[0] * self.shape[1]].view(self.shape)
-        b = self.weights[w.numel() :]
+        w, b = self.split(self.weights)
         w_raw, b_raw = _folded(w, b, scaler)  # logits = x @ w_raw.T + b_raw
         loss = 0.5 * self.wd * w.square().sum()
         grad_raw, grad_b = torch.zeros_like(w), torch.zeros_like(b)
@@ -213,9 +218,8 @@ def _fit(
     if found.status == 1:
         log.warning("wd=%.3g: L-BFGS stopped at max_iter=%d before reaching tol", wd, max_iter)
     log.debug("wd=%.3g: %d L-BFGS iterations (%s)", wd, found.nit, found.message)
-    fitted = torch.from_numpy(found.x).to(x.device, torch.float32)
-    w_size = init[0].numel()
-    return fitted[:w_size].view_as(init[0]).clone(), fitted[w_size:].clone(), int(found.nit)
+    w, b = objective.split(torch.from_numpy(found.x).to(x.device, torch.float32))
+    return w, b, int(found.nit)
 
 
 @torch.no_grad()
