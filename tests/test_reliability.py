@@ -513,9 +513,16 @@ def test_tampered_store_file_is_rebuilt_never_read(ctx, name):
 
 _EXTRACT = """
 import sys
+import time
 from pathlib import Path
+from ssl_patchbench.features.store import StoreWriter
 from ssl_patchbench.pipeline.evaluate import EvalConfig, evaluate
 ckpt, data, home = sys.argv[1:4]
+unpaced = StoreWriter.write_chunk
+def paced(self, chunk, rows):  # ~20 ms a chunk, not ~3: a poll that comes late on a busy machine still kills mid-store
+    time.sleep(0.02)
+    unpaced(self, chunk, rows)
+StoreWriter.write_chunk = paced
 evaluate(EvalConfig(
     model="tiny_cifar", checkpoint=ckpt, dataset="cifar10", data_dir=data, patches=("4",), evals=("knn",),
     train_per_class=4, test_per_class=2, device="cpu", chunk_rows=2, max_patches=8, home=Path(home),
