@@ -1,5 +1,6 @@
-"""Linear probe: ours (SciPy's L-BFGS-B over an objective on the device, with its weight-decay sweep) against
-scikit-learn's LogisticRegression at the same weight decay, on the same synthetic features: accuracy and time.
+"""Linear probe: ours (L-BFGS over an objective on the device, with its weight-decay sweep; SciPy's L-BFGS-B or,
+from LARGE_PROBE_WEIGHTS weights on, torch.optim.LBFGS) against scikit-learn's LogisticRegression at the same weight
+decay, on the same synthetic features: accuracy and time.
 
     python benchmarks/probe.py [--quick] [--imagenet]
 
@@ -36,6 +37,8 @@ def bench(name: str, n: int, d: int, classes: int, device: torch.device, *, skle
         seconds=round(seconds, 2),
         top1=result.top1,
         weight_decay=result.weight_decay,
+        solver=result.solver,
+        n_iter=result.n_iter,
         **size,
     )
     if sklearn:

@@ -40,6 +40,15 @@ def data():
     return train, train_labels, test, test_labels
 
 
+@pytest.fixture(params=[probe.SCIPY, probe.TORCH])
+def solver(request, monkeypatch) -> str:
+    """Each L-BFGS in turn: the torch one by lowering the size from which it is chosen to every problem."""
+    if request.param == probe.TORCH:
+        monkeypatch.setattr(probe, "LARGE_PROBE_WEIGHTS", 0)
+    assert probe.solver_for(8, 24) == request.param
+    return request.param
+
+
 def sklearn_probe(train, train_labels, test, wd: float) -> LogisticRegression:
     """scikit-learn's L2 logistic regression with the same objective: C = 1 / (wd * N_fit)."""
     scaler = StandardScaler().fit(train.numpy().astype(np.float64))
@@ -64,9 +73,10 @@ def test_matches_sklearn_at_fixed_weight_decay(data):
     np.testing.assert_allclose(probs, model.predict_proba(x_test), atol=2e-3)
 
 
-def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data):
+def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data, solver):
     """The probe's number is the objective's, not where a solver stopped: at the default tolerance the weights are
-    scikit-learn's (tol 1e-8) to within the float32 objective's noise, and the test predictions are the same."""
+    scikit-learn's (tol 1e-8) to within the float32 objective's noise, and the test predictions are the same,
+    whichever of the two solvers fits them."""
     train, train_labels, test, _ = data
     wd = 1e-4  # weakly regularised: the slowest case to converge
     model, scaler = sklearn_probe(train, train_labels, test, wd)
@@ -77,7 +87,7 @@ def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data):
     np.testing.assert_array_equal((x_test @ w.T + b).argmax(1).numpy(), model.predict(x_test.double().numpy()))
 
 
-def test_a_fit_on_many_rows_reaches_the_objective_scikit_learn_reaches():
+def test_a_fit_on_many_rows_reaches_the_objective_scikit_learn_reaches(solver):
     """20,000 rows, weakly regularised: the loss must be summed row by row. Taken as the difference of two sums
     over the rows it lost the digits the line search needs, and the fit stopped at 1.7e-5 above the optimum."""
     rng = np.random.default_rng(1)
@@ -134,6 +144,34 @@ def test_the_replayed_cuda_graph_computes_what_the_eager_objective_does(data):
             rtol=1e-4,
             atol=1e-5,
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_both_solvers_fit_from_the_replayed_graph_on_a_gpu(data, solver):
+    """On a GPU the objective is a replayed graph whose output the next replay overwrites: each solver must copy
+    what it keeps, and reach the CPU fit's weights."""
+    train, train_labels = data[0], data[1]
+    init = (torch.zeros(8, 24), torch.zeros(8))
+    w_cpu, _, _ = _fit(train, train_labels, _Scaler.fit(train), 1e-3, init, max_iter=MAX_ITER, tol=TOLERANCE)
+    cuda = train.cuda(), train_labels.cuda()
+    gpu_init = (init[0].cuda(), init[1].cuda())
+    w_gpu, _, _ = _fit(*cuda, _Scaler.fit(cuda[0]), 1e-3, gpu_init, max_iter=MAX_ITER, tol=TOLERANCE)
+    torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=0, atol=1e-3 * w_cpu.abs().max().item())
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_the_probe_runs_and_reports_the_solver_its_size_picks(data, monkeypatch, large):
+    """Below LARGE_PROBE_WEIGHTS only SciPy may run, from there only torch.optim; the result names the one that did."""
+    train, train_labels, test, test_labels = data
+    monkeypatch.setattr(probe, "LARGE_PROBE_WEIGHTS", 8 * 25 if large else 8 * 25 + 1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the other solver ran")
+
+    monkeypatch.setattr(*((torch.optim, "LBFGS") if not large else (probe.scipy.optimize, "minimize")), refuse)
+    got = linear_probe(train, train_labels, test, test_labels, weight_decays=[1e-2], device="cpu")
+    assert got.solver == (probe.TORCH if large else probe.SCIPY)
+    assert got.top1 > 50 and got.n_iter > 0
 
 
 def test_weight_decay_is_chosen_without_the_test_split(data):

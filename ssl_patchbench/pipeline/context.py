@@ -18,7 +18,7 @@ from ssl_patchbench.core.errors import UserError
 from ssl_patchbench.core.paths import home
 from ssl_patchbench.data.batches import decode_workers, hardware_decoder
 from ssl_patchbench.data.datasets import ImageSplit, open_split
-from ssl_patchbench.evaluators.probe import TOLERANCE as PROBE_TOLERANCE
+from ssl_patchbench.evaluators import probe
 from ssl_patchbench.features.extract import (
     GPU_DECODERS,
     ExtractSettings,
@@ -130,8 +130,10 @@ class RunContext:
                 },
                 "linear": {
                     "kind": "cached-feature multinomial logistic regression, wd chosen on 10% of train",
-                    "solver": "L-BFGS-B",
-                    "tolerance": PROBE_TOLERANCE,
+                    "solver": probe.SCIPY,  # and from large_from_weights (classes x (dim + 1)) on, large_solver
+                    "large_solver": probe.TORCH,
+                    "large_from_weights": probe.LARGE_PROBE_WEIGHTS,
+                    "tolerance": probe.TOLERANCE,
                 },
             },
         }

@@ -258,6 +258,7 @@ def _evaluate_one(
             "weight_decay": probe.weight_decay,
             "val_top1": {str(k): v for k, v in probe.val_top1.items()},
             "n_iter": probe.n_iter,
+            "solver": probe.solver,
         }
         timings["probe_seconds"] = probe.seconds
     reused = not (train_split.extracted or test_split.extracted)
