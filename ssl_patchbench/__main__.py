@@ -1,5 +1,5 @@
 """``python -m ssl_patchbench`` is ``patchbench`` (torchrun launches it this way)."""
 
-from ssl_patchbench.cli.main import main
+from ssl_patchbench.cli.main import entry
 
-main()
+entry()

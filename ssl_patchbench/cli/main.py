@@ -6,7 +6,9 @@ Heavy modules (torch) are imported inside the commands, so ``patchbench --help``
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
 
 import click
@@ -52,5 +54,27 @@ def main() -> None:
         sys.exit(130)
 
 
+def entry() -> None:
+    """The installed ``patchbench`` (and ``python -m ssl_patchbench``): :func:`main`, then exit without the
+    interpreter's teardown of torch's modules and libraries, which nothing needs: 0.6 s of a 2.5 s cached rerun on a
+    2-core CPU, paid by every CI gate. Exit handlers still run (log flushing, worker processes); a traceback, a
+    profiler or a debugger gets Python's normal exit."""
+    if sys.getprofile() or sys.gettrace():
+        main()
+        return
+    try:
+        main()
+    except SystemExit as exc:
+        if not isinstance(exc.code, int | None):
+            raise
+        code = exc.code or 0
+    else:
+        code = 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()  # what Python's own exit runs first (it has no public name)
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
