@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 13's open targets in ONE device call, with one summary file (a device call returns only a
 # few files and the tail of its output): the GPU-only tests, the CIFAR-10 Table-1 row with its cached rerun, the
-# superset in one call (benchmarks/cifar10_row.sh), and the probe on ImageNet-size features (benchmarks/probe.py).
+# superset in one call (benchmarks/cifar10_row.sh), and both probe solvers on ImageNet-size features
+# (benchmarks/probe.py). About 7-8 minutes on one H200.
 # Usage, from the repo root: benchmarks/verify_gpu.sh CHECKPOINT DATA_ROOT OUT_DIR
 #   DATA_ROOT holds cifar10/{train,test} (python ../shared/data/materialize.py cifar10 DATA_ROOT);
 #   OUT_DIR gets every step's raw output and summary.txt (what RESULTS.md needs).
@@ -19,7 +20,7 @@ summary=$out/summary.txt
 note() { echo "== $1" >>"$summary"; }
 
 note "GPU-only tests (tests/test_probe.py, the CUDA cases of tests/test_pretrain.py)"
-timeout 300 python -m pytest -q -p no:cacheprovider tests/test_probe.py "tests/test_pretrain.py" -k "cuda or gpu or graph" \
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_probe.py "tests/test_pretrain.py" -k "cuda or gpu or graph" \
   >"$out/tests.log" 2>&1
 tail -3 "$out/tests.log" >>"$summary"
 
@@ -45,8 +46,8 @@ for line in open(sys.argv[1]):
 PY
 done
 
-note "probe.py --imagenet (1.28M x 2048, 1000 classes: torch.optim.LBFGS; 50k x 512, 10 classes: L-BFGS-B)"
-(cd "$here" && timeout 280 python probe.py --imagenet) >"$out/probe.jsonl" 2>"$out/probe.log"
+note "probe.py --imagenet --both-solvers (1.28M x 2048 x 1000 classes picks torch.optim.LBFGS; 50k x 512 x 10, L-BFGS-B)"
+(cd "$here" && timeout 240 python probe.py --imagenet --both-solvers) >"$out/probe.jsonl" 2>"$out/probe.log"
 echo "exit $?" >>"$summary"
 cut -c1-220 "$out/probe.jsonl" >>"$summary"
 cat "$summary"
