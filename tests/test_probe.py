@@ -87,6 +87,17 @@ def test_the_default_tolerance_reaches_the_optimum_scikit_learn_finds(data, solv
     np.testing.assert_array_equal((x_test @ w.T + b).argmax(1).numpy(), model.predict(x_test.double().numpy()))
 
 
+def test_a_fit_cut_by_max_iter_says_so_and_a_converged_one_does_not(data, solver, caplog):
+    train, train_labels = data[0], data[1]
+    init, scaler = (torch.zeros(8, 24), torch.zeros(8)), _Scaler.fit(train)
+    with caplog.at_level("WARNING", logger=probe.__name__):
+        _, _, n_iter = _fit(train, train_labels, scaler, 1e-4, init, max_iter=MAX_ITER, tol=TOLERANCE)
+        assert not caplog.records
+        _fit(train, train_labels, scaler, 1e-4, init, max_iter=n_iter // 2, tol=TOLERANCE)
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"wd=0.0001: L-BFGS stopped at max_iter={n_iter // 2} before reaching tol"]
+
+
 def test_a_fit_on_many_rows_reaches_the_objective_scikit_learn_reaches(solver):
     """20,000 rows, weakly regularised: the loss must be summed row by row. Taken as the difference of two sums
     over the rows it lost the digits the line search needs, and the fit stopped at 1.7e-5 above the optimum."""

@@ -271,8 +271,9 @@ def _torch_lbfgs(
         return both[0]
 
     solver.step(closure)
-    n_iter = int(solver.state[weights]["n_iter"])
-    return weights, n_iter, n_iter >= max_iter and weights.grad.abs().max().item() > tolerance_grad
+    state = solver.state[weights]  # it also stops after max_eval evaluations (1.25 x max_iter)
+    stopped = state["n_iter"] >= max_iter or state["func_evals"] >= solver.defaults["max_eval"]
+    return weights, int(state["n_iter"]), stopped
 
 
 @torch.no_grad()
