@@ -30,8 +30,10 @@ from ssl_patchbench.features.store import check_storable
 from ssl_patchbench.models import registry
 from ssl_patchbench.models.encoder import Encoder
 from ssl_patchbench.models.loading import _find_state_dict
+from ssl_patchbench.pipeline.evaluate import EvalConfig, evaluate
 from ssl_patchbench.reporting import tables as T
 from ssl_patchbench.reporting.check import _compare, load_baselines, results_baseline
+from ssl_patchbench.results.records import comparable
 from ssl_patchbench.results.store import append_record, read_records
 
 from .clitools import run_cli
@@ -329,6 +331,28 @@ def test_check_refuses_another_model_or_protocol_and_notes_subsets_in_one_senten
         "the baseline differs from this run in its images (200 train / 100 test, this run 20 / 10) and patch seed "
         "(0, this run 3): the numbers are not strictly comparable, but this alone does not fail the check"
     )
+
+
+def test_a_baseline_of_the_unconverged_probe_fails_no_check_and_shares_no_table(ctx):
+    """Records made before 2026-12-04 probed at tolerance 1e-3 (up to 0.19 points from the converged number) and
+    carry only the probe's old description: a check refuses them as a baseline, a table leaves them out."""
+    home = ctx.tmp / "home"
+    evaluate(EvalConfig(
+        model="tiny_cifar", checkpoint=str(ctx.ckpt), dataset="cifar10", data_dir=str(ctx.data), home=home,
+        patches=("central",), evals=("linear",), train_per_class=4, test_per_class=2, device="cpu",
+    ))  # fmt: skip
+    (new,) = read_records(home / "results.jsonl")
+    old = json.loads(json.dumps(new))
+    old["protocol"]["linear"] = {
+        "kind": "cached-feature multinomial logistic regression (L-BFGS), wd chosen on 10% of train"
+    }
+    append_record(ctx.tmp / "old.jsonl", old)
+    (expectation,) = results_baseline(ctx.tmp / "old.jsonl", dataset="cifar10", model="tiny_cifar")
+    with pytest.raises(UserError, match=r"another experiment: linear probe kind cached-feature .*\(L-BFGS\)"):
+        _compare(new, new["metrics"]["linear"]["top1"], expectation, 0.2)
+    shared = comparable([new, new, old], ["protocol"])
+    assert shared.kept == [new, new] and shared.left_out == [old]
+    assert shared.notes == ["1 record left out: another protocol (protocol.linear.kind), unlike the rest"]
 
 
 def test_check_options_are_refused_before_anything_is_evaluated(capsys, monkeypatch, ctx):
