@@ -333,7 +333,7 @@ def test_check_refuses_another_model_or_protocol_and_notes_subsets_in_one_senten
     )
 
 
-def test_a_baseline_of_the_unconverged_probe_fails_no_check_and_shares_no_table(ctx):
+def test_a_baseline_of_the_unconverged_probe_is_refused_and_left_out_of_tables(ctx):
     """Records made before 2026-12-04 probed at tolerance 1e-3 (up to 0.19 points from the converged number) and
     carry only the probe's old description: a check refuses them as a baseline, a table leaves them out."""
     home = ctx.tmp / "home"
