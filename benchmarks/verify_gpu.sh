@@ -42,7 +42,8 @@ for line in open(sys.argv[1]):
             print(f"    {t['representation']:>10} {t['aggregation'] or '':>9} {t['space'] or '':>10}"
                   f"  knn {t['knn_seconds']:5.2f} s  probe {t['probe_seconds']:6.2f} s")
     elif "knn@20" in r:
-        print(f"    {r['patches']:>10} {r['aggregation']:>9} {r['space']:>10}  knn@20 {r['knn@20']}  linear {r.get('linear')}")
+        linear = "-" if r.get("linear") is None else f"{r['linear']:.2f}"
+        print(f"    {r['patches']:>10} {r['aggregation']:>9} {r['space']:>10}  knn@20 {r['knn@20']:.2f}  linear {linear}")
 PY
 done
 
