@@ -220,9 +220,14 @@ def test_help_does_not_import_torch():
 
 
 _ENTRY = """
-import atexit, sys
+import atexit, sys, threading, time
 from pathlib import Path
 marks = Path(sys.argv[1])
+def late_writer():
+    time.sleep(0.5)
+    with open(marks, "a") as f:
+        f.write("thread ")
+threading.Thread(target=late_writer).start()  # not a daemon: Python's exit waits for it
 class Finalised:
     def __init__(self, path, open=open):
         self.path, self.open = str(path), open  # module globals may be gone by the time it is collected
@@ -245,14 +250,14 @@ entry()
 @pytest.mark.parametrize(
     ("args", "code", "marks"),
     [
-        (["zoo", "list"], 0, "exit-handler "),
-        (["eval", "--model", "no_such_model", "--dataset", "cifar10"], 2, "exit-handler "),
-        (["profiled", "zoo", "list"], 0, "exit-handler teardown "),
+        (["zoo", "list"], 0, "thread exit-handler "),
+        (["eval", "--model", "no_such_model", "--dataset", "cifar10"], 2, "thread exit-handler "),
+        (["profiled", "zoo", "list"], 0, "thread exit-handler teardown "),
     ],
 )
 def test_the_command_skips_the_interpreter_teardown_but_not_exit_handlers_or_output(tmp_path, args, code, marks):
-    """``entry`` leaves by os._exit after the exit handlers: all output, the exit code, and no teardown (which costs
-    a cached rerun 0.6 s); under a profiler Python exits as usual."""
+    """``entry`` leaves by os._exit once non-daemon threads are done and the exit handlers have run: all output, the
+    exit code, and no teardown (which costs a cached rerun 0.6 s); under a profiler Python exits as usual."""
     done = subprocess.run(
         [sys.executable, "-c", _ENTRY, str(tmp_path / "marks"), *args], capture_output=True, text=True, timeout=120
     )

@@ -10,6 +10,7 @@ import atexit
 import logging
 import os
 import sys
+import threading
 
 import click
 
@@ -70,9 +71,12 @@ def entry() -> None:
         code = exc.code or 0
     else:
         code = 0
+    for thread in threading.enumerate():  # as Python's own exit does: wait for every non-daemon thread
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     sys.stdout.flush()
     sys.stderr.flush()
-    atexit._run_exitfuncs()  # what Python's own exit runs first (it has no public name)
+    atexit._run_exitfuncs()  # what Python's own exit runs next (it has no public name)
     os._exit(code)
 
 
