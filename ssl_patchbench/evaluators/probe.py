@@ -255,10 +255,9 @@ def _torch_lbfgs(
     objective: _Objective, theta: torch.Tensor, tolerance_grad: float, tolerance_change: float, max_iter: int
 ) -> tuple[torch.Tensor, int, bool]:
     """``torch.optim.LBFGS`` with a strong-Wolfe line search, its history on the weights' device, in float32;
-    returns (weights, iterations, whether max_iter stopped it)."""
-    weights = theta.detach().clone()
+    returns (weights, iterations, whether max_iter stopped it). ``theta`` is stepped in place."""
     solver = torch.optim.LBFGS(
-        [weights],
+        [theta],
         lr=1,
         max_iter=max_iter,
         history_size=HISTORY_SIZE,
@@ -268,14 +267,14 @@ def _torch_lbfgs(
     )
 
     def closure() -> torch.Tensor:
-        both = objective(weights)
-        weights.grad = both[1:]  # the solver copies it before the next evaluation overwrites it
+        both = objective(theta)
+        theta.grad = both[1:]  # the solver copies it before the next evaluation overwrites it
         return both[0]
 
     solver.step(closure)
-    state = solver.state[weights]  # it also stops after max_eval evaluations (1.25 x max_iter)
+    state = solver.state[theta]  # it also stops after max_eval evaluations (1.25 x max_iter)
     stopped = state["n_iter"] >= max_iter or state["func_evals"] >= solver.defaults["max_eval"]
-    return weights, int(state["n_iter"]), stopped
+    return theta, int(state["n_iter"]), stopped
 
 
 @torch.no_grad()
